@@ -1,0 +1,475 @@
+"""Run configuration: one typed, validated, documented schema.
+
+A configuration is a tree of frozen dataclasses (``Config.problem``, ``Config.tasks``, ...).
+Every leaf is declared once with :func:`param`, which carries its default, its one-line
+documentation (rendered into README's key table by :func:`key_table`) and its checker. The
+checker turns a raw value (from YAML or from ``--set key=value``) into the typed value or
+raises :class:`ConfigError` naming the dotted key and the allowed range.
+
+Symbols follow ``shared/paper.md``: ``d``, ``k``, ``k'`` (= ``model.width``), ``m_in``,
+``m_out``, ``alpha`` (= ``method.inner_lr``), ``beta`` (= ``method.outer_lr``), ``sigma^2``
+(= ``problem.noise_var``) and ``Sigma_star`` (= ``problem.head_cov``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Checker = Callable[[str, Any], Any]
+
+BUILTIN_CONFIGS = ("paper", "quick")
+METHOD_NAMES = ("fo-anil",)
+DTYPES = ("float64", "float32")
+HEAD_COV_NAMES = ("isotropic", "linear")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range.
+
+    ``key`` is the dotted name of the offending field (e.g. ``"problem.k"``).
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+# ----------------------------------------------------------------------------- checkers
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if not isinstance(value, int | float):
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    return value
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Checker:
+    """Checker for an integer in ``[lo, hi]`` (either bound optional)."""
+
+    def check(key: str, value: Any) -> int:
+        number = _number(key, value)
+        if not math.isfinite(number) or number != int(number):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        number = int(number)
+        _check_bounds(key, number, lo, hi, "an integer")
+        return number
+
+    return check
+
+
+def real(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False) -> Checker:
+    """Checker for a finite real in ``[lo, hi]`` (``(lo, hi]`` when ``open_lo``)."""
+
+    def check(key: str, value: Any) -> float:
+        number = float(_number(key, value))
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        if open_lo and lo is not None and number <= lo:
+            raise ConfigError(key, f"must be > {lo}, got {value!r}")
+        _check_bounds(key, number, lo, hi, "a number")
+        return number
+
+    return check
+
+
+def _check_bounds(key: str, number: float, lo: float | None, hi: float | None, kind: str) -> None:
+    if (lo is not None and number < lo) or (hi is not None and number > hi):
+        low = "-inf" if lo is None else lo
+        high = "inf" if hi is None else hi
+        raise ConfigError(key, f"must be {kind} in [{low}, {high}], got {number!r}")
+
+
+def choice(options: Iterable[str]) -> Checker:
+    """Checker for one of a fixed set of strings."""
+    allowed = tuple(options)
+
+    def check(key: str, value: Any) -> str:
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+
+    return check
+
+
+def one_of(*checkers: Checker, describe: str) -> Checker:
+    """Checker accepting whatever the first successful checker accepts."""
+
+    def check(key: str, value: Any) -> Any:
+        for checker in checkers:
+            try:
+                return checker(key, value)
+            except ConfigError:
+                continue
+        raise ConfigError(key, f"must be {describe}; got {value!r}")
+
+    return check
+
+
+def literal(*words: str) -> Checker:
+    """Checker for a literal keyword such as ``online``."""
+
+    def check(key: str, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in words:
+            return value.lower()
+        raise ConfigError(key, f"must be one of {', '.join(words)}; got {value!r}")
+
+    return check
+
+
+def optional(checker: Checker) -> Checker:
+    """Checker accepting ``null`` (YAML null, or the words null/none/all) or a checked value."""
+
+    def check(key: str, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "all")):
+            return None
+        return checker(key, value)
+
+    return check
+
+
+def optional_path(key: str, value: Any) -> str | None:
+    """Checker for an optional file path (existence is checked when the file is loaded)."""
+    if value is None or value == "" or value == "null":
+        return None
+    if not isinstance(value, str | Path):
+        raise ConfigError(key, f"expected a file path, got {value!r}")
+    return str(value)
+
+
+def head_covariance(key: str, value: Any) -> str | tuple[float, ...]:
+    """Checker for ``problem.head_cov``: a name or a list of positive eigenvalues."""
+    if isinstance(value, str) and value.startswith("["):
+        value = yaml.safe_load(value)
+    if isinstance(value, str):
+        return choice(HEAD_COV_NAMES)(key, value)
+    if isinstance(value, list | tuple) and value:
+        check = real(0.0, open_lo=True)
+        return tuple(check(f"{key}[{i}]", v) for i, v in enumerate(value))
+    raise ConfigError(
+        key, f"must be one of {', '.join(HEAD_COV_NAMES)} or a list of k positive numbers; "
+        f"got {value!r}"
+    )
+
+
+def shot_list(key: str, value: Any) -> tuple[int, ...]:
+    """Checker for ``eval.shots``: a non-empty list of sample counts >= 1."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(key, f"must be a non-empty list of integers >= 1; got {value!r}")
+    check = integer(1)
+    return tuple(check(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def param(default: Any, doc: str, check: Checker, name: str | None = None) -> Any:
+    """Declare one configuration leaf: its default, documentation and checker.
+
+    ``name`` overrides the key when the attribute name cannot be used (``tasks.from``).
+    """
+    metadata = {"doc": doc, "check": check, "name": name}
+    if isinstance(default, list | dict):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    """The task distribution (spec section 1)."""
+
+    d: int = param(50, "ambient dimension d", integer(1))
+    k: int = param(5, "latent dimension k of B_star (1 <= k <= d)", integer(1))
+    noise_var: float = param(4.0, "label noise variance sigma^2 (>= 0)", real(0.0))
+    head_cov: str | tuple[float, ...] = param(
+        "linear",
+        "Sigma_star: `isotropic` (I_k), `linear` (diag(1..k) scaled to trace k) or a list "
+        "of k positive eigenvalues (used as given)",
+        head_covariance,
+    )
+    seed: int = param(0, "seed of B_star", integer(0))
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """The training tasks: a finite pool, fresh tasks every step, or the exact limit."""
+
+    n: int | str = param(
+        5000,
+        "number N of tasks in the pool (>= 1), or `online` (fresh tasks every step)",
+        one_of(integer(1), literal("online"), describe="an integer >= 1 or online"),
+    )
+    m_in: int = param(20, "inner (support) samples per task m_in (>= 1)", integer(1))
+    m_out: int = param(10, "outer (query) samples per task m_out (>= 1)", integer(1))
+    seed: int = param(1, "seed of the task pool / online task stream", integer(0))
+    from_: str | None = param(
+        None,
+        "`.npz` file with `X` (N, m, d) and `y` (N, m), optional `B_star` (d, k) and "
+        "`heads` (N, k); its N and d replace tasks.n and problem.d",
+        optional_path,
+        name="from",
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The two-layer linear network x -> x^T B w (spec section 2)."""
+
+    width: int = param(50, "width k' of the representation B (d x k'), >= 1", integer(1))
+    init_scale: float = param(
+        0.1,
+        "B_0 has i.i.d. N(0, init_scale^2 / d) entries, so each column has norm ~ init_scale; "
+        "w_0 = 0",
+        real(0.0),
+    )
+    init_from: str | None = param(
+        None, "`.npz` file with `B` (d, k') and `w` (k'); its k' replaces model.width",
+        optional_path,
+    )
+    seed: int = param(2, "seed of the initialisation B_0", integer(0))
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The meta-learning algorithm and its step sizes (spec section 3)."""
+
+    name: str = param("fo-anil", "algorithm: " + ", ".join(METHOD_NAMES), choice(METHOD_NAMES))
+    inner_lr: float = param(0.2, "inner (head) step size alpha (> 0)", real(0.0, open_lo=True))
+    outer_lr: float = param(0.05, "outer step size beta (> 0)", real(0.0, open_lo=True))
+    inner_steps: int = param(1, "inner gradient steps per task (>= 1)", integer(1, 1000))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The outer loop."""
+
+    steps: int = param(5000, "number of outer steps T (>= 0)", integer(0))
+    record_every: int = param(
+        50, "record the measures every this many steps (>= 1); step 0 and T always", integer(1)
+    )
+    dtype: str = param("float64", "floating point type: float64 or float32", choice(DTYPES))
+    tasks_per_step: int | None = param(
+        None,
+        "tasks sampled (without replacement) per step; null = the whole pool. Required for "
+        "tasks.n: online",
+        optional(integer(1)),
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-time adaptation on fresh tasks."""
+
+    shots: tuple[int, ...] = param(
+        (5, 10, 20, 40, 80, 160), "test sample counts m_test (list of integers >= 1)", shot_list
+    )
+    n_tasks: int = param(2000, "fresh test tasks per m_test (>= 2)", integer(2))
+    adapt_steps: int = param(1, "head gradient steps at test time (>= 0)", integer(0, 1000))
+    seed: int = param(3, "seed of the test tasks", integer(0))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A complete, validated run configuration."""
+
+    problem: ProblemConfig = field(default_factory=ProblemConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "custom"
+
+    def replace(self, **dotted: Any) -> Config:
+        """Return a copy with dotted keys replaced, e.g. ``cfg.replace(**{"problem.d": 10})``."""
+        return from_dict(to_dict(self), dotted, name=self.name)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if f.name != "name"
+}
+
+
+def _key(section_field: dataclasses.Field) -> str:
+    return section_field.metadata.get("name") or section_field.name
+
+
+def iter_keys() -> Iterable[tuple[str, dataclasses.Field]]:
+    """All dotted keys of the schema with their dataclass fields, in declaration order."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            yield f"{section}.{_key(f)}", f
+
+
+def key_table() -> str:
+    """A Markdown table of every key, its default and its documentation (for README)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key, f in iter_keys():
+        default = f.default if not isinstance(f.default, tuple) else list(f.default)
+        shown = "null" if default is None else default
+        rows.append(f"| `{key}` | `{shown}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dict of a config (YAML-ready: tuples become lists)."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        values = getattr(config, section)
+        out[section] = {}
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            out[section][_key(f)] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = f"{where}.{name}" if where else str(name)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, key))
+        else:
+            flat[key] = value
+    return flat
+
+
+def from_dict(
+    tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, name: str = "custom"
+) -> Config:
+    """Build a validated :class:`Config` from a nested dict plus dotted overrides.
+
+    Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`.
+    """
+    if not isinstance(tree, Mapping):
+        raise ConfigError("config", f"expected a mapping of sections, got {type(tree).__name__}")
+    flat = _flatten(tree)
+    flat.update(overrides or {})
+    known = dict(iter_keys())
+    for key in flat:
+        if key not in known:
+            section = key.split(".")[0]
+            hint = (
+                f"allowed keys in {section}: "
+                + ", ".join(k for k in known if k.startswith(section + "."))
+                if section in SECTIONS
+                else f"allowed sections: {', '.join(SECTIONS)}"
+            )
+            raise ConfigError(key, f"unknown key; {hint}")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{_key(f)}"
+            if key in flat:
+                kwargs[f.name] = f.metadata["check"](key, flat[key])
+        sections[section] = cls(**kwargs)
+    config = Config(**sections, name=name)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that single-field checkers cannot make."""
+    p, t, m, tr = config.problem, config.tasks, config.model, config.train
+    if p.k > p.d:
+        raise ConfigError("problem.k", f"must be <= problem.d = {p.d}, got {p.k}")
+    if isinstance(p.head_cov, tuple) and len(p.head_cov) != p.k:
+        raise ConfigError(
+            "problem.head_cov", f"needs exactly k = {p.k} eigenvalues, got {len(p.head_cov)}"
+        )
+    if tr.tasks_per_step is None:
+        if t.n == "online":
+            raise ConfigError("train.tasks_per_step", "must be set (>= 1) when tasks.n is online")
+    elif isinstance(t.n, int) and tr.tasks_per_step > t.n and t.from_ is None:
+        raise ConfigError(
+            "train.tasks_per_step", f"must be <= tasks.n = {t.n}, got {tr.tasks_per_step}"
+        )
+    if t.from_ is not None and not isinstance(t.n, int):
+        raise ConfigError("tasks.from", f"cannot be combined with tasks.n: {t.n}")
+    if m.init_scale == 0.0 and m.init_from is None:
+        raise ConfigError("model.init_scale", "must be > 0 (B_0 = 0 is a fixed point)")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def builtin_path(name: str) -> Path:
+    """Path of a built-in config shipped with the package."""
+    return Path(str(resources.files("metarep") / "configs" / f"{name}.yaml"))
+
+
+def read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
+    """Read a config tree from a built-in name or a YAML path; returns (tree, name)."""
+    text_source = str(source)
+    if text_source in BUILTIN_CONFIGS:
+        path, name = builtin_path(text_source), text_source
+    else:
+        path, name = Path(text_source), Path(text_source).stem
+        if not path.is_file():
+            raise ConfigError(
+                "config",
+                f"no such file {text_source!r}; give a YAML path or one of "
+                f"{', '.join(BUILTIN_CONFIGS)}",
+            )
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of sections")
+    return tree, name
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``key=value`` (the value is read as YAML, e.g. ``[1, 2]``, ``null``, ``0.5``)."""
+    if "=" not in text:
+        raise ConfigError("--set", f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    source: str | Path = "paper", overrides: Mapping[str, Any] | Iterable[str] | None = None
+) -> Config:
+    """Load a built-in name or YAML path, apply overrides (dict or ``key=value`` strings)."""
+    tree, name = read_yaml(source)
+    if overrides is None:
+        flat: dict[str, Any] = {}
+    elif isinstance(overrides, Mapping):
+        flat = dict(overrides)
+    else:
+        flat = dict(parse_override(item) for item in overrides)
+    return from_dict(tree, flat, name=name)
+
+
+def dump_yaml(config: Config) -> str:
+    """The fully resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

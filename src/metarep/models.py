@@ -1,0 +1,68 @@
+"""The two-layer linear network ``f(x; B, w) = x^T B w`` (spec section 2).
+
+``B`` in R^{d x k'} is the body (representation), ``w`` in R^{k'} the head. The width ``k'``
+may be below, at or above ``k`` (and above ``d``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from metarep.config import ConfigError
+from metarep.storage import read_npz
+
+
+class LinearParams(NamedTuple):
+    """Parameters of the linear network: ``B`` (d, k') and ``w`` (k',)."""
+
+    B: np.ndarray
+    w: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return self.B.shape[1]
+
+    def astype(self, dtype: np.dtype | str) -> LinearParams:
+        return LinearParams(self.B.astype(dtype), self.w.astype(dtype))
+
+    def is_finite(self) -> bool:
+        return bool(np.all(np.isfinite(self.B)) and np.all(np.isfinite(self.w)))
+
+
+def init_linear(
+    d: int,
+    width: int,
+    init_scale: float,
+    rng: np.random.Generator,
+    dtype: np.dtype | str = "float64",
+) -> LinearParams:
+    """Gaussian ``B_0`` with i.i.d. ``N(0, init_scale^2 / d)`` entries and ``w_0 = 0``.
+
+    Each column of ``B_0`` then has norm close to ``init_scale`` whatever ``d`` is.
+    """
+    B = rng.standard_normal((d, width)) * (init_scale / np.sqrt(d))
+    return LinearParams(B.astype(dtype), np.zeros(width, dtype=dtype))
+
+
+def predict(params: LinearParams, X: np.ndarray) -> np.ndarray:
+    """``X B w`` for inputs ``X`` of shape (..., m, d); returns (..., m)."""
+    return X @ (params.B @ params.w)
+
+
+def load_params(path: str | Path, d: int) -> LinearParams:
+    """Read ``B`` (d, k') and ``w`` (k',) from a ``.npz`` file, checking shapes against ``d``.
+
+    Raises :class:`ConfigError` (key ``model.init_from``) for a missing file, missing arrays,
+    non-finite values or mismatched shapes.
+    """
+    key = "model.init_from"
+    arrays = read_npz(path, key, required=("B", "w"))
+    B, w = arrays["B"], arrays["w"]
+    if B.ndim != 2 or B.shape[0] != d:
+        raise ConfigError(key, f"B must have shape (d, k') with d = {d}, got {B.shape}")
+    if w.shape != (B.shape[1],):
+        raise ConfigError(key, f"w must have shape (k',) = ({B.shape[1]},), got {w.shape}")
+    return LinearParams(B, w)

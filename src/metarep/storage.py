@@ -1,0 +1,89 @@
+"""Reading user files and writing results atomically.
+
+Every result file is written to a temporary sibling and moved into place with
+``os.replace``, so a reader (or a resumed run) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metarep.config import ConfigError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` and then atomically rename ``tmp_path`` to ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write ``text`` to ``path``."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomically write ``data`` as indented JSON (NaN written as null)."""
+    write_text(path, json.dumps(_json_safe(data), indent=2) + "\n")
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Atomically write arrays to an uncompressed ``.npz`` file."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    atomic_write(path, write)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read every array of a user-supplied ``.npz`` file as finite float64.
+
+    Raises :class:`ConfigError` naming the config ``key`` for a missing or unreadable file, a
+    missing ``required`` array, or an array that is not all finite numbers.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(key, f"file not found: {str(path)!r}")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name]) for name in data.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
+    for name in required:
+        if name not in arrays:
+            raise ConfigError(key, f"{path} has no array {name!r} (found: {sorted(arrays)})")
+    for name, array in arrays.items():
+        if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+            raise ConfigError(key, f"array {name!r} in {path} must hold finite numbers")
+    return {name: array.astype(np.float64) for name, array in arrays.items()}
