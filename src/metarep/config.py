@@ -26,8 +26,11 @@ import yaml
 Checker = Callable[[str, Any], Any]
 
 BUILTIN_CONFIGS = ("paper", "quick")
-METHOD_NAMES = ("fo-anil",)
+METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
+INFINITE_METHODS = ("fo-anil", "fo-maml")  # exact infinite-task dynamics (metarep.population)
 DTYPES = ("float64", "float32")
+MODEL_KINDS = ("linear", "relu")
+DEVICES = ("cpu", "cuda", "auto")
 HEAD_COV_NAMES = ("isotropic", "linear")
 
 
@@ -131,6 +134,18 @@ def literal(*words: str) -> Checker:
     return check
 
 
+INFINITY_WORDS = ("inf", ".inf", "infinity", "infinite")
+
+
+def infinity(key: str, value: Any) -> float:
+    """Checker for an infinite sample count: YAML ``.inf``, or the words inf / infinity."""
+    if isinstance(value, float) and math.isinf(value) and value > 0:
+        return math.inf
+    if isinstance(value, str) and value.strip().lower() in INFINITY_WORDS:
+        return math.inf
+    raise ConfigError(key, f"must be inf; got {value!r}")
+
+
 def optional(checker: Checker) -> Checker:
     """Checker accepting ``null`` (YAML null, or the words null/none/all) or a checked value."""
 
@@ -151,10 +166,18 @@ def optional_path(key: str, value: Any) -> str | None:
     return str(value)
 
 
+def _inline_list(key: str, text: str) -> Any:
+    """Parse a YAML flow list written as a string (``"[1, 2]"``), e.g. from ``--set``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(key, f"expected a list such as [1, 2], got {text!r}") from None
+
+
 def head_covariance(key: str, value: Any) -> str | tuple[float, ...]:
     """Checker for ``problem.head_cov``: a name or a list of positive eigenvalues."""
     if isinstance(value, str) and value.startswith("["):
-        value = yaml.safe_load(value)
+        value = _inline_list(key, value)
     if isinstance(value, str):
         return choice(HEAD_COV_NAMES)(key, value)
     if isinstance(value, list | tuple) and value:
@@ -169,7 +192,7 @@ def head_covariance(key: str, value: Any) -> str | tuple[float, ...]:
 def shot_list(key: str, value: Any) -> tuple[int, ...]:
     """Checker for ``eval.shots``: a non-empty list of sample counts >= 1."""
     if isinstance(value, str):
-        value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        value = _inline_list(key, value if value.startswith("[") else f"[{value}]")
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list | tuple) or not value:
@@ -214,10 +237,19 @@ class TasksConfig:
 
     n: int | str = param(
         5000,
-        "number N of tasks in the pool (>= 1), or `online` (fresh tasks every step)",
-        one_of(integer(1), literal("online"), describe="an integer >= 1 or online"),
+        "number N of tasks in the pool (>= 1), `online` (fresh tasks every step) or `infinite` "
+        "(exact expected dynamics, see docs/infinite_tasks.md: fo-anil, or fo-maml from "
+        "w_0 = 0; one inner step)",
+        one_of(integer(1), literal("online", "infinite"),
+               describe="an integer >= 1, online or infinite"),
     )
-    m_in: int = param(20, "inner (support) samples per task m_in (>= 1)", integer(1))
+    m_in: int | float = param(
+        20,
+        "inner (support) samples per task m_in (>= 1); `inf` (infinitely many, YAML `.inf`) "
+        "only with tasks.n: infinite",
+        one_of(integer(1), infinity,
+               describe="an integer in [1, inf] (inf only with tasks.n: infinite)"),
+    )
     m_out: int = param(10, "outer (query) samples per task m_out (>= 1)", integer(1))
     seed: int = param(1, "seed of the task pool / online task stream", integer(0))
     from_: str | None = param(
@@ -231,29 +263,52 @@ class TasksConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The two-layer linear network x -> x^T B w (spec section 2)."""
+    """The network: two-layer linear x -> x^T B w, or a ReLU body with a linear head
+    (spec section 2; see :mod:`metarep.networks`)."""
 
     width: int = param(50, "width k' of the representation B (d x k'), >= 1", integer(1))
     init_scale: float = param(
-        0.1,
+        1.0,
         "B_0 has i.i.d. N(0, init_scale^2 / d) entries, so each column has norm ~ init_scale; "
-        "w_0 = 0",
+        "w_0 = 0. relu: the same for the first layer W1; W2 has N(0, 2 / hidden_width) entries",
         real(0.0),
     )
     init_from: str | None = param(
-        None, "`.npz` file with `B` (d, k') and `w` (k'); its k' replaces model.width",
+        None, "`.npz` file with `B` (d, k') and `w` (k'); its k' replaces model.width. relu: "
+        "`W1` (d, h), `W2` (h, k') when hidden_layers = 2, and `w` (k')",
         optional_path,
     )
     seed: int = param(2, "seed of the initialisation B_0", integer(0))
+    kind: str = param(
+        "linear",
+        "`linear` (x^T B w, numpy fast path) or `relu` (ReLU body, linear head; trained with the "
+        "torch engine, needs `pip install metarep[torch]`)",
+        choice(MODEL_KINDS),
+    )
+    hidden_layers: int = param(
+        1, "relu: hidden layers, 1 (relu(x^T W1) w, W1 d x k') or 2 "
+        "(relu(relu(x^T W1) W2) w, W1 d x hidden_width, W2 hidden_width x k')", integer(1, 2),
+    )
+    hidden_width: int = param(
+        50, "relu with hidden_layers = 2: width h of the first hidden layer (>= 1)", integer(1)
+    )
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     """The meta-learning algorithm and its step sizes (spec section 3)."""
 
-    name: str = param("fo-anil", "algorithm: " + ", ".join(METHOD_NAMES), choice(METHOD_NAMES))
-    inner_lr: float = param(0.2, "inner (head) step size alpha (> 0)", real(0.0, open_lo=True))
-    outer_lr: float = param(0.05, "outer step size beta (> 0)", real(0.0, open_lo=True))
+    name: str = param(
+        "fo-anil",
+        "algorithm: " + ", ".join(METHOD_NAMES) + " (see README, Methods)",
+        choice(METHOD_NAMES),
+    )
+    inner_lr: float = param(
+        1.0,
+        "inner step size alpha (> 0); also the test-time head step size (mtl: only there)",
+        real(0.0, open_lo=True),
+    )
+    outer_lr: float = param(0.5, "outer step size beta (> 0)", real(0.0, open_lo=True))
     inner_steps: int = param(1, "inner gradient steps per task (>= 1)", integer(1, 1000))
 
 
@@ -266,6 +321,12 @@ class TrainConfig:
         50, "record the measures every this many steps (>= 1); step 0 and T always", integer(1)
     )
     dtype: str = param("float64", "floating point type: float64 or float32", choice(DTYPES))
+    device: str = param(
+        "cpu",
+        "torch engine (model.kind: relu) device: cpu, cuda (an error when absent) or auto (cuda "
+        "when present); linear runs use numpy on the CPU",
+        choice(DEVICES),
+    )
     tasks_per_step: int | None = param(
         None,
         "tasks sampled (without replacement) per step; null = the whole pool. Required for "
@@ -357,6 +418,10 @@ def _flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     return flat
 
 
+def _example_key(section: str) -> str:
+    return _key(dataclasses.fields(SECTIONS[section])[0])
+
+
 def from_dict(
     tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, name: str = "custom"
 ) -> Config:
@@ -366,6 +431,10 @@ def from_dict(
     """
     if not isinstance(tree, Mapping):
         raise ConfigError("config", f"expected a mapping of sections, got {type(tree).__name__}")
+    for section, values in tree.items():
+        if section in SECTIONS and not isinstance(values, Mapping):
+            raise ConfigError(str(section), f"must be a mapping of keys (e.g. {section}: "
+                              f"{{{_example_key(section)}: ...}}), got {values!r}")
     flat = _flatten(tree)
     flat.update(overrides or {})
     known = dict(iter_keys())
@@ -408,10 +477,41 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "train.tasks_per_step", f"must be <= tasks.n = {t.n}, got {tr.tasks_per_step}"
         )
+    if config.method.name == "mtl" and t.n == "online":
+        raise ConfigError("tasks.n", "must be an integer >= 1 (a task pool) for method.name: mtl, "
+                          "which keeps one head per pool task; got online")
     if t.from_ is not None and not isinstance(t.n, int):
         raise ConfigError("tasks.from", f"cannot be combined with tasks.n: {t.n}")
+    _validate_infinite(config)
     if m.init_scale == 0.0 and m.init_from is None:
         raise ConfigError("model.init_scale", "must be > 0 (B_0 = 0 is a fixed point)")
+    if m.kind == "linear" and tr.device == "cuda":
+        raise ConfigError("train.device", "cuda is for the torch engine (model.kind: relu); "
+                          "linear runs use numpy on the CPU: use cpu or auto")
+    if m.kind == "relu" and not (isinstance(t.n, int) or t.n == "online"):
+        raise ConfigError("tasks.n", f"model.kind: relu trains on a task pool (an integer >= 1) "
+                          f"or online tasks; got {t.n}")
+
+
+def _validate_infinite(config: Config) -> None:
+    """``tasks.n: infinite`` runs the exact expected dynamics (:mod:`metarep.population`),
+    which exist for one inner step of FO-ANIL (and FO-MAML from w_0 = 0, checked on loading
+    ``model.init_from``); ``tasks.m_in: inf`` only makes sense there."""
+    t, tr, method = config.tasks, config.train, config.method
+    if t.n != "infinite":
+        if math.isinf(t.m_in):
+            raise ConfigError("tasks.m_in", f"inf needs tasks.n: infinite (got tasks.n: {t.n}); "
+                              "use an integer >= 1")
+        return
+    if method.name not in INFINITE_METHODS:
+        raise ConfigError("method.name", f"tasks.n: infinite has exact dynamics for "
+                          f"{', '.join(INFINITE_METHODS)} only; got {method.name}")
+    if method.inner_steps != 1:
+        raise ConfigError("method.inner_steps", f"must be 1 with tasks.n: infinite (the exact "
+                          f"expectation is derived for one inner step); got {method.inner_steps}")
+    if tr.tasks_per_step is not None:
+        raise ConfigError("train.tasks_per_step", f"must be null with tasks.n: infinite (every "
+                          f"step averages over all tasks); got {tr.tasks_per_step}")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -4,28 +4,42 @@ For a fresh task with head ``w_star`` and ``m`` test samples ``(X, y)``, a metho
 head from the learned ``w`` with ``s`` gradient steps of size ``alpha``
 (``w' = w - alpha B^T X^T (X B w - y) / m``, repeated) and suffers the excess risk
 ``||B w' - B_star w_star||^2`` (x is isotropic, so this is the risk above the noise).
+Multi-task learning (``mtl``) has no learned shared head: it adapts from ``w = 0`` and adds a
+row fitting the head by least squares on the learned features ``X B``
+(:func:`feature_least_squares_risks`).
 
 Two reference rows: the **oracle** knows ``B_star`` and fits the head by least squares in k
 dimensions; **regression** ignores any representation and fits ``beta`` in d dimensions. Both
 use plain least squares when ``m >= dim + 2`` and otherwise ridge with the penalty of
 :func:`metarep.theory.ridge_penalty`.
 
+The ``theory`` column holds closed forms where known: for the method,
+:func:`metarep.theory.adapted_risk` of ``(B, w)`` (0 or 1 head step, any ``B`` and ``w``); for
+the baselines, :func:`metarep.theory.baseline_risk` (least squares, or noiseless
+interpolation).
+
 The representation methods and the oracle only see ``X`` through ``X B`` and ``X B_star``, so
 they are simulated exactly in an orthonormal basis ``Q = [B_star, Q_B]`` of span(B_star, B): the
 projected inputs ``X Q`` are i.i.d. standard normal whatever ``d`` is. Regression needs the full
 ``X`` and is simulated in d dimensions, in chunks.
+
+Any other model (a ReLU network trained by the torch engine) is evaluated through numpy
+predictors (:func:`evaluate_predictors`) on fresh tasks in d dimensions: its excess risk
+``E_x (f(x) - x^T B_star w_star)^2`` is estimated with fresh test inputs, next to the same
+oracle and regression rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from metarep.algorithms import adapt_head
 from metarep.models import LinearParams
-from metarep.tasks import Problem, sample_heads
-from metarep.theory import least_squares_risk, ridge_penalty, uses_least_squares
+from metarep.tasks import Problem, TaskBatch, sample_heads
+from metarep.theory import adapted_risk, baseline_risk, ridge_penalty, uses_least_squares
 
 REGRESSION_BUDGET = 200_000_000  # Gaussian entries drawn for the regression row per m_test
 CHUNK_ENTRIES = 4_000_000
@@ -50,11 +64,19 @@ def _summary(method: str, shots: int, risks: np.ndarray, theory: float = np.nan)
 
 
 def representation_basis(B: np.ndarray, B_star: np.ndarray) -> np.ndarray:
-    """Orthonormal ``Q = [B_star, Q_B]`` (d, r) spanning span(B_star) + span(B), r <= k + k'."""
+    """Orthonormal ``Q = [B_star, Q_B]`` (d, r) spanning span(B_star) + span(B), r <= k + k'.
+
+    ``Q_B`` spans the part of ``B`` outside span(B_star), ``(I - B_star B_star^T) B``, down to
+    singular values of ``1e-10 ||B||_2`` (below that it is rounding error, whose directions
+    are arbitrary); it is projected off ``B_star`` once more so that ``Q^T Q = I`` holds to
+    rounding even when ``B`` lies (almost) inside span(B_star).
+    """
     outside = B - B_star @ (B_star.T @ B)
     U, s, _ = np.linalg.svd(outside, full_matrices=False)
-    rank = int(np.sum(s > s.max(initial=0.0) * 1e-10)) if s.size else 0
-    return np.concatenate([B_star, U[:, :rank]], axis=1)
+    scale = np.linalg.norm(B, 2) if B.size else 0.0
+    U = U[:, : int(np.sum(s > 1e-10 * scale))]
+    Q_B, _ = np.linalg.qr(U - B_star @ (B_star.T @ U))
+    return np.concatenate([B_star, Q_B], axis=1)
 
 
 def fit_least_squares(F: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
@@ -79,6 +101,43 @@ def baseline_penalty(m: int, dim: int, problem: Problem) -> float:
     return ridge_penalty(dim, problem.Sigma_star, problem.noise_var)
 
 
+def _reduced_tasks(
+    B: np.ndarray, problem: Problem, m: int, n_tasks: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fresh tasks in the coordinates of ``Q = [B_star, Q_B]`` (:func:`representation_basis`).
+
+    **Returns:** ``B_r = Q^T B`` (r, k'); heads ``w_star`` (n_tasks, k); ``Z = X Q``
+    (n_tasks, m, r), i.i.d. standard normal; labels ``y = Z[:, :, :k] w_star + eps``
+    (n_tasks, m). Drawn from ``rng`` in the order heads, ``Z``, noise.
+    """
+    Q = representation_basis(B.astype(np.float64), problem.B_star)
+    B_r = Q.T @ B.astype(np.float64)
+    heads = sample_heads(problem, n_tasks, rng)
+    Z = rng.standard_normal((n_tasks, m, Q.shape[1]))  # X Q
+    y = Z[..., : problem.k] @ heads[..., None]
+    y = y[..., 0] + rng.standard_normal((n_tasks, m)) * np.sqrt(problem.noise_var)
+    return B_r, heads, Z, y
+
+
+def _reduced_risk(fitted: np.ndarray, B_r: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """``||B w' - B_star w_star||^2`` per task from heads ``w'`` (n, k') in reduced coordinates,
+    where ``B_star`` is ``[I_k; 0]``. **Returns:** (n,)."""
+    truth = np.zeros((heads.shape[0], B_r.shape[0]))
+    truth[:, : heads.shape[1]] = heads
+    return np.sum((fitted @ B_r.T - truth) ** 2, axis=1)
+
+
+def feature_least_squares_risks(
+    B: np.ndarray, problem: Problem, m: int, n_tasks: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Excess risks (n_tasks,) of least squares on the learned features ``X B`` (k' of them):
+    ``w' = argmin ||X B w - y||^2 + lambda ||w||^2`` with ``lambda`` from
+    :func:`baseline_penalty` in ``k'`` dimensions, risk ``||B w' - B_star w_star||^2``."""
+    B_r, heads, Z, y = _reduced_tasks(B, problem, m, n_tasks, rng)
+    fitted = fit_least_squares(Z @ B_r, y, baseline_penalty(m, B.shape[1], problem))
+    return _reduced_risk(fitted, B_r, heads)
+
+
 def adapted_and_oracle_risks(
     params: LinearParams,
     problem: Problem,
@@ -90,18 +149,11 @@ def adapted_and_oracle_risks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Excess risks (n_tasks,) after ``adapt_steps`` head steps, and of the oracle, on the
     same fresh tasks (common random numbers)."""
-    Q = representation_basis(params.B.astype(np.float64), problem.B_star)
-    B_r, k = Q.T @ params.B.astype(np.float64), problem.k
-    w = params.w.astype(np.float64)
-    heads = sample_heads(problem, n_tasks, rng)
-    Z = rng.standard_normal((n_tasks, m, Q.shape[1]))  # X Q
-    y = Z[..., :k] @ heads[..., None]
-    y = y[..., 0] + rng.standard_normal((n_tasks, m)) * np.sqrt(problem.noise_var)
+    B_r, heads, Z, y = _reduced_tasks(params.B, problem, m, n_tasks, rng)
+    k, w = problem.k, params.w.astype(np.float64)
     adapted = (adapt_head(B_r, w, Z, y, alpha, adapt_steps) if adapt_steps
                else np.broadcast_to(w, (n_tasks, w.shape[0])))
-    truth = np.zeros((n_tasks, Q.shape[1]))
-    truth[:, :k] = heads
-    method_risk = np.sum((adapted @ B_r.T - truth) ** 2, axis=1)
+    method_risk = _reduced_risk(adapted, B_r, heads)
     oracle_heads = fit_least_squares(Z[..., :k], y, baseline_penalty(m, k, problem))
     oracle_risk = np.sum((oracle_heads - heads) ** 2, axis=1)
     return method_risk, oracle_risk
@@ -139,14 +191,18 @@ def evaluate(
     alpha: float,
     adapt_steps: int,
     seed: int,
+    features_row: str | None = None,
 ) -> list[EvalRow]:
     """Mean test excess risk with its standard error, for each ``m_test`` in ``shots``:
-    the method after ``adapt_steps`` head steps, the oracle and plain regression."""
+    the method after ``adapt_steps`` head steps from ``params.w``, the oracle and plain
+    regression; with ``features_row``, also a row of that name for least squares on the
+    learned features (:func:`feature_least_squares_risks`, on its own fresh tasks)."""
     rows = []
     children = np.random.SeedSequence(seed).spawn(len(shots))
     width = problem.k + params.B.shape[1]
     for m, child in zip(shots, children, strict=True):
-        represent_rng, regression_rng = (np.random.default_rng(s) for s in child.spawn(2))
+        represent_rng, regression_rng, features_rng = (
+            np.random.default_rng(s) for s in child.spawn(3))
         chunk = max(2, CHUNK_ENTRIES // (m * width))
         pieces = [
             adapted_and_oracle_risks(params, problem, m, min(chunk, n_tasks - start), alpha,
@@ -155,9 +211,107 @@ def evaluate(
         ]
         method_risk = np.concatenate([piece[0] for piece in pieces])
         oracle_risk = np.concatenate([piece[1] for piece in pieces])
-        rows.append(_summary(method, m, method_risk))
+        rows.append(_summary(method, m, method_risk, adapted_risk(
+            params.B.astype(np.float64), params.w.astype(np.float64), problem.B_star,
+            problem.Sigma_star, problem.noise_var, m, alpha, adapt_steps)))
+        if features_row is not None:
+            rows.append(_summary(features_row, m, np.concatenate([
+                feature_least_squares_risks(params.B, problem, m, min(chunk, n_tasks - start),
+                                            features_rng)
+                for start in range(0, n_tasks, chunk)])))
         rows.append(_summary("oracle", m, oracle_risk,
-                             least_squares_risk(m, problem.k, problem.noise_var)))
+                             baseline_risk(m, problem.k, problem.Sigma_star, problem.noise_var)))
         rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
-                             least_squares_risk(m, problem.d, problem.noise_var)))
+                             baseline_risk(m, problem.d, problem.Sigma_star, problem.noise_var)))
     return rows
+
+
+TEST_INPUTS = 100  # fresh inputs per task estimating E_x of a nonlinear model's excess risk
+
+Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``(X (n, m, d), y (n, m), X_test (n, m', d)) -> (n, m')``: the model adapted to each task's
+``(X, y)``, evaluated at that task's ``X_test``."""
+
+
+def feature_least_squares_predictor(
+    features: Callable[[np.ndarray], np.ndarray], problem: Problem
+) -> Predictor:
+    """Least squares on learned features ``phi`` (``features``: (n, m, d) -> (n, m, k')):
+    ``w' = argmin ||phi(X) w - y||^2 + lambda ||w||^2`` (``lambda`` from :func:`baseline_penalty`
+    in k' dimensions), predicting ``phi(X_test) w'``. Where ``lambda = 0`` the minimum-norm
+    least squares solution (pseudo-inverse) is used: ReLU features can be rank deficient (units
+    that are zero on every input)."""
+
+    def predict(X: np.ndarray, y: np.ndarray, X_test: np.ndarray) -> np.ndarray:
+        F = features(X)
+        penalty = baseline_penalty(X.shape[1], F.shape[2], problem)
+        fitted = (fit_least_squares(F, y, penalty) if penalty > 0
+                  else (np.linalg.pinv(F) @ y[..., None])[..., 0])
+        return np.einsum("nmk,nk->nm", features(X_test), fitted)
+
+    return predict
+
+
+def predictor_and_oracle_risks(
+    predictors: Mapping[str, Predictor], problem: Problem, m: int, n_tasks: int,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Excess risks (n_tasks,) of each predictor and of the oracle on the same fresh tasks.
+
+    A predictor's excess risk on task ``w_star`` is ``E_x (f(x) - x^T B_star w_star)^2``,
+    estimated with ``TEST_INPUTS`` fresh inputs ``x ~ N(0, I_d)`` (unbiased; for a linear ``f``
+    its mean is :func:`adapted_and_oracle_risks`' exact ``||B w' - B_star w_star||^2``).
+    """
+    heads = sample_heads(problem, n_tasks, rng)
+    beta = heads @ problem.B_star.T
+    X = rng.standard_normal((n_tasks, m, problem.d))
+    y = np.einsum("nmd,nd->nm", X, beta) + rng.standard_normal((n_tasks, m)) * np.sqrt(
+        problem.noise_var)
+    X_test = rng.standard_normal((n_tasks, TEST_INPUTS, problem.d))
+    truth = np.einsum("nmd,nd->nm", X_test, beta)
+    risks = {name: np.mean((predict(X, y, X_test) - truth) ** 2, axis=1)
+             for name, predict in predictors.items()}
+    oracle_heads = fit_least_squares(X @ problem.B_star, y, baseline_penalty(m, problem.k, problem))
+    return risks, np.sum((oracle_heads - heads) ** 2, axis=1)
+
+
+def evaluate_predictors(
+    predictors: Mapping[str, Predictor],
+    problem: Problem,
+    shots: tuple[int, ...],
+    n_tasks: int,
+    seed: int,
+) -> list[EvalRow]:
+    """:func:`evaluate` for any model given as predictors (e.g. a ReLU network adapted by the
+    torch engine): per ``m_test`` in ``shots``, one row per predictor (all on the same fresh
+    tasks), then the oracle and plain regression rows of :func:`evaluate`."""
+    rows = []
+    children = np.random.SeedSequence(seed).spawn(len(shots))
+    for m, child in zip(shots, children, strict=True):
+        tasks_rng, regression_rng = (np.random.default_rng(s) for s in child.spawn(2))
+        chunk = max(2, CHUNK_ENTRIES // ((m + TEST_INPUTS) * problem.d))
+        pieces = [predictor_and_oracle_risks(predictors, problem, m,
+                                             min(chunk, n_tasks - start), tasks_rng)
+                  for start in range(0, n_tasks, chunk)]
+        for name in predictors:
+            rows.append(_summary(name, m, np.concatenate([piece[0][name] for piece in pieces])))
+        rows.append(_summary("oracle", m, np.concatenate([piece[1] for piece in pieces]),
+                             baseline_risk(m, problem.k, problem.Sigma_star, problem.noise_var)))
+        rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
+                             baseline_risk(m, problem.d, problem.Sigma_star, problem.noise_var)))
+    return rows
+
+
+def moment_subspace(batch: TaskBatch, k: int) -> np.ndarray:
+    """Method-of-moments estimate of span(B_star) from a task pool, (d, k) orthonormal.
+
+    ``a_i = X_i^in^T y_i^in / m_in`` and ``b_i = X_i^out^T y_i^out / m_out`` are independent
+    unbiased estimates of ``B_star w_star_i``, so ``M = mean_i (a_i b_i^T + b_i a_i^T) / 2``
+    is unbiased for ``B_star Sigma_star B_star^T``; its top-k eigenvectors estimate
+    span(B_star). A reference for the statistical accuracy a pool allows.
+    """
+    a = np.einsum("nmd,nm->nd", batch.X_in, batch.y_in) / batch.m_in
+    b = np.einsum("nmd,nm->nd", batch.X_out, batch.y_out) / batch.m_out
+    moments = (a.T @ b + b.T @ a) / (2 * batch.n_tasks)
+    _, vectors = np.linalg.eigh(moments.astype(np.float64))
+    return vectors[:, ::-1][:, :k]

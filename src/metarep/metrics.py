@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from metarep.models import LinearParams
@@ -16,6 +18,13 @@ def perp_norms(B: np.ndarray, B_star: np.ndarray) -> tuple[float, float]:
     """``||B_perp^T B||`` in spectral and Frobenius norm (``B_perp`` never formed)."""
     outside = B - B_star @ (B_star.T @ B)
     return float(np.linalg.norm(outside, 2)), float(np.linalg.norm(outside))
+
+
+def perp_share(W1: np.ndarray, B_star: np.ndarray) -> float:
+    """``||B_perp^T W1||_F / ||W1||_F`` for a first layer ``W1`` (d, h): the share of its
+    energy outside span(B_star) (``w1_perp_share`` of ReLU runs; 0 when ``W1 = 0``)."""
+    total = float(np.linalg.norm(W1))
+    return perp_norms(W1, B_star)[1] / total if total > 0.0 else 0.0
 
 
 def top_left_singular_vectors(B: np.ndarray, r: int) -> np.ndarray:
@@ -53,15 +62,22 @@ def measure(
     ``sv_1 .. sv_r``. Measures that need the ground truth are ``nan`` when ``problem`` is None.
     """
     B = params.B.astype(np.float64)
-    out = {"head_norm": float(np.linalg.norm(params.w))}
-    if problem is None:
-        out.update(perp_norm=np.nan, perp_norm_fro=np.nan, subspace_dist=np.nan,
-                   lambda_err=np.nan)
-    else:
+    out = dict.fromkeys(("perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err"), np.nan)
+    if problem is not None:
         out["perp_norm"], out["perp_norm_fro"] = perp_norms(B, problem.B_star)
         out["subspace_dist"] = subspace_distance(B, problem.B_star)
-        out["lambda_err"] = (np.nan if Lambda_star is None
-                             else lambda_error(B, problem.B_star, Lambda_star))
+        if Lambda_star is not None:
+            out["lambda_err"] = lambda_error(B, problem.B_star, Lambda_star)
+    out["head_norm"] = float(np.linalg.norm(params.w))
     for i, value in enumerate(singular_values(B), start=1):
         out[f"sv_{i}"] = float(value)
     return out
+
+
+def measure_network(arrays: Mapping[str, np.ndarray], problem: Problem | None) -> dict[str, float]:
+    """The measures that still mean something for a ReLU network (but the training loss):
+    ``w1_perp_share`` (:func:`perp_share` of the first layer ``W1``; ``nan`` without the ground
+    truth) and ``head_norm`` ``||w||``, from the network's named arrays."""
+    W1 = arrays["W1"]
+    share = np.nan if problem is None else perp_share(W1, problem.B_star)
+    return {"w1_perp_share": share, "head_norm": float(np.linalg.norm(arrays["w"]))}

@@ -61,8 +61,8 @@ def load_params(path: str | Path, d: int) -> LinearParams:
     key = "model.init_from"
     arrays = read_npz(path, key, required=("B", "w"))
     B, w = arrays["B"], arrays["w"]
-    if B.ndim != 2 or B.shape[0] != d:
-        raise ConfigError(key, f"B must have shape (d, k') with d = {d}, got {B.shape}")
+    if B.ndim != 2 or B.shape[0] != d or B.shape[1] < 1:
+        raise ConfigError(key, f"B must have shape (d, k') with d = {d}, k' >= 1, got {B.shape}")
     if w.shape != (B.shape[1],):
         raise ConfigError(key, f"w must have shape (k',) = ({B.shape[1]},), got {w.shape}")
     return LinearParams(B, w)

@@ -18,13 +18,27 @@ import numpy as np
 from metarep.config import ConfigError
 
 
+def _file_mode() -> int:
+    """The permissions of a newly created file under this process's umask (usually 0o644)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and then atomically rename ``tmp_path`` to ``path``."""
+    """Call ``write(tmp_path)`` and then atomically rename ``tmp_path`` to ``path``.
+
+    The file gets the usual permissions (``FILE_MODE``), not ``mkstemp``'s private 0o600.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
+        os.chmod(tmp, FILE_MODE)
         write(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
@@ -84,6 +98,7 @@ def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str,
         if name not in arrays:
             raise ConfigError(key, f"{path} has no array {name!r} (found: {sorted(arrays)})")
     for name, array in arrays.items():
-        if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
-            raise ConfigError(key, f"array {name!r} in {path} must hold finite numbers")
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        if not real or not np.all(np.isfinite(array)):
+            raise ConfigError(key, f"array {name!r} in {path} must hold finite real numbers")
     return {name: array.astype(np.float64) for name, array in arrays.items()}

@@ -90,6 +90,9 @@ class TaskBatch:
     - ``X_in``: (N, m_in, d); ``y_in``: (N, m_in) — the inner (support) set.
     - ``X_out``: (N, m_out, d); ``y_out``: (N, m_out) — the outer (query) set.
     - ``heads``: (N, k) true heads ``w_star_i`` when known, else ``None``.
+    - ``indices``: (N,) positions of these tasks in the pool they were taken from, or ``None``
+      when the batch is a whole pool (or fresh tasks). Methods with per-task state (mtl) use
+      them to update the sampled tasks only.
     """
 
     X_in: np.ndarray
@@ -97,6 +100,7 @@ class TaskBatch:
     X_out: np.ndarray
     y_out: np.ndarray
     heads: np.ndarray | None = None
+    indices: np.ndarray | None = None
 
     @property
     def n_tasks(self) -> int:
@@ -115,17 +119,19 @@ class TaskBatch:
         return self.X_in.shape[2]
 
     def take(self, indices: np.ndarray) -> TaskBatch:
-        """The sub-batch of the tasks at ``indices``."""
+        """The sub-batch of the tasks at ``indices`` (their pool positions kept in ``indices``)."""
         heads = None if self.heads is None else self.heads[indices]
+        positions = np.asarray(indices) if self.indices is None else self.indices[indices]
         return TaskBatch(
-            self.X_in[indices], self.y_in[indices], self.X_out[indices], self.y_out[indices], heads
+            self.X_in[indices], self.y_in[indices], self.X_out[indices], self.y_out[indices], heads,
+            positions,
         )
 
     def astype(self, dtype: np.dtype | str) -> TaskBatch:
         """The same tasks stored in ``dtype`` (heads stay float64)."""
         cast = [np.ascontiguousarray(a, dtype=dtype) for a in (self.X_in, self.y_in,
                                                                  self.X_out, self.y_out)]
-        return TaskBatch(*cast, heads=self.heads)
+        return TaskBatch(*cast, heads=self.heads, indices=self.indices)
 
     def full(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``m = m_in + m_out`` rows of every task: ``X`` (N, m, d), ``y`` (N, m)."""
@@ -187,8 +193,8 @@ def load_pool(path: str | Path) -> LoadedPool:
     key = "tasks.from"
     data = read_npz(path, key, required=("X", "y"))
     X, y = data["X"], data["y"]
-    if X.ndim != 3:
-        raise ConfigError(key, f"X must have shape (N, m, d), got {X.shape}")
+    if X.ndim != 3 or min(X.shape) < 1:
+        raise ConfigError(key, f"X must have shape (N, m, d) with N, m, d >= 1, got {X.shape}")
     n, m, d = X.shape
     if y.shape != (n, m):
         raise ConfigError(key, f"y must have shape (N, m) = {(n, m)}, got {y.shape}")

@@ -45,3 +45,120 @@ def least_squares_risk(m: int, dim: int, noise_var: float) -> float:
     if not uses_least_squares(m, dim):
         return math.nan
     return noise_var * dim / (m - dim - 1)
+
+
+def _inverse(m: float) -> float:
+    """``1/m``, with ``1/inf = 0`` (the infinite-sample limit)."""
+    return 0.0 if math.isinf(m) else 1.0 / m
+
+
+def one_step_risk(
+    B: np.ndarray,
+    w: np.ndarray,
+    B_star: np.ndarray,
+    Sigma_star: np.ndarray,
+    noise_var: float,
+    m: float,
+    alpha: float,
+) -> float:
+    """Expected excess risk ``E ||B w' - B_star w_star||^2`` on a fresh task after one head
+    step ``w' = w - alpha B^T X^T (X B w - y) / m`` from any ``(B, w)`` with ``m`` samples.
+
+    With ``N = B^T B``, ``C = B_star^T B`` and ``n = N w`` (docs/infinite_tasks.md, from
+    ``E[S A S] = A + (A^T + tr(A) I) / m``):
+
+    ``w^T n + tr Sigma - 2 alpha (n^T n + tr(Sigma C C^T))
+    + alpha^2 [(1 + 1/m) (n^T N n + tr(N C^T Sigma C))
+    + (w^T n + tr Sigma + sigma^2) tr(N^2) / m]``.
+
+    ``m = inf`` drops the ``1/m`` terms. Only ``B^T B`` and ``B_star^T B`` enter, so ``B`` may
+    be given in any orthonormal coordinates that contain span(B_star) (e.g. ``B_star = [I_k;
+    0]``). **Arguments:** ``B`` (d, k'); ``w`` (k',); ``B_star`` (d, k); ``Sigma_star`` (k, k).
+    """
+    inv_m = _inverse(m)
+    N, C = B.T @ B, B_star.T @ B
+    n = N @ w
+    trace_sigma = float(np.trace(Sigma_star))
+    signal = float(np.sum(C * (Sigma_star @ C)))  # tr(Sigma C C^T)
+    energy = float(w @ n) + trace_sigma
+    second = (1 + inv_m) * (float(n @ N @ n) + float(np.sum(N * (C.T @ Sigma_star @ C))))
+    second += (energy + noise_var) * float(np.sum(N * N)) * inv_m
+    return energy - 2 * alpha * (float(n @ n) + signal) + alpha**2 * second
+
+
+def adapted_risk(
+    B: np.ndarray,
+    w: np.ndarray,
+    B_star: np.ndarray,
+    Sigma_star: np.ndarray,
+    noise_var: float,
+    m: float,
+    alpha: float,
+    steps: int,
+) -> float:
+    """Closed-form expected excess risk after ``steps`` head steps (test-time adaptation):
+    ``w^T B^T B w + tr Sigma`` for 0 steps, :func:`one_step_risk` for 1, ``nan`` beyond (no
+    closed form is implemented)."""
+    if steps == 0:
+        return float(w @ (B.T @ (B @ w))) + float(np.trace(Sigma_star))
+    if steps == 1:
+        return one_step_risk(B, w, B_star, Sigma_star, noise_var, m, alpha)
+    return math.nan
+
+
+def baseline_risk(m: int, dim: int, Sigma_star: np.ndarray, noise_var: float) -> float:
+    """Closed-form expected excess risk of the oracle (``dim = k``) or plain regression
+    (``dim = d``) as :mod:`metarep.evaluation` computes them, where one is known.
+
+    Least squares (``m >= dim + 2``): ``sigma^2 dim / (m - dim - 1)``. Noiseless minimum-norm
+    interpolation (``sigma^2 = 0``, ``m < dim + 2``): the fit is the projection of the true
+    regressor onto the row space of ``X``, a uniformly random m-dimensional subspace, so the
+    risk is ``tr(Sigma_star) (1 - m / dim)`` for ``m < dim`` and 0 for ``m >= dim``. Ridge with
+    noise (``sigma^2 > 0``, ``m < dim + 2``) has no closed form here: ``nan``.
+    """
+    if uses_least_squares(m, dim):
+        return least_squares_risk(m, dim, noise_var)
+    if noise_var == 0.0:
+        return float(np.trace(Sigma_star)) * max(0.0, 1.0 - m / dim)
+    return math.nan
+
+
+def predicted_limits(
+    Sigma_star: np.ndarray,
+    noise_var: float,
+    m_in: float,
+    alpha: float,
+    shots: tuple[int, ...] = (),
+) -> dict[str, object]:
+    """The limits of FO-ANIL with infinitely many tasks as ``t -> inf`` (spec section 4), for
+    ``w_0 = 0``, a small initialisation and small step sizes, and ``k' >= k``.
+
+    **Returns** a dict: ``Lambda_star`` (k, k) (:func:`lambda_star`); ``head_norm``,
+    ``lambda_err`` and ``subspace_dist``: 0; ``rank``: k; ``perp_norm``: 0 for finite
+    ``m_in`` and ``None`` for ``m_in = inf`` (then the undriven directions keep their initial
+    size, which depends on ``B_0``: see :func:`metarep.population.undriven_perp_norm`);
+    ``train_loss``: the expected meta-training loss at the limit,
+    ``(one-step risk with m_in samples + sigma^2) / 2``; ``test_risk``: ``{m: one-step risk
+    with m samples}`` at the limit for each ``m`` in ``shots``. At the limit ``w = 0``,
+    ``B_perp^T B = 0`` and ``C C^T = Lambda_star``, so the risks are those of
+    :func:`one_step_risk` with ``B = Lambda_star^{1/2}`` in the coordinates ``B_star = I_k``.
+    """
+    Lambda = lambda_star(Sigma_star, noise_var, m_in, alpha)
+    k = Sigma_star.shape[0]
+    values, vectors = np.linalg.eigh((Lambda + Lambda.T) / 2)
+    root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    zero, identity = np.zeros(k), np.eye(k)
+
+    def risk(m: float) -> float:
+        return one_step_risk(root, zero, identity, Sigma_star, noise_var, m, alpha)
+
+    return {
+        "Lambda_star": Lambda,
+        "head_norm": 0.0,
+        "lambda_err": 0.0,
+        "subspace_dist": 0.0,
+        "rank": k,
+        "perp_norm": None if math.isinf(m_in) else 0.0,
+        "train_loss": 0.5 * (risk(m_in) + noise_var),
+        "test_risk": {int(m): risk(m) for m in shots},
+    }

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 from tqdm.auto import tqdm
 
 State = TypeVar("State")
@@ -60,7 +61,9 @@ def train(
     Each record is ``{"step": t, "train_loss": loss(state_t), **measure(state_t)}``. The
     trajectory is updated in place (so a caller that catches :class:`Diverged` keeps every
     record made before the divergence) and returned. ``on_record`` is called after each
-    record, e.g. to persist results.
+    record, e.g. to persist results. Floating-point overflow inside ``step`` is not an error
+    (numpy's warnings are silenced there): it shows as a non-finite or exploding loss or a
+    non-finite state, which raises :class:`Diverged`.
     """
     when = record_steps(steps, record_every)
     reference = trajectory.records[0]["train_loss"] if trajectory.records else None
@@ -69,7 +72,8 @@ def train(
     try:
         while True:
             t = trajectory.step
-            new_state, loss = step(trajectory.state, t)
+            with np.errstate(over="ignore", invalid="ignore"):
+                new_state, loss = step(trajectory.state, t)
             reference = loss if reference is None else reference
             if not math.isfinite(loss) or loss > EXPLOSION_FACTOR * max(reference, 1e-12):
                 raise Diverged(t, loss, advice)

@@ -1,0 +1,286 @@
+"""metarep.algorithms: losses and gradients against finite differences, and the vectorised
+FO-ANIL step against a plain per-task Python loop written from the spec (section 3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from metarep import algorithms
+from metarep.algorithms import FOANIL, adapt_head, body_gradient, head_gradient, loss
+from metarep.models import LinearParams
+from metarep.tasks import TaskBatch, make_problem, sample_tasks
+
+
+def make_batch(n=40, m_in=7, m_out=5, d=6, k=2, seed=0) -> TaskBatch:
+    rng = np.random.default_rng(seed)
+    problem = make_problem(d, k, 0.5, "linear", rng)
+    return sample_tasks(problem, n, m_in, m_out, rng)
+
+
+def make_params(d=6, width=4, seed=1, head=True) -> LinearParams:
+    rng = np.random.default_rng(seed)
+    B = rng.standard_normal((d, width)) / np.sqrt(d)
+    w = rng.standard_normal(width) if head else np.zeros(width)
+    return LinearParams(B, w)
+
+
+# ----------------------------------------------------------------------------- plain loops
+
+
+def task_loss(B, w_i, X_i, y_i) -> float:
+    r = X_i @ B @ w_i - y_i
+    return float(r @ r) / (2 * len(y_i))
+
+
+def task_head_gradient(B, w_i, X_i, y_i) -> np.ndarray:
+    return B.T @ X_i.T @ (X_i @ B @ w_i - y_i) / len(y_i)
+
+
+def naive_fo_anil_step(B, w, batch, alpha, beta, steps):
+    """FO-ANIL as written in the spec, one task at a time."""
+    grad_B, grad_w, total = np.zeros_like(B), np.zeros_like(w), 0.0
+    n = batch.n_tasks
+    for i in range(n):
+        w_i = w.copy()
+        for _ in range(steps):
+            w_i = w_i - alpha * task_head_gradient(B, w_i, batch.X_in[i], batch.y_in[i])
+        X_o, y_o = batch.X_out[i], batch.y_out[i]
+        r = X_o @ B @ w_i - y_o
+        grad_B += np.outer(X_o.T @ r / len(y_o), w_i)
+        grad_w += B.T @ X_o.T @ r / len(y_o)
+        total += task_loss(B, w_i, X_o, y_o)
+    return B - beta * grad_B / n, w - beta * grad_w / n, total / n
+
+
+def central_difference(f, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
+    """The gradient of a scalar function ``f`` at ``x`` by central differences (exact up to
+    rounding for the quadratic losses here)."""
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += h
+        down[index] -= h
+        grad[index] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+# ----------------------------------------------------------------------------- loss, gradients
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_loss_matches_per_task_definition(per_task):
+    batch, (B, w) = make_batch(), make_params()
+    heads = np.random.default_rng(2).standard_normal((batch.n_tasks, 4)) if per_task else w
+    values = loss(B, heads, batch.X_in, batch.y_in)
+    expected = [task_loss(B, heads[i] if per_task else w, batch.X_in[i], batch.y_in[i])
+                for i in range(batch.n_tasks)]
+    np.testing.assert_allclose(values, expected, rtol=1e-13)
+
+
+def test_head_gradient_matches_finite_differences_shared_head():
+    batch, (B, w) = make_batch(), make_params()
+    grad = head_gradient(B, w, batch.X_in, batch.y_in)  # (N, k')
+    numeric = np.stack([
+        central_difference(lambda v, i=i: task_loss(B, v, batch.X_in[i], batch.y_in[i]), w)
+        for i in range(batch.n_tasks)])
+    np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-9)
+
+
+def test_head_gradient_matches_finite_differences_per_task_heads():
+    """``loss`` is separable over tasks, so perturbing column j of every head at once gives
+    the j-th partial derivative of each task's loss."""
+    batch, (B, _) = make_batch(), make_params()
+    heads = np.random.default_rng(3).standard_normal((batch.n_tasks, 4))
+    grad = head_gradient(B, heads, batch.X_out, batch.y_out)
+    h = 1e-4
+    for j in range(4):
+        step = np.zeros(4)
+        step[j] = h
+        numeric = (loss(B, heads + step, batch.X_out, batch.y_out)
+                   - loss(B, heads - step, batch.X_out, batch.y_out)) / (2 * h)
+        np.testing.assert_allclose(grad[:, j], numeric, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("per_task", [False, True])
+def test_body_gradient_matches_finite_differences(per_task):
+    batch, (B, w) = make_batch(), make_params()
+    heads = np.random.default_rng(4).standard_normal((batch.n_tasks, 4)) if per_task else w
+    grad = body_gradient(B, heads, batch.X_in, batch.y_in)
+    numeric = central_difference(lambda M: loss(M, heads, batch.X_in, batch.y_in).mean(), B)
+    assert grad.shape == B.shape
+    np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_adapt_head_equals_repeated_per_task_steps(steps):
+    batch, (B, w) = make_batch(), make_params()
+    heads = adapt_head(B, w, batch.X_in, batch.y_in, 0.3, steps)
+    for i in range(batch.n_tasks):
+        w_i = w.copy()
+        for _ in range(steps):
+            w_i = w_i - 0.3 * task_head_gradient(B, w_i, batch.X_in[i], batch.y_in[i])
+        np.testing.assert_allclose(heads[i], w_i, rtol=0, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- FO-ANIL step
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("head", [False, True], ids=["w=0", "w!=0"])
+def test_fo_anil_step_equals_per_task_loop(steps, head):
+    batch, params = make_batch(n=57), make_params(head=head)
+    new, meta_loss = FOANIL(0.3, 0.5, steps).step(params, batch)
+    B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.3, 0.5, steps)
+    assert np.abs(new.B).max() > 0.1  # values of order one: 1e-12 is a relative check
+    np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
+    assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("tasks_per_chunk", [1, 5, 56, 57, 1000])
+def test_fo_anil_step_does_not_depend_on_chunks_and_threads(monkeypatch, tasks_per_chunk,
+                                                            threads):
+    """57 tasks in chunks of 1, 5 (the last one short), 56, 57 and 1000 tasks, on 1 to 3
+    threads."""
+    batch, params = make_batch(n=57), make_params()
+    per_task = (batch.m_in + batch.m_out) * batch.d * 8
+    monkeypatch.setattr(algorithms, "TASK_CHUNK_BYTES", tasks_per_chunk * per_task)
+    monkeypatch.setattr(algorithms, "_blas_threads", lambda: threads)
+    sizes = [s.stop - s.start if s.stop <= 57 else 57 - s.start
+             for s in algorithms._task_chunks(batch)]
+    assert sizes[0] == min(tasks_per_chunk, 57) and sum(sizes) == 57
+    new, meta_loss = FOANIL(0.3, 0.5, 2).step(params, batch)
+    B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.3, 0.5, 2)
+    np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
+    assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
+
+
+@pytest.mark.parametrize(("d", "width"), [(6, 2), (6, 6), (5, 11)])
+def test_fo_anil_step_any_width(d, width):
+    batch, params = make_batch(n=23, d=d), make_params(d=d, width=width)
+    new, meta_loss = FOANIL(0.2, 0.1, 2).step(params, batch)
+    B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.2, 0.1, 2)
+    np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
+    assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
+
+
+def test_fo_anil_step_many_tasks_and_a_single_task():
+    for n in (1, 1501):
+        batch, params = make_batch(n=n, m_in=3, m_out=2, d=5), make_params(d=5, width=3)
+        new, meta_loss = FOANIL(0.4, 0.2, 1).step(params, batch)
+        B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.4, 0.2, 1)
+        np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
+        assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
+
+
+def test_fo_anil_update_is_the_first_order_gradient_by_finite_differences():
+    """The update is ``-beta`` times the gradient of ``mean_i L(B, w_i; X_i^out, y_i^out)``
+    with the adapted heads ``w_i`` held fixed: in ``B`` directly, and in ``w`` as the gradient
+    with respect to a common shift of every ``w_i``."""
+    batch, params = make_batch(), make_params()
+    alpha, beta = 0.3, 0.5
+    new, meta_loss = FOANIL(alpha, beta, 2).step(params, batch)
+    heads = adapt_head(*params, batch.X_in, batch.y_in, alpha, 2)
+
+    def outer(B, shift):
+        return loss(B, heads + shift, batch.X_out, batch.y_out).mean()
+
+    grad_B = central_difference(lambda M: outer(M, 0.0), params.B)
+    grad_w = central_difference(lambda v: outer(params.B, v), np.zeros(4))
+    np.testing.assert_allclose((params.B - new.B) / beta, grad_B, rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose((params.w - new.w) / beta, grad_w, rtol=1e-7, atol=1e-10)
+    assert meta_loss == pytest.approx(outer(params.B, 0.0), rel=1e-13)
+
+
+def test_fo_anil_step_is_pure():
+    batch, params = make_batch(), make_params()
+    copies = [a.copy() for a in (params.B, params.w, batch.X_in, batch.y_in, batch.X_out,
+                                 batch.y_out)]
+    first = FOANIL(0.3, 0.5, 2).step(params, batch)
+    second = FOANIL(0.3, 0.5, 2).step(params, batch)
+    for before, after in zip(copies, (params.B, params.w, batch.X_in, batch.y_in, batch.X_out,
+                                      batch.y_out), strict=True):
+        np.testing.assert_array_equal(before, after)
+    np.testing.assert_array_equal(first[0].B, second[0].B)
+    assert first[1] == second[1]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_fo_anil_float32_is_close_to_float64_and_stays_float32(steps):
+    batch, params = make_batch(n=300), make_params()
+    wide, wide_loss = FOANIL(0.3, 0.5, steps).step(params, batch)
+    narrow, narrow_loss = FOANIL(0.3, 0.5, steps).step(params.astype(np.float32),
+                                                       batch.astype(np.float32))
+    assert narrow.B.dtype == np.float32 and narrow.w.dtype == np.float32
+    np.testing.assert_allclose(narrow.B, wide.B, rtol=0, atol=2e-5 * np.abs(wide.B).max())
+    np.testing.assert_allclose(narrow.w, wide.w, rtol=0, atol=2e-5 * np.abs(wide.w).max())
+    assert narrow_loss == pytest.approx(wide_loss, rel=1e-5)
+
+
+def test_make_method_fo_anil():
+    method = algorithms.make_method("fo-anil", 0.2, 0.1, 3)
+    assert isinstance(method, FOANIL)
+    assert (method.inner_lr, method.outer_lr, method.inner_steps) == (0.2, 0.1, 3)
+    with pytest.raises(ValueError):
+        algorithms.make_method("sgd", 0.2, 0.1, 1)
+
+
+def chunked_threaded(monkeypatch, threads=2):
+    """Make FOANIL.step use ``threads`` threads on chunks of 4 tasks."""
+    monkeypatch.setattr(algorithms, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
+    monkeypatch.setattr(algorithms, "_blas_threads", lambda: threads)
+
+
+def test_threaded_step_is_bit_identical_to_serial(monkeypatch):
+    batch, params = make_batch(n=101), make_params()
+    chunked_threaded(monkeypatch, 1)
+    serial = FOANIL(0.3, 0.5, 2).step(params, batch)
+    chunked_threaded(monkeypatch, 2)
+    threaded = FOANIL(0.3, 0.5, 2).step(params, batch)
+    np.testing.assert_array_equal(serial[0].B, threaded[0].B)
+    np.testing.assert_array_equal(serial[0].w, threaded[0].w)
+    assert serial[1] == threaded[1]
+
+
+def test_threads_keep_the_callers_floating_point_settings(monkeypatch):
+    """Overflow in float32 inside the worker threads follows the caller's ``np.errstate``: a
+    warning (an error under pytest) by default, silent under ``over="ignore"`` (as in
+    :func:`metarep.training.train`, which then reports the divergence)."""
+    chunked_threaded(monkeypatch)
+    batch = make_batch(n=40).astype(np.float32)
+    B, w = make_params()
+    huge = LinearParams((B * 1e15).astype(np.float32), (w * 1e15).astype(np.float32))
+    with pytest.raises(RuntimeWarning, match="overflow"):
+        FOANIL(0.3, 0.5, 1).step(huge, batch)
+    with np.errstate(over="ignore", invalid="ignore"):
+        new, meta_loss = FOANIL(0.3, 0.5, 1).step(huge, batch)
+    assert not np.isfinite(meta_loss) or not new.is_finite()
+
+
+def test_threaded_step_restores_the_blas_thread_count(monkeypatch):
+    chunked_threaded(monkeypatch)
+    before = [lib.num_threads for lib in algorithms._blas().lib_controllers]
+    FOANIL(0.3, 0.5, 1).step(make_params(), make_batch(n=40))
+    assert [lib.num_threads for lib in algorithms._blas().lib_controllers] == before
+
+
+def test_one_blas_thread_means_no_worker_threads(monkeypatch):
+    """Under a one-thread BLAS limit (as sweeps set around each run) the chunks run in the
+    calling thread."""
+    monkeypatch.setattr(algorithms, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
+
+    def no_pool(workers):
+        raise AssertionError("a thread pool was used")
+
+    monkeypatch.setattr(algorithms, "_thread_pool", no_pool)
+    batch, params = make_batch(n=40), make_params()
+    with threadpool_limits(limits=1, user_api="blas"):
+        new, _ = FOANIL(0.3, 0.5, 1).step(params, batch)
+    B_ref, _, _ = naive_fo_anil_step(*params, batch, 0.3, 0.5, 1)
+    np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)

@@ -1,0 +1,450 @@
+"""The command line end to end: outputs of `metarep run quick`, `show`, `keys`, bad input
+(exit 2, one line naming the field, nothing written), divergence (exit 3, results kept),
+`--resume`, and one step on a given pool and initialisation against plain numpy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from metarep import experiments, storage
+from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
+from metarep.config import from_dict, key_table, load_config
+from metarep.training import record_steps
+
+RUNNER = CliRunner()
+MEASURES = ["step", "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err",
+            "head_norm"]
+EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
+
+
+def invoke(*args: str):
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def single_error_line(result) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- run quick
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("quick") / "run"
+    result = invoke("run", "quick", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_quick_run_reports_done(quick_run):
+    out, result = quick_run
+    assert result.stdout.startswith(f"done: {out}")
+    assert "subspace_dist" in result.stdout and result.stderr == ""
+
+
+def test_quick_run_writes_every_output_and_no_leftovers(quick_run):
+    out, _ = quick_run
+    names = {path.name for path in out.iterdir()}
+    assert {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz",
+            "training.png", "eval.png"} <= names
+    assert "checkpoint.npz" not in names
+    assert not [name for name in names if name.startswith(".") or name.endswith(".tmp")]
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == storage.FILE_MODE, path
+
+
+def test_quick_config_yaml_is_the_resolved_config(quick_run):
+    out, _ = quick_run
+    written = from_dict(yaml.safe_load((out / "config.yaml").read_text()), name="quick")
+    assert written == load_config("quick")
+
+
+def test_quick_metrics_csv(quick_run):
+    out, _ = quick_run
+    config = load_config("quick")
+    metrics = pd.read_csv(out / "metrics.csv")
+    r = min(config.problem.d, config.model.width)
+    assert list(metrics.columns) == MEASURES + [f"sv_{i}" for i in range(1, r + 1)]
+    assert metrics["step"].tolist() == sorted(record_steps(config.train.steps,
+                                                           config.train.record_every))
+    assert np.isfinite(metrics.to_numpy()).all()
+    assert (metrics["subspace_dist"].between(0, 1)).all()
+    singular = metrics[[f"sv_{i}" for i in range(1, r + 1)]].to_numpy()
+    assert (np.diff(singular, axis=1) <= 1e-12).all()  # decreasing
+
+
+def test_quick_eval_csv(quick_run):
+    out, _ = quick_run
+    config = load_config("quick")
+    frame = pd.read_csv(out / "eval.csv")
+    assert list(frame.columns) == EVAL_COLUMNS
+    shots = list(config.eval.shots)
+    assert frame["method"].tolist() == ["fo-anil", "oracle", "regression"] * len(shots)
+    assert frame["shots"].tolist() == [m for m in shots for _ in range(3)]
+    assert (frame["n_tasks"] == config.eval.n_tasks).all()
+    assert (frame["excess_risk"] > 0).all() and (frame["stderr"] > 0).all()
+    oracle = frame[frame["method"] == "oracle"]
+    k, s2 = config.problem.k, config.problem.noise_var
+    for row in oracle.itertuples():
+        if row.shots >= k + 2:
+            assert row.theory == pytest.approx(s2 * k / (row.shots - k - 1))
+        else:
+            assert np.isnan(row.theory)
+
+
+def test_quick_summary_json(quick_run):
+    out, _ = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"status", "error", "config", "step", "seconds", "final", "theory",
+            "B_star_BBt_B_star"} <= set(summary)
+    assert summary["status"] == "done" and summary["error"] is None
+    assert summary["config"] == "quick"
+    config = load_config("quick")
+    assert summary["step"] == config.train.steps
+    last = pd.read_csv(out / "metrics.csv").iloc[-1]
+    for key, value in summary["final"].items():
+        assert value == pytest.approx(last[key], rel=1e-12), key
+    k = config.problem.k
+    assert np.array(summary["theory"]["lambda_star"]).shape == (k, k)
+    assert np.array(summary["B_star_BBt_B_star"]).shape == (k, k)
+
+
+def test_quick_params_npz_and_its_consistency_with_the_measures(quick_run):
+    out, _ = quick_run
+    config = load_config("quick")
+    d, k, width = config.problem.d, config.problem.k, config.model.width
+    with np.load(out / "params.npz") as data:
+        arrays = {name: data[name] for name in data.files}
+    assert {"B", "w", "B_star", "Sigma_star"} <= set(arrays)
+    assert arrays["B"].shape == (d, width) and arrays["w"].shape == (width,)
+    assert arrays["B_star"].shape == (d, k) and arrays["Sigma_star"].shape == (k, k)
+    B_star = arrays["B_star"]
+    np.testing.assert_allclose(B_star.T @ B_star, np.eye(k), atol=1e-12)
+    outside = arrays["B"] - B_star @ (B_star.T @ arrays["B"])
+    final = pd.read_csv(out / "metrics.csv").iloc[-1]
+    assert np.linalg.norm(outside, 2) == pytest.approx(final["perp_norm"], rel=1e-10)
+    assert np.linalg.norm(arrays["w"]) == pytest.approx(final["head_norm"], rel=1e-10)
+
+
+def test_quick_figures_are_png(quick_run):
+    out, _ = quick_run
+    for name in ("training.png", "eval.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+# ----------------------------------------------------------------------------- show, keys
+
+
+def test_show_prints_the_resolved_config():
+    result = invoke("show", "quick", "--set", "problem.d=30", "-s", "eval.shots=[7]")
+    assert result.exit_code == 0
+    config = from_dict(yaml.safe_load(result.stdout), name="quick")
+    assert config.problem.d == 30 and config.eval.shots == (7,)
+
+
+def test_show_bad_input():
+    result = invoke("show", "quick", "--set", "problem.d=0")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "problem.d" in single_error_line(result)
+
+
+def test_keys_prints_the_key_table():
+    result = invoke("keys")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == key_table().strip()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def pool_file(tmp_path: Path, n=12, m=8, d=6, k=2, **changes) -> Path:
+    rng = np.random.default_rng(0)
+    B_star = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    arrays = {"X": rng.standard_normal((n, m, d)), "y": rng.standard_normal((n, m)),
+              "B_star": B_star, "heads": rng.standard_normal((n, k))}
+    arrays.update(changes)
+    path = tmp_path / "pool.npz"
+    np.savez(path, **{name: a for name, a in arrays.items() if a is not None})
+    return path
+
+
+def init_file(tmp_path: Path, d=6, width=4, **changes) -> Path:
+    rng = np.random.default_rng(1)
+    arrays = {"B": rng.standard_normal((d, width)) * 0.3, "w": rng.standard_normal(width) * 0.3}
+    arrays.update(changes)
+    path = tmp_path / "init.npz"
+    np.savez(path, **{name: a for name, a in arrays.items() if a is not None})
+    return path
+
+
+POOL = ["--set", "tasks.m_in=5", "--set", "tasks.m_out=3"]
+
+BAD_INPUTS = {
+    "unknown-key": (lambda tmp: ["--set", "problem.dimension=5"], "problem.dimension"),
+    "unknown-section": (lambda tmp: ["--set", "optimizer.lr=5"], "optimizer.lr"),
+    "wrong-type": (lambda tmp: ["--set", "problem.d=fifty"], "problem.d"),
+    "wrong-type-list": (lambda tmp: ["--set", "eval.shots=[5, x]"], "eval.shots[1]"),
+    "wrong-type-choice": (lambda tmp: ["--set", "train.dtype=float16"], "train.dtype"),
+    "malformed-list": (lambda tmp: ["--set", "problem.head_cov=[1, 2"], "problem.head_cov"),
+    "nan": (lambda tmp: ["--set", "method.inner_lr=nan"], "method.inner_lr"),
+    "yaml-nan": (lambda tmp: ["--set", "problem.noise_var=.nan"], "problem.noise_var"),
+    "inf": (lambda tmp: ["--set", "method.outer_lr=inf"], "method.outer_lr"),
+    "k>d": (lambda tmp: ["--set", "problem.k=21", "--set", "problem.d=20"], "problem.k"),
+    "m_in<1": (lambda tmp: ["--set", "tasks.m_in=0"], "tasks.m_in"),
+    "m_out<1": (lambda tmp: ["--set", "tasks.m_out=-2"], "tasks.m_out"),
+    "width<1": (lambda tmp: ["--set", "model.width=0"], "model.width"),
+    "negative-inner-lr": (lambda tmp: ["--set", "method.inner_lr=-0.1"], "method.inner_lr"),
+    "negative-outer-lr": (lambda tmp: ["--set", "method.outer_lr=-1"], "method.outer_lr"),
+    "zero-steps-per-record": (lambda tmp: ["--set", "train.record_every=0"],
+                              "train.record_every"),
+    "head-cov-length": (lambda tmp: ["--set", "problem.head_cov=[1, 2]"], "problem.head_cov"),
+    "no-equals": (lambda tmp: ["--set", "problem.d"], "--set"),
+    "missing-pool": (lambda tmp: ["--set", f"tasks.from={tmp / 'none.npz'}"], "tasks.from"),
+    "missing-init": (lambda tmp: ["--set", f"model.init_from={tmp / 'none.npz'}"],
+                     "model.init_from"),
+    "pool-y-shape": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp, y=np.zeros((12, 7)))}",
+                                  *POOL], "tasks.from"),
+    "pool-B_star-shape": (lambda tmp: ["--set",
+                                       f"tasks.from={pool_file(tmp, B_star=np.eye(5)[:, :2])}",
+                                       *POOL], "tasks.from"),
+    "pool-heads-shape": (lambda tmp: ["--set",
+                                      f"tasks.from={pool_file(tmp, heads=np.zeros((11, 2)))}",
+                                      *POOL], "tasks.from"),
+    "pool-not-finite": (lambda tmp: ["--set",
+                                     f"tasks.from={pool_file(tmp, y=np.full((12, 8), np.nan))}",
+                                     *POOL], "tasks.from"),
+    "pool-split": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", "--set",
+                                "tasks.m_in=4", "--set", "tasks.m_out=3"], "tasks.m_in"),
+    "pool-too-few-tasks": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", *POOL,
+                                        "--set", "train.tasks_per_step=13"],
+                           "train.tasks_per_step"),
+    "init-d": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", *POOL, "--set",
+                            f"model.init_from={init_file(tmp, B=np.zeros((5, 4)))}"],
+               "model.init_from"),
+    "init-w": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", *POOL, "--set",
+                            f"model.init_from={init_file(tmp, w=np.zeros(3))}"],
+               "model.init_from"),
+    "init-not-a-file": (lambda tmp: ["--set", f"model.init_from={tmp}"], "model.init_from"),
+    "pool-complex": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp, y=np.ones((12, 8)) * 1j)}",
+                                  *POOL], "tasks.from"),
+    "pool-too-big-for-memory": (lambda tmp: ["--set", "tasks.n=10000000000"], "tasks.n"),
+    "online-too-big-for-memory": (lambda tmp: ["--set", "tasks.n=online", "--set",
+                                               "train.tasks_per_step=10000000000"],
+                                  "train.tasks_per_step"),
+    "d-too-big-for-memory": (lambda tmp: ["--set", "problem.d=100000000000000"], "problem.d"),
+    "shots-too-big-for-memory": (lambda tmp: ["--set", "eval.shots=[5, 100000000000000]"],
+                                 "eval.shots"),
+    "width-too-big-for-memory": (lambda tmp: ["--set", "model.width=100000000000000"],
+                                 "model.width"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exit_2_one_line_naming_the_field_nothing_written(tmp_path, case):
+    make_args, key = BAD_INPUTS[case]
+    out = tmp_path / "out"
+    result = invoke("run", "quick", *make_args(tmp_path), "--out", out, "--no-progress")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    line = single_error_line(result)
+    assert line.startswith(f"error: {key}") or f" {key}" in line, line
+    assert result.stdout == ""
+    assert not out.exists()
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    result = invoke("run", "quick", "--out", target)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert single_error_line(result).startswith("error: --out")
+    assert target.read_text() == "mine"
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    result = invoke("run", tmp_path / "none.yaml", "--out", tmp_path / "out")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert single_error_line(result).startswith("error: config")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("problem: {d: 10, k: 2}\nmodel: {width: -3}\n")
+    result = invoke("run", bad, "--out", tmp_path / "out")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert single_error_line(result).startswith("error: model.width")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_through_the_console_script(tmp_path):
+    """The real entry point in a fresh interpreter: exit code 2, one line on stderr."""
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-c", "from metarep.cli import main; main()", "run", "quick",
+         "--set", "model.width=0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == EXIT_BAD_INPUT
+    assert completed.stderr.splitlines() == [completed.stderr.strip()]
+    assert completed.stderr.startswith("error: model.width")
+    assert completed.stdout == "" and not out.exists()
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_divergence_exit_3_names_step_sizes_and_keeps_results(tmp_path, dtype):
+    out = tmp_path / "out"
+    result = invoke("run", "quick", "--set", "method.outer_lr=1e6", "--set",
+                    f"train.dtype={dtype}", "--out", out, "--no-progress")
+    assert result.exit_code == EXIT_DIVERGED, result.output
+    line = single_error_line(result)
+    assert "diverged" in line and "method.outer_lr" in line and str(out) in line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "method.outer_lr" in summary["error"]
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) >= 1 and metrics["step"].iloc[0] == 0
+    assert (out / "params.npz").is_file() and (out / "config.yaml").is_file()
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_divergence_through_the_console_script(tmp_path):
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-c", "from metarep.cli import main; main()", "run", "quick",
+         "--set", "method.outer_lr=1e6", "--set", "train.dtype=float32", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == EXIT_DIVERGED
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert "method.outer_lr" in completed.stderr
+    assert (out / "metrics.csv").is_file() and (out / "summary.json").is_file()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+SHORT = ["--set", "train.steps=60", "--set", "train.record_every=7", "--set", "eval.n_tasks=50",
+         "--no-progress"]
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkeypatch):
+    reference = tmp_path / "reference"
+    assert invoke("run", "quick", *SHORT, "--out", reference).exit_code == 0
+
+    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
+    original = experiments.batch_source
+    calls: list[int] = []
+
+    def interrupted(setup, stop_at=None):
+        batches = original(setup)
+
+        def batch(t):
+            calls.append(t)
+            if t == stop_at:
+                raise KeyboardInterrupt
+            return batches(t)
+
+        return batch
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup, 45))
+    result = invoke("run", "quick", *SHORT, "--out", out)
+    assert result.exit_code != 0 and max(calls) == 45
+    assert (out / "checkpoint.npz").is_file() and not (out / "summary.json").exists()
+    with np.load(out / "checkpoint.npz") as data:
+        assert int(data["step"]) == 42  # the last record before the interruption
+
+    calls.clear()
+    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup))
+    result = invoke("run", "quick", *SHORT, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert min(calls) == 42 and max(calls) == 60  # continued, not restarted
+    with np.load(out / "params.npz") as resumed, np.load(reference / "params.npz") as straight:
+        np.testing.assert_array_equal(resumed["B"], straight["B"])
+        np.testing.assert_array_equal(resumed["w"], straight["w"])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"),
+                                  pd.read_csv(reference / "metrics.csv"))
+    assert not (out / "checkpoint.npz").exists()
+
+
+def test_resume_refuses_a_different_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
+    out = tmp_path / "run"
+    original = experiments.batch_source
+
+    def stop(setup):
+        batches = original(setup)
+
+        def batch(t):
+            if t == 20:
+                raise KeyboardInterrupt
+            return batches(t)
+
+        return batch
+
+    monkeypatch.setattr(experiments, "batch_source", stop)
+    invoke("run", "quick", *SHORT, "--out", out)
+    monkeypatch.setattr(experiments, "batch_source", original)
+    result = invoke("run", "quick", *SHORT, "--set", "method.outer_lr=0.01", "--out", out,
+                    "--resume")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert single_error_line(result).startswith("error: --resume")
+
+
+# ----------------------------------------------------------------------------- one given step
+
+
+def numpy_fo_anil_step(B, w, X, y, m_in, alpha, beta, steps):
+    """FO-ANIL (spec section 3) on tasks (X_i, y_i) split at m_in, one task at a time."""
+    n = X.shape[0]
+    grad_B, grad_w = np.zeros_like(B), np.zeros_like(w)
+    for i in range(n):
+        X_in, y_in, X_out, y_out = X[i, :m_in], y[i, :m_in], X[i, m_in:], y[i, m_in:]
+        w_i = w.copy()
+        for _ in range(steps):
+            w_i = w_i - alpha * B.T @ X_in.T @ (X_in @ B @ w_i - y_in) / m_in
+        v = X_out.T @ (X_out @ B @ w_i - y_out) / len(y_out)
+        grad_B += np.outer(v, w_i)
+        grad_w += B.T @ v
+    return B - beta * grad_B / n, w - beta * grad_w / n
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("with_truth", [True, False])
+def test_one_step_on_a_given_pool_and_init_matches_numpy(tmp_path, inner_steps, with_truth):
+    pool = pool_file(tmp_path, n=30, m=8, d=6, **({} if with_truth else {"B_star": None,
+                                                                         "heads": None}))
+    init = init_file(tmp_path, d=6, width=4)
+    out = tmp_path / "out"
+    result = invoke("run", "quick", "--set", f"tasks.from={pool}", "--set",
+                    f"model.init_from={init}", *POOL, "--set", "train.steps=1", "--set",
+                    "method.inner_lr=0.3", "--set", "method.outer_lr=0.7", "--set",
+                    f"method.inner_steps={inner_steps}", "--set", "eval.n_tasks=20",
+                    "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    with np.load(pool) as p, np.load(init) as i:
+        expected_B, expected_w = numpy_fo_anil_step(i["B"], i["w"], p["X"], p["y"], 5, 0.3, 0.7,
+                                                    inner_steps)
+    with np.load(out / "params.npz") as params:
+        np.testing.assert_allclose(params["B"], expected_B, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(params["w"], expected_w, rtol=0, atol=1e-10)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["problem"]["d"] == 6 and resolved["tasks"]["n"] == 30
+    assert resolved["model"]["width"] == 4
+    if with_truth:
+        assert resolved["problem"]["k"] == 2
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["step"].tolist() == [0, 1]
+    assert metrics["perp_norm"].notna().all() == with_truth
+    assert (out / "eval.csv").is_file() == with_truth
+    with np.load(out / "params.npz") as params:
+        assert ("B_star" in params.files) == with_truth

@@ -1,0 +1,418 @@
+"""Every method's linear fast path against independent computations.
+
+References written here, independently of :mod:`metarep.algorithms`:
+- a plain per-task Python loop with explicit matrices, whose second-order terms are
+  propagated in *forward* mode (Jacobians of the adapted parameters with respect to all of
+  ``(B, w)``, one direction at a time), while the library uses reverse mode;
+- central finite differences of each method's outer objective;
+- torch autodiff (``torch.func.grad`` through ``vmap`` over tasks), when torch is installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from metarep.algorithms import MTL, MTLState, make_method, meta_gradient
+from metarep.cli import app
+from metarep.config import METHOD_NAMES, ConfigError, load_config
+from metarep.experiments import run
+from metarep.models import LinearParams
+from metarep.tasks import TaskBatch
+
+ALPHA, BETA = 0.3, 0.7
+N, M_IN, M_OUT, D, WIDTH = 5, 4, 3, 5, 3
+INNER_METHODS = ("fo-anil", "anil", "fo-maml", "maml")
+
+
+def _problem(seed: int = 0) -> tuple[TaskBatch, LinearParams]:
+    rng = np.random.default_rng(np.random.SeedSequence(seed))
+    X = rng.standard_normal((N, M_IN + M_OUT, D))
+    y = rng.standard_normal((N, M_IN + M_OUT))
+    batch = TaskBatch(X[:, :M_IN], y[:, :M_IN], X[:, M_IN:], y[:, M_IN:])
+    params = LinearParams(0.5 * rng.standard_normal((D, WIDTH)), 0.5 * rng.standard_normal(WIDTH))
+    return batch, params
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _task_loss(B, w, X, y) -> float:
+    r = X @ B @ w - y
+    return float(r @ r) / (2 * len(y))
+
+
+def _adapt(B, w, X, y, alpha, steps, body):
+    """One task's inner loop with explicit matrices; returns the adapted ``(B_s, w_s)``."""
+    for _ in range(steps):
+        u = X.T @ (X @ B @ w - y) / len(y)
+        B, w = (B - alpha * np.outer(u, w) if body else B), w - alpha * B.T @ u
+    return B, w
+
+
+def reference_step(name, params, batch, alpha, beta, steps, heads=None):
+    """One outer step of ``name``, task by task; returns ``(B, w, heads or None, loss)``.
+
+    Second-order methods carry the Jacobians ``dB_s/dtheta`` and ``dw_s/dtheta`` (forward
+    mode, one direction ``p`` of ``theta = (vec B, w)`` at a time)."""
+    B, w = params
+    d, k = B.shape
+    n = len(batch.X_in)
+    if name == "mtl":
+        X = np.concatenate([batch.X_in, batch.X_out], axis=1)
+        y = np.concatenate([batch.y_in, batch.y_out], axis=1)
+        grad_B, new_heads, losses = np.zeros_like(B), heads.copy(), []
+        for i in range(n):
+            v = X[i].T @ (X[i] @ B @ heads[i] - y[i]) / X.shape[1]
+            grad_B += np.outer(v, heads[i]) / n
+            new_heads[i] = heads[i] - beta * B.T @ v
+            losses.append(_task_loss(B, heads[i], X[i], y[i]))
+        return B - beta * grad_B, w, new_heads, float(np.mean(losses))
+    body = name.endswith("maml")
+    second_order = not name.startswith("fo-")
+    n_params = d * k + k
+    grad = np.zeros(n_params)
+    losses = []
+    for i in range(n):
+        Xi, yi, Xo, yo = batch.X_in[i], batch.y_in[i], batch.X_out[i], batch.y_out[i]
+        B_s, w_s = _adapt(B, w, Xi, yi, alpha, steps, body)
+        v = Xo.T @ (Xo @ B_s @ w_s - yo) / len(yo)
+        losses.append(_task_loss(B_s, w_s, Xo, yo))
+        if not second_order:
+            grad += np.concatenate([np.outer(v, w_s).ravel(), B_s.T @ v])
+            continue
+        S, b = Xi.T @ Xi / len(yi), Xi.T @ yi / len(yi)
+        for p in range(n_params):
+            direction = np.eye(n_params)[p]
+            dB, dw = direction[: d * k].reshape(d, k), direction[d * k:]
+            Bj, wj = B.copy(), w.copy()
+            for _ in range(steps):  # simultaneous updates of (B_j, w_j) and their derivatives
+                u = S @ Bj @ wj - b
+                du = S @ (dB @ wj + Bj @ dw)
+                new_w, new_dw = wj - alpha * Bj.T @ u, dw - alpha * (dB.T @ u + Bj.T @ du)
+                if body:
+                    Bj, dB = (Bj - alpha * np.outer(u, wj),
+                              dB - alpha * (np.outer(du, wj) + np.outer(u, dw)))
+                wj, dw = new_w, new_dw
+            grad[p] += np.sum(np.outer(v, w_s) * dB) + (B_s.T @ v) @ dw
+    grad /= n
+    return (B - beta * grad[: d * k].reshape(d, k), w - beta * grad[d * k:], None,
+            float(np.mean(losses)))
+
+
+def central_differences(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """``grad f(x)`` by central differences, entry by entry."""
+    out = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[index] = eps
+        out[index] = (f(x + step) - f(x - step)) / (2 * eps)
+    return out
+
+
+def outer_objective(name, params, batch, alpha, steps):
+    """The function of ``theta = (vec B, w)`` whose gradient the method's outer step takes.
+
+    ANIL / MAML: ``mean_i L(adapted_i(B, w); out)``. First-order methods hold the inner loop's
+    change fixed at the current parameters: ``mean_i L(B_i + (B' - B), w_i + (w' - w); out)``.
+    """
+    B, w = params
+    d, k = B.shape
+    body = name.endswith("maml")
+    adapted = [_adapt(B, w, batch.X_in[i], batch.y_in[i], alpha, steps, body)
+               for i in range(len(batch.X_in))]
+
+    def objective(theta):
+        B2, w2 = theta[: d * k].reshape(d, k), theta[d * k:]
+        total = 0.0
+        for i, (B_s, w_s) in enumerate(adapted):
+            if name.startswith("fo-"):
+                B_i, w_i = B_s + (B2 - B), w_s + (w2 - w)
+            else:
+                B_i, w_i = _adapt(B2, w2, batch.X_in[i], batch.y_in[i], alpha, steps, body)
+            total += _task_loss(B_i, w_i, batch.X_out[i], batch.y_out[i])
+        return total / len(adapted)
+
+    return objective, np.concatenate([B.ravel(), w])
+
+
+def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# ----------------------------------------------------------------------------- fast path
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("name", INNER_METHODS)
+def test_inner_loop_methods_match_per_task_loop(name, steps):
+    batch, params = _problem()
+    new, loss = make_method(name, ALPHA, BETA, steps).step(params, batch)
+    B, w, _, ref_loss = reference_step(name, params, batch, ALPHA, BETA, steps)
+    np.testing.assert_allclose(new.B, B, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.w, w, rtol=0, atol=1e-12)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("name", INNER_METHODS)
+def test_inner_loop_methods_match_finite_differences(name, steps):
+    batch, params = _problem(1)
+    new, loss = make_method(name, ALPHA, BETA, steps).step(params, batch)
+    objective, theta = outer_objective(name, params, batch, ALPHA, steps)
+    fd = central_differences(objective, theta)
+    grad = np.concatenate([(params.B - new.B).ravel(), params.w - new.w]) / BETA
+    assert _relative_error(grad, fd) < 1e-6
+    assert loss == pytest.approx(objective(theta), rel=1e-12)
+
+
+def test_second_order_terms_matter():
+    """The exact methods differ from their first-order versions (the test can fail)."""
+    batch, params = _problem()
+    for exact, first in (("anil", "fo-anil"), ("maml", "fo-maml")):
+        a = make_method(exact, ALPHA, BETA, 1).step(params, batch)[0]
+        b = make_method(first, ALPHA, BETA, 1).step(params, batch)[0]
+        assert np.max(np.abs(a.B - b.B)) > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("body", [False, True])
+def test_meta_gradient_matches_torch_autodiff(body, steps):
+    torch = pytest.importorskip("torch")
+    from torch.func import grad, vmap
+
+    batch, params = _problem(2)
+    tensors = [torch.as_tensor(a) for a in (batch.X_in, batch.y_in, batch.X_out, batch.y_out)]
+
+    def task_loss(B, w, X_in, y_in, X_out, y_out):
+        def inner(B, w):
+            return ((X_in @ B @ w - y_in) ** 2).sum() / (2 * y_in.shape[0])
+
+        for _ in range(steps):
+            g_B, g_w = grad(inner, argnums=(0, 1))(B, w)
+            B, w = (B - ALPHA * g_B if body else B), w - ALPHA * g_w
+        return ((X_out @ B @ w - y_out) ** 2).sum() / (2 * y_out.shape[0])
+
+    def meta_loss(B, w):
+        return vmap(task_loss, in_dims=(None, None, 0, 0, 0, 0))(B, w, *tensors).mean()
+
+    expected = grad(meta_loss, argnums=(0, 1))(torch.as_tensor(params.B), torch.as_tensor(params.w))
+    grad_B, grad_w, _ = meta_gradient(params.B, params.w, batch, ALPHA, steps, adapt_body=body,
+                                      second_order=True)
+    np.testing.assert_allclose(grad_B, expected[0].numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(grad_w, expected[1].numpy(), rtol=0, atol=1e-12)
+
+
+def _mtl_state(params: LinearParams, seed: int = 3) -> MTLState:
+    heads = np.random.default_rng(seed).standard_normal((N, WIDTH))
+    return MTLState(params.B, params.w, heads)
+
+
+def test_mtl_matches_per_task_loop_and_finite_differences():
+    batch, params = _problem()
+    state = _mtl_state(params)
+    new, loss = MTL(BETA).step(state, batch)
+    B, _, heads, ref_loss = reference_step("mtl", params, batch, ALPHA, BETA, 1, state.heads)
+    np.testing.assert_allclose(new.B, B, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.heads, heads, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(new.w, params.w)
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+
+    X, y = batch.full()
+
+    def objective(theta):  # mean_i L(B, w_i; X_i, y_i) over all rows
+        B2 = theta[: D * WIDTH].reshape(D, WIDTH)
+        H = theta[D * WIDTH:].reshape(N, WIDTH)
+        return np.mean([_task_loss(B2, H[i], X[i], y[i]) for i in range(N)])
+
+    fd = central_differences(objective, np.concatenate([state.B.ravel(), state.heads.ravel()]))
+    grad_B = (state.B - new.B).ravel() / BETA
+    grad_heads = (state.heads - new.heads).ravel() / BETA  # each head on its own task's loss
+    assert _relative_error(grad_B, fd[: D * WIDTH]) < 1e-6
+    assert _relative_error(grad_heads, N * fd[D * WIDTH:]) < 1e-6
+
+
+def test_mtl_updates_only_the_sampled_heads():
+    batch, params = _problem()
+    state = _mtl_state(params)
+    chosen = np.array([3, 1])
+    new, loss = MTL(BETA).step(state, batch.take(chosen))
+    B, _, heads, ref_loss = reference_step("mtl", params, batch.take(chosen), ALPHA, BETA, 1,
+                                           state.heads[chosen])
+    np.testing.assert_allclose(new.B, B, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.heads[chosen], heads, rtol=0, atol=1e-12)
+    others = np.setdiff1d(np.arange(N), chosen)
+    np.testing.assert_array_equal(new.heads[others], state.heads[others])
+    assert loss == pytest.approx(ref_loss, rel=1e-12)
+    with pytest.raises(ValueError, match="without indices"):
+        MTL(BETA).step(state, TaskBatch(batch.X_in[:2], batch.y_in[:2], batch.X_out[:2],
+                                        batch.y_out[:2]))
+
+
+def test_mtl_starts_every_head_at_the_model_head():
+    _, params = _problem()
+    state = make_method("mtl", ALPHA, BETA, 1).init_state(params, 4)
+    np.testing.assert_array_equal(state.heads, np.tile(params.w, (4, 1)))
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_float32_steps_stay_float32_and_close(name):
+    batch, params = _problem()
+    method = make_method(name, ALPHA, BETA, 2)
+    state64 = method.init_state(params, N)
+    state32 = method.init_state(params.astype("float32"), N)
+    new64, loss64 = method.step(state64, batch)
+    new32, loss32 = method.step(state32, batch.astype("float32"))
+    for a, b in zip(new32, new64, strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _write_inputs(tmp_path):
+    batch, params = _problem(4)
+    X, y = batch.full()
+    np.savez(tmp_path / "pool.npz", X=X, y=y)
+    np.savez(tmp_path / "init.npz", B=params.B, w=params.w)
+    return batch, params
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_cli_step_matches_independent_implementation(tmp_path, name, steps):
+    batch, params = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    settings = {
+        "tasks.from": tmp_path / "pool.npz", "model.init_from": tmp_path / "init.npz",
+        "tasks.m_in": M_IN, "tasks.m_out": M_OUT, "method.name": name,
+        "method.inner_lr": ALPHA, "method.outer_lr": BETA, "method.inner_steps": steps,
+        "train.steps": 1,
+    }
+    args = ["run", "quick", "--out", str(out), "--no-progress"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    heads = np.tile(params.w, (N, 1)) if name == "mtl" else None
+    B, w, new_heads, _ = reference_step(name, params, batch, ALPHA, BETA, steps, heads)
+    with np.load(out / "params.npz") as saved:
+        np.testing.assert_allclose(saved["B"], B, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(saved["w"], w, rtol=0, atol=1e-9)
+        assert ("heads" in saved.files) == (name == "mtl")
+        if name == "mtl":
+            np.testing.assert_allclose(saved["heads"], new_heads, rtol=0, atol=1e-9)
+
+
+def _tiny(**overrides):
+    settings = {"problem.d": 6, "problem.k": 2, "tasks.n": 12, "tasks.m_in": 5,
+                "tasks.m_out": 5, "model.width": 4, "model.init_scale": 0.3,
+                "method.inner_lr": 0.2, "method.outer_lr": 0.05, "train.steps": 6,
+                "train.record_every": 2, "eval.shots": [4, 8], "eval.n_tasks": 20}
+    settings.update(overrides)
+    return load_config("quick", settings)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_each_method_runs_end_to_end(tmp_path, name, dtype):
+    result = run(_tiny(**{"method.name": name, "train.dtype": dtype,
+                          "method.inner_steps": 2}), tmp_path, progress=False)
+    assert result.status == "done"
+    assert list(result.metrics["step"]) == [0, 2, 4, 6]
+    assert np.all(np.isfinite(result.metrics["train_loss"]))
+    methods = {row.method for row in result.eval_rows}
+    expected = {name, "oracle", "regression"} | ({"mtl-lsq"} if name == "mtl" else set())
+    assert methods == expected
+    with np.load(tmp_path / "params.npz") as saved:
+        assert saved["B"].dtype == np.dtype(dtype)
+        assert saved["B"].shape == (6, 4)
+        if name == "mtl":
+            assert saved["heads"].shape == (12, 4)
+
+
+def test_mtl_with_sampled_tasks_and_resume(tmp_path, monkeypatch):
+    """A run interrupted after a checkpoint and resumed ends where an uninterrupted one does
+    (the per-task heads travel through the checkpoint)."""
+    import metarep.experiments as experiments
+
+    config = _tiny(**{"method.name": "mtl", "train.tasks_per_step": 5, "train.record_every": 1})
+    full = run(config, tmp_path / "full", progress=False)
+    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
+
+    class Interrupted(Exception):
+        pass
+
+    real_source = experiments.batch_source
+
+    def interrupted_source(setup):
+        batches = real_source(setup)
+
+        def source(t):
+            if t == 3:
+                raise Interrupted
+            return batches(t)
+
+        return source
+
+    monkeypatch.setattr(experiments, "batch_source", interrupted_source)
+    with pytest.raises(Interrupted):
+        run(config, tmp_path / "resumed", progress=False)
+    with np.load(tmp_path / "resumed" / "checkpoint.npz") as checkpoint:
+        assert int(checkpoint["step"]) == 2 and checkpoint["heads"].shape == (12, 4)
+    monkeypatch.setattr(experiments, "batch_source", real_source)
+    resumed = run(config, tmp_path / "resumed", progress=False, resume=True)
+    with np.load(tmp_path / "full" / "params.npz") as a, \
+            np.load(tmp_path / "resumed" / "params.npz") as b:
+        for key in ("B", "w", "heads"):
+            np.testing.assert_array_equal(a[key], b[key])
+    assert resumed.metrics.equals(full.metrics)
+
+
+def test_mtl_rejects_online_tasks():
+    with pytest.raises(ConfigError) as error:
+        load_config("quick", {"method.name": "mtl", "tasks.n": "online",
+                              "train.tasks_per_step": 4})
+    assert error.value.key == "tasks.n"
+
+
+# ----------------------------------------------------------------------------- test time
+
+
+def test_feature_least_squares_matches_full_dimensional_simulation():
+    """The reduced-coordinate ``mtl-lsq`` risk agrees (z-test) with least squares on ``X B``
+    simulated with full d-dimensional inputs."""
+    from metarep.evaluation import baseline_penalty, feature_least_squares_risks, fit_least_squares
+    from metarep.tasks import make_problem, sample_heads
+
+    d, k, width, n = 8, 2, 3, 4000
+    problem = make_problem(d, k, 0.5, "linear", np.random.default_rng(0))
+    B = np.random.default_rng(1).standard_normal((d, width))
+    for m in (3, 8):  # ridge (m < k' + 2) and least squares
+        reduced = feature_least_squares_risks(B, problem, m, n, np.random.default_rng(2))
+        rng = np.random.default_rng(3)
+        beta = sample_heads(problem, n, rng) @ problem.B_star.T
+        X = rng.standard_normal((n, m, d))
+        y = np.einsum("nmd,nd->nm", X, beta) + rng.standard_normal((n, m)) * np.sqrt(0.5)
+        fitted = fit_least_squares(X @ B, y, baseline_penalty(m, width, problem))
+        direct = np.sum((fitted @ B.T - beta) ** 2, axis=1)
+        stderr = np.hypot(reduced.std(ddof=1), direct.std(ddof=1)) / np.sqrt(n)
+        assert abs(reduced.mean() - direct.mean()) < 4 * stderr
+
+
+def test_mtl_is_evaluated_from_a_zero_head_with_a_feature_row():
+    from metarep.evaluation import evaluate
+    from metarep.experiments import evaluate_state, prepare
+
+    setup = prepare(_tiny(**{"method.name": "mtl"}))
+    B = setup.params.B
+    state = MTLState(B, np.ones(B.shape[1]), np.zeros((12, B.shape[1])))
+    rows = evaluate_state(setup, state)
+    e = setup.config.eval
+    expected = evaluate(LinearParams(B, np.zeros(B.shape[1])), setup.problem, "mtl", e.shots,
+                        e.n_tasks, setup.config.method.inner_lr, e.adapt_steps, e.seed)
+    assert [r for r in rows if r.method != "mtl-lsq"] == expected
+    assert [r.shots for r in rows if r.method == "mtl-lsq"] == list(e.shots)

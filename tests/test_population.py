@@ -1,0 +1,471 @@
+"""Exact infinite-task dynamics (metarep.population) against independent computations:
+Monte Carlo over >= 1e5 fresh tasks (z-test on every entry), a naive d-dimensional recursion,
+the measures of metarep.metrics on the reconstructed B, finite pools of growing size, and the
+predicted limits and decay rates; plus batching, divergence and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+from zstats import assert_z, max_abs_z
+
+from metarep import population as pop
+from metarep.algorithms import FOANIL, FOMAML
+from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
+from metarep.config import dump_yaml, load_config
+from metarep.experiments import seed_rng
+from metarep.metrics import measure
+from metarep.models import LinearParams, init_linear
+from metarep.storage import write_npz
+from metarep.tasks import Problem, make_problem, sample_tasks
+from metarep.theory import lambda_star
+
+RUNNER = CliRunner()
+
+
+def problem_of(d: int, k: int, noise_var: float, seed: int = 0, full_cov: bool = False) -> Problem:
+    """A random B_star with Sigma_star ~ diag(1..k), or (``full_cov``) a random non-diagonal
+    symmetric positive definite Sigma_star."""
+    rng = np.random.default_rng(seed)
+    problem = make_problem(d, k, noise_var, "linear", rng)
+    if not full_cov:
+        return problem
+    root = rng.standard_normal((k, k))
+    return Problem(problem.B_star, root @ root.T / k + 0.2 * np.eye(k), noise_var)
+
+
+def random_params(d: int, width: int, seed: int, scale: float = 0.5,
+                  head: float = 0.5) -> LinearParams:
+    rng = np.random.default_rng(seed)
+    return LinearParams(scale * rng.standard_normal((d, width)),
+                        head * rng.standard_normal(width))
+
+
+def naive_step(params: LinearParams, problem: Problem, alpha: float, beta: float,
+               m: float) -> tuple[LinearParams, float]:
+    """The expected FO-ANIL step written in R^d with Q in its expanded form (docs)."""
+    B, w = params
+    inv_m = 0.0 if math.isinf(m) else 1.0 / m
+    Sigma, B_star = problem.Sigma_star, problem.B_star
+    N, C, ww = B.T @ B, B_star.T @ B, np.outer(w, w)
+    trace = np.trace(Sigma)
+    Q = (ww - alpha * (ww @ N + N @ ww)
+         + alpha**2 * ((1 + inv_m) * (N @ ww @ N + C.T @ Sigma @ C)
+                       + inv_m * (w @ N @ w + trace + problem.noise_var) * N))
+    loss = 0.5 * (np.trace(N @ Q) - 2 * alpha * np.trace(Sigma @ C @ C.T) + trace
+                  + problem.noise_var)
+    new = LinearParams(B - beta * (B @ Q - alpha * B_star @ Sigma @ C),
+                       w - beta * N @ (w - alpha * N @ w))
+    return new, float(loss)
+
+
+def exact_trajectory(params: LinearParams, problem: Problem, alpha: float, beta: float,
+                     m_in: float, steps: int) -> tuple[list[LinearParams], list[float]]:
+    frame, state = pop.coordinates(problem.B_star, params.B, params.w)
+    dynamics = pop.ExactFOANIL(problem.Sigma_star, alpha, beta, m_in, problem.noise_var,
+                               state.H.shape)
+    path, losses = [frame.params(state)], []
+    for _ in range(steps):
+        state, loss = dynamics.step(state)
+        path.append(frame.params(state))
+        losses.append(float(loss[0]))
+    return path, losses
+
+
+# ----------------------------------------------------------------------------- Monte Carlo
+
+
+SHAPES = [  # d, k, k', m_in, m_out: k' < d, and k' > d (the right basis V is a reduction)
+    (8, 2, 5, 3, 1),
+    (4, 2, 7, 2, 6),
+]
+
+
+@pytest.mark.parametrize(("d", "k", "width", "m_in", "m_out"), SHAPES)
+def test_expected_fo_anil_update_matches_monte_carlo(d, k, width, m_in, m_out):
+    """Every entry of (E[B+] - B, E[w+] - w) and the loss, against 1e5 fresh tasks; m_out = 1
+    and 6 give the same expectation (m_out drops out). Dropping the 1/m_in terms is caught."""
+    problem = problem_of(d, k, noise_var=0.7, full_cov=True)
+    params = random_params(d, width, seed=1)
+    alpha, beta = 0.3, 1.0
+    exact, loss = pop.expected_update(params, problem, alpha, beta, m_in)
+    mc = pop.monte_carlo_update(FOANIL(alpha, beta), params, problem, m_in, m_out, 100_000,
+                                np.random.default_rng(2), tasks_per_batch=250)
+    assert mc.n_batches * mc.tasks_per_batch == 100_000
+    assert_z(np.r_[mc.mean.B.ravel(), mc.mean.w, mc.loss],
+             np.r_[mc.stderr.B.ravel(), mc.stderr.w, mc.loss_stderr],
+             np.r_[exact.B.ravel(), exact.w, loss], "FO-ANIL expected update")
+    wrong, _ = pop.expected_update(params, problem, alpha, beta, math.inf)
+    worst, bound = max_abs_z(np.r_[mc.mean.B.ravel(), mc.mean.w],
+                             np.r_[mc.stderr.B.ravel(), mc.stderr.w],
+                             np.r_[wrong.B.ravel(), wrong.w])
+    assert worst > 2 * bound, "the z-test cannot tell m_in from infinity"
+
+
+def test_fo_maml_from_zero_head_is_fo_anil():
+    """At w = 0 the exact FO-ANIL update is FO-MAML's expected update (Monte Carlo)."""
+    problem = problem_of(7, 2, noise_var=0.5)
+    params = random_params(7, 4, seed=3, head=0.0)
+    exact, loss = pop.expected_update(params, problem, 0.4, 1.0, 3)
+    assert np.all(exact.w == 0)
+    mc = pop.monte_carlo_update(FOMAML(0.4, 1.0), params, problem, 3, 2, 100_000,
+                                np.random.default_rng(4), tasks_per_batch=250)
+    assert_z(mc.mean.B, mc.stderr.B, exact.B, "FO-MAML body update at w = 0")
+    assert np.max(np.abs(mc.mean.w)) < 6 * np.max(mc.stderr.w)  # E[dw] = 0
+    assert_z(mc.loss, mc.loss_stderr, loss, "FO-MAML loss at w = 0")
+
+
+def test_monte_carlo_update_needs_two_batches():
+    problem = problem_of(4, 1, 0.1)
+    with pytest.raises(ValueError, match="at least 2 batches"):
+        pop.monte_carlo_update(FOANIL(0.1, 0.1), random_params(4, 2, 0), problem, 2, 2, 150,
+                               np.random.default_rng(0), tasks_per_batch=100)
+
+
+# ----------------------------------------------------------------------------- exact algebra
+
+
+@pytest.mark.parametrize("m_in", [3, math.inf])
+@pytest.mark.parametrize(("d", "k", "width"), [(9, 3, 5), (5, 2, 8), (4, 4, 3)])
+def test_coordinates_follow_the_naive_recursion_in_d_dimensions(d, k, width, m_in):
+    """30 steps in (H, omega) coordinates, reconstructed, equal the d-dimensional recursion
+    with Q in expanded form; so do the losses. Covers k' < d, k' > d and d = k."""
+    problem = problem_of(d, k, noise_var=0.3, full_cov=True)
+    params = random_params(d, width, seed=5, scale=0.4, head=0.3)
+    path, losses = exact_trajectory(params, problem, 0.5, 0.3, m_in, 30)
+    naive = params
+    for t in range(30):
+        naive, loss = naive_step(naive, problem, 0.5, 0.3, m_in)
+        assert losses[t] == pytest.approx(loss, rel=1e-10)
+    np.testing.assert_allclose(path[-1].B, naive.B, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(path[-1].w, naive.w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("d", "k", "width"), [(12, 3, 5), (5, 2, 9)])
+def test_measures_from_coordinates_equal_measures_of_the_reconstructed_B(d, k, width):
+    problem = problem_of(d, k, noise_var=0.3)
+    params = random_params(d, width, seed=6)
+    frame, state = pop.coordinates(problem.B_star, params.B, params.w)
+    dynamics = pop.ExactFOANIL(problem.Sigma_star, 0.5, 0.2, 4, 0.3, state.H.shape)
+    for _ in range(7):
+        state, _ = dynamics.step(state)
+    Lambda = pop.lambda_stars(dynamics)
+    ours = pop.measures(state, problem.Sigma_star, Lambda)[0]
+    theirs = measure(frame.params(state), problem, Lambda[0])
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    again = frame.state([frame.params(state)])
+    np.testing.assert_allclose(again.H, state.H, atol=1e-12)
+    np.testing.assert_allclose(again.omega, state.omega, atol=1e-12)
+
+
+def test_cost_and_results_do_not_depend_on_d():
+    """The same coordinates embedded in d = 40 and d = 100,000 give the same state sizes and
+    the same trajectory; the state is (k + k') x k' however large d is."""
+    k, width = 2, 6
+    rng = np.random.default_rng(7)
+    block = rng.standard_normal((k + width, width)) * 0.5
+    results = []
+    for d in (40, 100_000):
+        B_star = np.eye(d, k)
+        B0 = np.zeros((d, width))
+        B0[: k + width] = block
+        frame, state = pop.coordinates(B_star, B0)
+        assert state.H.shape == (1, k + width, width) and frame.V.shape == (1, width, width)
+        dynamics = pop.ExactFOANIL(np.diag([1.0, 2.0]), 0.5, 0.3, 5, 0.2, state.H.shape)
+        Lambda = pop.lambda_stars(dynamics)
+        for _ in range(50):
+            state, loss = dynamics.step(state)
+        results.append((float(loss[0]), pop.measures(state, np.diag([1.0, 2.0]), Lambda)[0]))
+    (loss_a, measures_a), (loss_b, measures_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    for key in measures_a:
+        assert measures_a[key] == pytest.approx(measures_b[key], rel=1e-9, abs=1e-12), key
+
+
+def test_step_never_writes_the_state_it_reads():
+    problem = problem_of(6, 2, 0.2)
+    _, state = pop.coordinates(problem.B_star, random_params(6, 4, 8).B)
+    dynamics = pop.ExactFOANIL(problem.Sigma_star, 0.5, 0.3, 4, 0.2, state.H.shape)
+    first, _ = dynamics.step(state)
+    kept = first.H.copy()
+    second, _ = dynamics.step(first)
+    assert second.H is not first.H
+    np.testing.assert_array_equal(first.H, kept)  # valid until the next-but-one call
+    loss = dynamics.expected_loss(second)
+    np.testing.assert_array_equal(dynamics.step(second)[1], loss)
+
+
+# ----------------------------------------------------------------------------- finite pools
+
+
+def test_finite_pool_trajectory_approaches_the_infinite_one_like_inverse_sqrt_n():
+    """||(B_T, w_T) - exact|| after 10 full-batch steps on a pool of N tasks, averaged over 16
+    pools per N: the log-log slope in N is -1/2 within 3 standard errors (+ 0.05 for the
+    O(1/N) corrections)."""
+    problem = problem_of(6, 2, noise_var=0.5)
+    params = random_params(6, 4, seed=9, scale=0.5, head=0.3)
+    alpha, beta, m_in, m_out, steps = 0.5, 0.3, 4, 4, 10
+    exact = exact_trajectory(params, problem, alpha, beta, m_in, steps)[0][-1]
+    method, sizes, repeats = FOANIL(alpha, beta), np.array([200, 800, 3200, 12800]), 16
+    means, errors = [], []
+    for n in sizes:
+        gaps = []
+        for r in range(repeats):
+            pool = sample_tasks(problem, int(n), m_in, m_out, np.random.default_rng([n, r]))
+            state = params
+            for _ in range(steps):
+                state, _ = method.step(state, pool)
+            gaps.append(np.sqrt(np.sum((state.B - exact.B) ** 2)
+                                + np.sum((state.w - exact.w) ** 2)))
+        means.append(np.mean(gaps))
+        errors.append(np.std(gaps, ddof=1) / np.sqrt(repeats) / np.mean(gaps))
+    x, y, weights = np.log(sizes), np.log(means), 1 / np.square(errors)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    covariance = np.linalg.inv(design.T @ (weights[:, None] * design))
+    slope = (covariance @ design.T @ (weights * y))[1]
+    assert abs(slope + 0.5) <= 3 * np.sqrt(covariance[1, 1]) + 0.05, (slope, means)
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_lambda_star_reached_to_1e_8_in_a_paper_like_setting():
+    """d = k' = 50, k = 5, m_in = 20, sigma^2 = 4, Sigma_star ~ diag(1..5), the built-in paper
+    step sizes: C C^T reaches the closed form Lambda_star (written out here) within 1e-8."""
+    problem = problem_of(50, 5, noise_var=4.0)
+    B0 = init_linear(50, 50, 1.0, np.random.default_rng(2)).B
+    _, state = pop.coordinates(problem.B_star, B0)
+    dynamics = pop.ExactFOANIL(problem.Sigma_star, 1.0, 0.5, 20, 4.0, state.H.shape)
+    for _ in range(500):
+        state, _ = dynamics.step(state, with_loss=False)
+    C = state.H[0, :5]
+    s = np.diag(problem.Sigma_star)
+    expected = np.diag(s / (1.0 * ((1 + 1 / 20) * s + (s.sum() + 4.0) / 20)))
+    assert np.linalg.norm(C @ C.T - expected, 2) <= 1e-8
+    Lambda = pop.lambda_stars(dynamics)
+    np.testing.assert_allclose(Lambda[0], expected, rtol=1e-12)
+    assert pop.measures(state, problem.Sigma_star, Lambda)[0]["lambda_err"] <= 1e-8
+
+
+def test_undriven_directions_keep_their_size_with_infinite_m_in_and_shrink_otherwise():
+    """From w_0 = 0, ||B_perp^T B_t P|| (P: kernel of C_0) is conserved for m_in = inf and
+    perp_norm converges to it; for m_in = 5 it decays like (2 beta alpha^2 c t)^{-1/2},
+    c = (tr Sigma + sigma^2) / m_in (the scalar ODE x' = -beta alpha^2 c x^3 per direction)."""
+    problem = problem_of(10, 2, noise_var=0.5)
+    B0 = init_linear(10, 6, 1.0, np.random.default_rng(1)).B
+    alpha, beta = 0.5, 0.5
+    for m_in in (math.inf, 5):
+        _, state = pop.coordinates(problem.B_star, B0)
+        _, _, Vt = np.linalg.svd(state.H[0, :2])
+        kernel = np.eye(6) - Vt[:2].T @ Vt[:2]
+        initial = np.linalg.norm(state.H[0, 2:] @ kernel, 2)
+        predicted = pop.undriven_perp_norm(state, 2)[0]
+        assert predicted == pytest.approx(initial, rel=1e-12) and initial > 0.3
+        dynamics = pop.ExactFOANIL(problem.Sigma_star, alpha, beta, m_in, 0.5, state.H.shape)
+        Lambda = pop.lambda_stars(dynamics)
+        for _ in range(20_000):
+            state, _ = dynamics.step(state, with_loss=False)
+        kept = np.linalg.norm(state.H[0, 2:] @ kernel, 2)
+        perp = pop.measures(state, problem.Sigma_star, Lambda)[0]["perp_norm"]
+        if math.isinf(m_in):
+            assert kept == pytest.approx(initial, rel=1e-10)
+            assert perp == pytest.approx(predicted, rel=1e-8)
+        else:
+            c = (np.trace(problem.Sigma_star) + 0.5) / m_in
+            assert kept < 0.05 * initial
+            assert perp * np.sqrt(2 * beta * alpha**2 * c * 20_000) == pytest.approx(1, abs=0.01)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+CONFIGS = pd.DataFrame({"inner_lr": [0.5, 0.3, 0.5, 0.4], "outer_lr": [0.3, 0.5, 0.2, 0.3],
+                        "m_in": [4, math.inf, 10, 2], "noise_var": [0.5, 0.0, 1.0, 0.2],
+                        "seed": [0, 1, 2, 0]})
+
+
+def test_simulate_batch_equals_one_configuration_at_a_time():
+    problem = problem_of(9, 2, noise_var=0.5)
+    kwargs = {"width": 5, "init_scale": 1.0, "steps": 40, "record_every": 15}
+    batch = pop.simulate_batch(problem, CONFIGS, **kwargs)
+    assert list(batch["step"].unique()) == [0, 15, 30, 40]
+    assert set(batch["config"]) == {0, 1, 2, 3} and not batch["diverged"].any()
+    for i in range(len(CONFIGS)):
+        alone = pop.simulate_batch(problem, CONFIGS.iloc[[i]], **kwargs)
+        mine = batch[batch["config"] == i].drop(columns="config").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone.drop(columns="config"), rtol=1e-10)
+    first = batch[(batch["config"] == 0) & (batch["step"] == 40)].iloc[0]
+    B0 = init_linear(9, 5, 1.0, seed_rng(0)).B  # what `metarep run` draws for model.seed 0
+    path, _ = exact_trajectory(LinearParams(B0, np.zeros(5)), problem, 0.5, 0.3, 4, 40)
+    assert first["perp_norm"] == pytest.approx(
+        measure(path[-1], problem, lambda_star(problem.Sigma_star, 0.5, 4, 0.5))["perp_norm"],
+        rel=1e-9)
+
+
+def test_grid_is_the_cartesian_product():
+    frame = pop.grid(inner_lr=[0.1, 0.2], m_in=[5, math.inf], seed=[0, 1, 2])
+    assert len(frame) == 12 and list(frame.columns) == ["inner_lr", "m_in", "seed"]
+    with pytest.raises(ValueError, match="unknown grid axes"):
+        pop.grid(width=[1])
+
+
+def test_a_diverging_configuration_is_frozen_and_flagged():
+    problem = problem_of(9, 2, noise_var=0.5)
+    configs = CONFIGS.iloc[:2].assign(outer_lr=[0.3, 50.0])
+    kwargs = {"width": 5, "init_scale": 1.0, "steps": 60, "record_every": 20}
+    frame = pop.simulate_batch(problem, configs, **kwargs)
+    bad = frame[frame["config"] == 1]
+    assert bad["diverged"].iloc[-1] and np.isnan(bad["train_loss"].iloc[-1])
+    assert np.isnan(bad["perp_norm"].iloc[-1])
+    good = frame[frame["config"] == 0].drop(columns="config").reset_index(drop=True)
+    alone = pop.simulate_batch(problem, configs.iloc[[0]], **kwargs).drop(columns="config")
+    pd.testing.assert_frame_equal(good, alone, rtol=1e-10)
+
+
+def test_bad_hyper_parameters_are_rejected():
+    with pytest.raises(ValueError, match="m_in must be >= 1"):
+        pop.ExactFOANIL(np.eye(2), 0.1, 0.1, 0.5, 0.0, (1, 4, 3))
+    with pytest.raises(ValueError, match="outer_lr must be > 0"):
+        pop.ExactFOANIL(np.eye(2), 0.1, [0.1, 0.0], 5, 0.0, (2, 4, 3))
+
+
+# ----------------------------------------------------------------------------- runs and CLI
+
+
+def test_run_state_round_trips_through_arrays():
+    problem = problem_of(8, 2, 0.3)
+    init = random_params(8, 5, 10)
+    method = pop.InfiniteTaskMethod("fo-anil", problem, init, 0.5, 0.3, 4)
+    state = method.init_state(init)
+    np.testing.assert_allclose(state.B, init.B, atol=1e-12)
+    for _ in range(5):
+        state, _ = method.step(state)
+    restored = state.with_arrays(state.arrays())
+    np.testing.assert_allclose(restored.coords.H, state.coords.H, atol=1e-12)
+    np.testing.assert_allclose(restored.coords.omega, state.coords.omega, atol=1e-12)
+
+
+SMALL = ["--set", "train.steps=60", "--set", "train.record_every=20", "--set",
+         "eval.n_tasks=200", "--set", "eval.shots=[5,20]", "--no-progress"]
+
+
+def test_cli_infinite_run_writes_the_usual_outputs_with_theory(tmp_path):
+    infinite, pool = tmp_path / "infinite", tmp_path / "pool"
+    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--out",
+                                 str(infinite), *SMALL])
+    assert result.exit_code == 0, result.output
+    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=50", "--out", str(pool),
+                                 *SMALL])
+    assert result.exit_code == 0, result.output
+    metrics = pd.read_csv(infinite / "metrics.csv")
+    assert list(metrics.columns) == list(pd.read_csv(pool / "metrics.csv").columns)
+    assert list(metrics["step"]) == [0, 20, 40, 60]
+    params = np.load(infinite / "params.npz")
+    assert params["B"].shape == (20, 20) and params["w"].shape == (20,)
+    summary = json.loads((infinite / "summary.json").read_text())
+    limits = summary["theory"]["limits"]
+    assert limits["perp_norm"]["theory"] == 0.0 and limits["train_loss"]["theory"] > 0
+    assert summary["theory"]["regime"].startswith("infinitely many tasks")
+    assert [row["shots"] for row in summary["theory"]["test_risk"]] == [5, 20]
+    for run in (infinite, pool):
+        rows = pd.read_csv(run / "eval.csv")
+        assert rows[rows["method"] == "fo-anil"]["theory"].notna().all()
+    truth = Problem(params["B_star"], params["Sigma_star"], 1.0)  # the reconstructed B
+    recorded = measure(LinearParams(params["B"], params["w"]), truth,
+                       np.array(summary["theory"]["lambda_star"]))
+    for key in ("perp_norm", "subspace_dist", "lambda_err", "sv_1"):
+        assert recorded[key] == pytest.approx(metrics.iloc[-1][key], rel=1e-9, abs=1e-12)
+
+
+def test_cli_infinite_m_in_predicts_the_kept_perp_norm(tmp_path):
+    out = tmp_path / "inf"
+    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--set",
+                                 "tasks.m_in=.inf", "--out", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    limits = json.loads((out / "summary.json").read_text())["theory"]["limits"]
+    assert limits["perp_norm"]["theory"] > 0.1
+    assert limits["perp_norm"]["final"] >= limits["perp_norm"]["theory"] * (1 - 1e-9)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["tasks.m_in=inf"], "tasks.m_in"),
+    (["tasks.n=infinite", "method.name=maml"], "method.name"),
+    (["tasks.n=infinite", "train.tasks_per_step=5"], "train.tasks_per_step"),
+    (["tasks.n=infinite", "method.inner_steps=2"], "method.inner_steps"),
+    (["tasks.n=infinite", "tasks.m_in=0"], "tasks.m_in"),
+    (["tasks.n=infinite", "tasks.from=pool.npz"], "tasks.from"),
+    (["tasks.n=infinite", "model.kind=relu"], "tasks.n"),
+])
+def test_cli_rejects_bad_infinite_configs(tmp_path, overrides, key):
+    out = tmp_path / "bad"
+    args = [item for o in overrides for item in ("--set", o)]
+    result = RUNNER.invoke(app, ["run", "quick", *args, "--out", str(out), "--no-progress"])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.startswith(f"error: {key}") and not out.exists()
+
+
+def test_cli_fo_maml_infinite_needs_a_zero_head(tmp_path):
+    init = tmp_path / "init.npz"
+    write_npz(init, B=np.ones((20, 4)), w=np.ones(4))
+    out = tmp_path / "bad"
+    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--set",
+                                 "method.name=fo-maml", "--set", f"model.init_from={init}",
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.startswith("error: model.init_from") and not out.exists()
+
+
+@pytest.mark.parametrize("spelling", [".inf", "inf", "Infinity", "infinite"])
+def test_infinite_m_in_spellings_and_yaml_round_trip(spelling):
+    config = load_config("quick", ["tasks.n=infinite", f"tasks.m_in={spelling}"])
+    assert config.tasks.n == "infinite" and math.isinf(config.tasks.m_in)
+    text = dump_yaml(config)
+    assert "m_in: .inf" in text
+    assert dump_yaml(config.replace()) == text  # what --resume compares
+
+
+def test_cli_infinite_divergence_keeps_the_records(tmp_path):
+    out = tmp_path / "diverged"
+    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--set",
+                                 "method.outer_lr=50", "--out", str(out), "--no-progress"])
+    assert result.exit_code == EXIT_DIVERGED and "diverged at step" in result.stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
+    assert len(pd.read_csv(out / "metrics.csv")) >= 1
+
+
+def test_cli_infinite_resume_continues_to_the_same_result(tmp_path, monkeypatch):
+    """Interrupted after step 45 (checkpoint at the record of step 40), resumed from the
+    reconstructed B, w of the checkpoint: the same final state up to rounding."""
+    from metarep import experiments
+
+    args = ["run", "quick", "--set", "tasks.n=infinite", *SMALL]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert RUNNER.invoke(app, [*args, "--out", str(reference)]).exit_code == 0
+    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
+    original = experiments.batch_source
+
+    def interrupted(setup, stop_at=None):
+        def batch(t):
+            if t == stop_at:
+                raise KeyboardInterrupt
+            return original(setup)(t)
+        return batch
+
+    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup, 45))
+    assert RUNNER.invoke(app, [*args, "--out", str(out)]).exit_code != 0
+    with np.load(out / "checkpoint.npz") as data:
+        assert int(data["step"]) == 40
+    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup))
+    result = RUNNER.invoke(app, [*args, "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    with np.load(out / "params.npz") as resumed, np.load(reference / "params.npz") as straight:
+        np.testing.assert_allclose(resumed["B"], straight["B"], rtol=1e-9, atol=1e-12)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"),
+                                  pd.read_csv(reference / "metrics.csv"), rtol=1e-9)

@@ -1,0 +1,267 @@
+"""The torch.func engine: equal to the linear fast path, to finite differences of each method's
+outer objective, and runs ReLU networks end to end (spec section 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # two test workers share two cores
+
+from metarep import algorithms  # noqa: E402
+from metarep.config import ConfigError  # noqa: E402
+from metarep.models import LinearParams  # noqa: E402
+from metarep.networks import LinearNet, ReLUNet, init_relu  # noqa: E402
+from metarep.tasks import TaskBatch, make_problem, sample_tasks  # noqa: E402
+from metarep.torch_engine import MetaLearner, split_method_name  # noqa: E402
+
+METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
+ALPHA, BETA = 0.3, 0.2
+
+
+def small_problem(seed: int = 0, n: int = 6, d: int = 5, width: int = 4, m_in: int = 4,
+                  m_out: int = 3) -> tuple[LinearParams, TaskBatch]:
+    """A few tasks and a linear model with a non-zero head (so every gradient term acts)."""
+    rng = np.random.default_rng(seed)
+    problem = make_problem(d, 2, 0.5, "linear", rng)
+    batch = sample_tasks(problem, n, m_in, m_out, rng)
+    params = LinearParams(rng.standard_normal((d, width)) * 0.5, rng.standard_normal(width) * 0.5)
+    return params, batch
+
+
+def learner_for(name: str, module: torch.nn.Module, inner_steps: int, n_tasks: int,
+                dtype: str = "float64") -> MetaLearner:
+    method, first_order = split_method_name(name)
+    return MetaLearner(module, "w", method=method, first_order=first_order, inner_lr=ALPHA,
+                       outer_lr=BETA, inner_steps=inner_steps, n_tasks=n_tasks, dtype=dtype)
+
+
+# ----------------------------------------------------------------- the independent reference
+
+
+def task_loss(B: np.ndarray, w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+    return 0.5 * float(np.mean((X @ B @ w - y) ** 2))
+
+
+def adapt_one(B: np.ndarray, w: np.ndarray, X: np.ndarray, y: np.ndarray, steps: int,
+              adapt_body: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The inner loop of one task, written out plainly."""
+    for _ in range(steps):
+        residual = X @ B @ w - y
+        grad_B = np.outer(X.T @ residual, w) / len(y)
+        grad_w = B.T @ X.T @ residual / len(y)
+        B, w = (B - ALPHA * grad_B if adapt_body else B), w - ALPHA * grad_w
+    return B, w
+
+
+def outer_objective(name: str, params: LinearParams, batch: TaskBatch, steps: int):
+    """The method's outer objective as a function of a flat vector ``theta``, the point at which
+    its gradient is the method's update direction, and how to map that gradient to (dB, dw)."""
+    B0, w0 = params
+    d, width = B0.shape
+    tasks = range(batch.n_tasks)
+    adapt_body = "maml" in name
+    if name in ("anil", "maml"):
+        def objective(theta):
+            B, w = theta[: d * width].reshape(d, width), theta[d * width:]
+            return np.mean([task_loss(*adapt_one(B, w, batch.X_in[i], batch.y_in[i], steps,
+                                                 adapt_body), batch.X_out[i], batch.y_out[i])
+                            for i in tasks])
+        return objective, np.concatenate([B0.ravel(), w0]), lambda g: g
+    if name in ("fo-anil", "fo-maml"):
+        adapted = [adapt_one(B0, w0, batch.X_in[i], batch.y_in[i], steps, adapt_body)
+                   for i in tasks]
+
+        def objective(theta):  # the adapted parameters shifted by theta, held otherwise
+            dB, dw = theta[: d * width].reshape(d, width), theta[d * width:]
+            return np.mean([task_loss(Bi + dB, wi + dw, batch.X_out[i], batch.y_out[i])
+                            for i, (Bi, wi) in enumerate(adapted)])
+        return objective, np.zeros(d * width + width), lambda g: g
+    X, y = batch.full()
+    n = batch.n_tasks
+
+    def objective(theta):  # mtl: mean_i L(B, w_i; X_i, y_i) over (B, w_1 .. w_N)
+        B, W = theta[: d * width].reshape(d, width), theta[d * width:].reshape(n, width)
+        return np.mean([task_loss(B, W[i], X[i], y[i]) for i in tasks])
+    start = np.concatenate([B0.ravel(), np.tile(w0, n)])
+    # B steps on the mean loss; head i steps on its own loss, n times its share of the mean
+    return objective, start, lambda g: np.concatenate([g[: d * width], n * g[d * width:]])
+
+
+def central_differences(objective, theta: np.ndarray, h: float = 1e-5) -> np.ndarray:
+    gradient = np.empty_like(theta)
+    for j in range(theta.size):
+        step = np.zeros_like(theta)
+        step[j] = h
+        gradient[j] = (objective(theta + step) - objective(theta - step)) / (2 * h)
+    return gradient
+
+
+# ----------------------------------------------------------------- agreement
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_engine_equals_linear_fast_path(name, inner_steps):
+    params, batch = small_problem()
+    method = algorithms.make_method(name, ALPHA, BETA, inner_steps)
+    state = method.init_state(params, batch.n_tasks)
+    learner = learner_for(name, LinearNet(*params), inner_steps, batch.n_tasks)
+    for _ in range(3):
+        state, loss = method.step(state, batch)
+        engine_loss = learner.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out)
+        assert engine_loss == pytest.approx(loss, abs=1e-10)
+    engine = learner.state
+    np.testing.assert_allclose(engine.params["B"].numpy(), state.B, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(engine.params["w"].numpy(), state.w, rtol=0, atol=1e-10)
+    if name == "mtl":
+        np.testing.assert_allclose(engine.heads["w"].numpy(), state.heads, rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(engine.params["w"].numpy(), params.w)  # w stays w_0
+
+
+def test_mtl_sampled_tasks_equal_linear_fast_path():
+    params, pool = small_problem(n=8)
+    method = algorithms.MTL(BETA)
+    state = method.init_state(params, pool.n_tasks)
+    learner = learner_for("mtl", LinearNet(*params), 1, pool.n_tasks)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        batch = pool.take(rng.choice(pool.n_tasks, 3, replace=False))
+        state, loss = method.step(state, batch)
+        engine_loss = learner.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out,
+                                   tasks=batch.indices)
+        assert engine_loss == pytest.approx(loss, abs=1e-10)
+    np.testing.assert_allclose(learner.state.heads["w"].numpy(), state.heads, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(learner.state.params["B"].numpy(), state.B, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_engine_step_equals_finite_differences(name, inner_steps):
+    params, batch = small_problem(seed=1, n=4, d=4, width=3)
+    objective, theta, to_update = outer_objective(name, params, batch, inner_steps)
+    expected = to_update(central_differences(objective, theta))
+    learner = learner_for(name, LinearNet(*params), inner_steps, batch.n_tasks)
+    learner.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out)
+    new = learner.state
+    moved = [params.B - new.params["B"].numpy()]
+    moved.append(params.w - new.heads["w"].numpy() if name == "mtl"
+                 else params.w - new.params["w"].numpy())
+    gradient = np.concatenate([a.ravel() for a in moved]) / BETA
+    np.testing.assert_allclose(gradient, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_second_order_differs_from_first_order():
+    params, batch = small_problem()
+    steps = {}
+    for name in ("anil", "fo-anil"):
+        learner = learner_for(name, LinearNet(*params), 1, batch.n_tasks)
+        learner.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out)
+        steps[name] = learner.state.params["B"].numpy()
+    assert np.abs(steps["anil"] - steps["fo-anil"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("hidden_layers", [1, 2])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_relu_engine_float32_runs_and_lowers_the_loss(name, hidden_layers):
+    _, batch = small_problem(n=16, d=6)
+    net = init_relu(6, 8, hidden_layers, 7, 0.5, np.random.default_rng(0))
+    learner = learner_for(name, net, 2, batch.n_tasks, dtype="float32")
+    losses = [learner.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out) for _ in range(30)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(t.dtype == torch.float32 for t in learner.state.params.values())
+    assert net.W1.dtype == torch.float64  # the module itself is never modified
+
+
+# ----------------------------------------------------------------- a user-defined module
+
+
+class TwoLayer(torch.nn.Module):
+    """A module with the head as a submodule (parameters ``body.weight``, ``head.weight``)."""
+
+    def __init__(self, d: int, width: int):
+        super().__init__()
+        self.body = torch.nn.Linear(d, width, bias=False, dtype=torch.float64)
+        self.head = torch.nn.Linear(width, 1, bias=False, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.body(x))  # (m, 1)
+
+
+def test_user_module_with_head_prefix_equals_linear_net():
+    params, batch = small_problem()
+    user = TwoLayer(*params.B.shape)
+    with torch.no_grad():
+        user.body.weight.copy_(torch.as_tensor(params.B.T))
+        user.head.weight.copy_(torch.as_tensor(params.w[None, :]))
+    ours = learner_for("maml", LinearNet(*params), 2, batch.n_tasks)
+    theirs = MetaLearner(user, head="head", method="maml", inner_lr=ALPHA, outer_lr=BETA,
+                         inner_steps=2)
+    for _ in range(2):
+        expected = ours.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out)
+        assert theirs.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out) == pytest.approx(
+            expected, abs=1e-12)
+    np.testing.assert_allclose(theirs.state.params["body.weight"].numpy().T,
+                               ours.state.params["B"].numpy(), atol=1e-12)
+    assert theirs.head == ("head.weight",)
+
+
+def test_adapt_heads_matches_fast_path_adaptation():
+    params, batch = small_problem()
+    learner = learner_for("fo-anil", LinearNet(*params), 1, batch.n_tasks)
+    heads = learner.adapt_heads(learner.state.params, batch.X_in, batch.y_in, 2, ALPHA)
+    expected = algorithms.adapt_head(params.B, params.w, batch.X_in, batch.y_in, ALPHA, 2)
+    np.testing.assert_allclose(heads["w"].numpy(), expected, atol=1e-12)
+    predictions = learner.predict_adapted(learner.state.params, heads, batch.X_out)
+    np.testing.assert_allclose(predictions.numpy(),
+                               np.einsum("nmd,nd->nm", batch.X_out, expected @ params.B.T),
+                               atol=1e-12)
+
+
+# ----------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("kwargs", "key"), [
+    ({"method": "reptile"}, "method.name"),
+    ({"inner_lr": -1.0}, "method.inner_lr"),
+    ({"outer_lr": float("nan")}, "method.outer_lr"),
+    ({"inner_steps": 0}, "method.inner_steps"),
+    ({"method": "mtl"}, "tasks.n"),
+    ({"head": "nothing"}, "head"),
+    ({"head": ["W1", "w"]}, "head"),
+    ({"dtype": "float16"}, "train.dtype"),
+    ({"device": "tpu"}, "train.device"),
+])
+def test_bad_arguments_name_the_field(kwargs, key):
+    arguments = {"head": "w", "inner_lr": 0.1, "outer_lr": 0.1, **kwargs}
+    with pytest.raises(ConfigError) as error:
+        MetaLearner(ReLUNet([np.ones((3, 2))], np.zeros(2)), **arguments)
+    assert error.value.key == key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_requested_without_cuda_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"train\.device"):
+        MetaLearner(ReLUNet([np.ones((3, 2))], np.zeros(2)), "w", inner_lr=0.1, outer_lr=0.1,
+                    device="cuda")
+
+
+def test_method_names_split_into_method_and_order():
+    assert split_method_name("fo-anil") == ("anil", True)
+    assert split_method_name("maml") == ("maml", False)
+    with pytest.raises(ConfigError):
+        split_method_name("fo-mtl")
+
+
+def test_readme_example_meta_trains_a_user_module():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### ReLU networks and any PyTorch module")[1]
+    code = section.split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    losses = namespace["losses"]
+    assert losses[-1] < 0.7 * losses[0]
+    assert set(namespace["trained"]) == {"body.0.weight", "body.0.bias", "head.weight"}
