@@ -61,7 +61,8 @@ def run(
         raise fail(f"{error} Results so far are in {out_dir}.", EXIT_DIVERGED) from None
     final = result.summary["final"]
     shown = ", ".join(f"{key} = {final[key]:.4g}" for key in
-                      ("train_loss", "perp_norm", "subspace_dist", "lambda_err") if key in final)
+                      ("train_loss", "perp_norm", "subspace_dist", "lambda_err", "w1_perp_share")
+                      if key in final)
     typer.echo(f"done: {result.out_dir} ({shown})")
 
 
@@ -78,6 +79,69 @@ def show(config: ConfigArg, overrides: SetOpt = None) -> None:
 def keys() -> None:
     """Print every config key with its default and meaning (Markdown)."""
     typer.echo(config_module.key_table())
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: base, set, grid, zip, seeds.")],
+    executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (HEAD:6379).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Runs at once [default: CPUs].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep directory [default: runs/STEM].")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Redo runs that failed before.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run every run of a sweep (resuming: finished runs are skipped), one directory each."""
+    from metarep.sweeps import run_sweep
+
+    try:
+        report = run_sweep(sweep_file, out, executor=executor, workers=workers, address=address,
+                           retry_failed=retry_failed, progress=progress and sys.stderr.isatty())
+    except ConfigError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    typer.echo(f"sweep {report.out_dir}: {report.total} runs, {report.done} done, "
+               f"{report.failed} failed ({report.ran} ran now)")
+
+
+@app.command()
+def collect(
+    sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory.")],
+    x: Annotated[str | None, typer.Option(help="Axis: a config key [default: first axis].")] = None,
+    y: Annotated[str | None, typer.Option(help="Measure [default: perp_norm].")] = None,
+) -> None:
+    """Write DIR/collected.parquet and .csv (one row per run) and a plot of y against x."""
+    from metarep.sweeps import collect as collect_sweep
+
+    try:
+        result = collect_sweep(sweep_dir, x, y)
+    except ConfigError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    figure = f", {result.figure}" if result.figure is not None else ""
+    typer.echo(f"collected {len(result.table)} runs: {result.parquet}, {result.csv}{figure}")
+
+
+@app.command()
+def reproduce(
+    scale: Annotated[str, typer.Option(help="quick (< 2 min), default (< 15 min) or paper.")]
+    = "default",
+    out: Annotated[Path | None, typer.Option(help="Report directory "
+                                             "[default: runs/reproduce-SCALE].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Runs at once [default: CPUs].")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run the paper's study and write report.html, figures, tables and claims.csv
+    (finished runs are reused when re-run)."""
+    from metarep.reproduce import reproduce as run_study
+
+    try:
+        result = run_study(scale, out, workers=workers, progress=progress and sys.stderr.isatty())
+    except ConfigError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    passed = sum(claim.passed for claim in result.claims)
+    for claim in result.claims:
+        typer.echo(f"[{'pass' if claim.passed else 'FAIL'}] {claim.claim}: {claim.value} "
+                   f"({claim.criterion})")
+    typer.echo(f"claims passed: {passed}/{len(result.claims)}; report: {result.report}")
 
 
 def main() -> None:

@@ -304,11 +304,11 @@ class MethodConfig:
         choice(METHOD_NAMES),
     )
     inner_lr: float = param(
-        1.0,
+        0.5,
         "inner step size alpha (> 0); also the test-time head step size (mtl: only there)",
         real(0.0, open_lo=True),
     )
-    outer_lr: float = param(0.5, "outer step size beta (> 0)", real(0.0, open_lo=True))
+    outer_lr: float = param(0.2, "outer step size beta (> 0)", real(0.0, open_lo=True))
     inner_steps: int = param(1, "inner gradient steps per task (>= 1)", integer(1, 1000))
 
 

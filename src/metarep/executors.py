@@ -1,0 +1,308 @@
+"""Where the runs of a sweep execute: in this process, a local process pool, or a Ray cluster.
+
+Every executor runs the same worker function, :func:`execute`, on a :class:`RunTask` (the
+base config tree plus the run's dotted overrides: plain data, so it pickles to any process
+or node) and yields one :class:`Outcome` per run as runs finish, in completion order.
+
+- :class:`LocalExecutor` with one worker runs in this process (the sequential baseline);
+  with ``n`` workers it uses a ``spawn`` process pool. Its workers write straight into the
+  temporary run directory the driver chose.
+- :class:`RayExecutor` sends each run to a Ray task (``num_cpus=1``); the task runs into a
+  node-local temporary directory and returns the files' bytes, so the nodes need no shared
+  filesystem.
+
+Each run is limited to one thread (BLAS, OpenMP, torch: :func:`one_thread`), so ``n`` workers
+use ``n`` cores and a run gives bit-identical numbers on every executor.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from threadpoolctl import threadpool_limits
+
+from metarep import storage
+from metarep.config import ConfigError, from_dict
+from metarep.training import Diverged
+
+ERROR_FILE = "error.json"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """One run of a sweep, as plain data.
+
+    ``tree`` is the base config (nested dict, as read from YAML), ``overrides`` the run's
+    dotted keys (fixed ``set`` values, its grid/zip cell and its seeds), ``config_name`` the
+    name recorded in the run's outputs, ``workdir`` the temporary directory a local worker
+    writes into and ``cwd`` the driver's directory (relative paths in the config refer to it).
+    """
+
+    name: str
+    tree: dict[str, Any]
+    overrides: dict[str, Any]
+    config_name: str
+    workdir: str
+    cwd: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one run ended with: ``status`` is ``done`` or ``failed`` (then ``error`` says why).
+
+    ``files`` holds the run's output files (name -> bytes) when the run executed away from
+    the sweep directory (Ray); otherwise they are already in ``task.workdir``.
+    """
+
+    name: str
+    status: str
+    error: str | None
+    files: dict[str, bytes] | None = field(default=None, repr=False)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the body on one thread: BLAS/OpenMP pools (``threadpoolctl``), and torch, whether
+    it is imported already (``torch.set_num_threads``) or during the body (``*_NUM_THREADS``
+    environment variables, read when torch starts). Restores the previous settings."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, "1"))
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        with threadpool_limits(limits=1):
+            if torch is not None:
+                torch.set_num_threads(1)
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        if torch is not None:
+            torch.set_num_threads(torch_threads)
+
+
+def execute(task: RunTask, workdir: str | Path) -> Outcome:
+    """Run ``task`` into ``workdir`` on one thread; never raises for a failing run.
+
+    A bad config cell (:class:`ConfigError`), a divergence (:class:`Diverged`) or any other
+    exception makes the run ``failed``: ``workdir/error.json`` records the error (with the
+    config key at fault, the run's overrides and the traceback) next to whatever the run
+    wrote before failing (a diverged run keeps its recorded measures).
+    """
+    from metarep.experiments import run  # heavy import, deferred to the worker
+
+    out = Path(workdir)
+    error: str | None = None
+    try:
+        with one_thread():
+            run(from_dict(task.tree, task.overrides, name=task.config_name), out, progress=False)
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, ConfigError | Diverged) else (
+            f"{type(exc).__name__}: {exc}")
+        storage.write_json(out / ERROR_FILE, {
+            "status": "failed",
+            "error": error,
+            "type": type(exc).__name__,
+            "key": getattr(exc, "key", None),
+            "overrides": task.overrides,
+            "traceback": traceback.format_exc(),
+        })
+    status = "done" if error is None else "failed"
+    return Outcome(task.name, status, error)
+
+
+def execute_packed(task: RunTask) -> Outcome:
+    """:func:`execute` into a private temporary directory; returns the files as bytes.
+
+    Runs in the driver's directory where that directory exists (a single machine or a shared
+    filesystem), so relative paths in the config resolve as they would for ``metarep run``.
+    """
+    if os.path.isdir(task.cwd):
+        os.chdir(task.cwd)
+    with tempfile.TemporaryDirectory(prefix="metarep-run-") as scratch:
+        outcome = execute(task, scratch)
+        files = {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir())
+                 if path.is_file()}
+    return Outcome(outcome.name, outcome.status, outcome.error, files)
+
+
+def worker_died(task: RunTask, reason: str) -> Outcome:
+    """The outcome of a run whose worker process died (the driver records it as failed)."""
+    error = f"worker died: {reason}"
+    storage.write_json(Path(task.workdir) / ERROR_FILE, {
+        "status": "failed", "error": error, "type": "WorkerDied", "key": None,
+        "overrides": task.overrides, "traceback": None,
+    })
+    return Outcome(task.name, "failed", error)
+
+
+class Executor(Protocol):
+    """Runs tasks and yields their outcomes as they finish."""
+
+    def map(self, tasks: Iterable[RunTask]) -> Iterator[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """``workers`` processes on this machine (``workers == 1``: in this process)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def map(self, tasks: Iterable[RunTask]) -> Iterator[Outcome]:
+        if self.workers == 1:
+            for task in tasks:
+                yield execute(task, task.workdir)
+            return
+        listed = list(tasks)
+        yield from self._pool_map(listed, retries_left={task.name: 1 for task in listed})
+
+    def _pool_map(self, tasks: list[RunTask], retries_left: dict[str, int]) -> Iterator[Outcome]:
+        """Run ``tasks`` on a fresh pool; if a worker dies (which breaks the pool), retry
+        the unfinished runs once on a new pool and record a run failed the second time."""
+        context = multiprocessing.get_context("spawn")
+        broken: list[RunTask] = []
+        pool = futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        try:
+            pending = {pool.submit(execute, task, task.workdir): task for task in tasks}
+            for future in futures.as_completed(pending):
+                task = pending[future]
+                try:
+                    yield future.result()
+                except futures.process.BrokenProcessPool as error:
+                    if retries_left[task.name] > 0:
+                        broken.append(task)
+                    else:
+                        yield worker_died(task, str(error))
+        finally:  # on an early exit (Ctrl-C) drop the queued runs, finish the running ones
+            pool.shutdown(wait=True, cancel_futures=True)
+        for task in broken:
+            retries_left[task.name] -= 1
+            shutil.rmtree(task.workdir, ignore_errors=True)
+        if broken:
+            yield from self._pool_map(broken, retries_left)
+
+    def close(self) -> None:
+        """Nothing to release (each map owns its pool)."""
+
+
+def is_this_machine(host: str) -> bool:
+    """Whether ``host`` (a name or an IP) is an address of this machine (one can bind to it)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, kind, _, _, address in infos:
+        with socket.socket(family, kind) as probe:
+            try:
+                probe.bind((address[0], 0))
+            except OSError:
+                continue
+            return True
+    return False
+
+
+def use_local_token(address: str) -> None:
+    """Send Ray's authentication token to a cluster at ``address`` on this machine.
+
+    Ray enables token authentication by itself for a cluster it finds on this machine
+    (``address`` unset or ``auto``) when a token is available, but not for an explicit address;
+    for an explicit address on this machine we do the same (a cluster without authentication
+    ignores the token). Remote clusters need ``RAY_AUTH_MODE=token`` set by the user; an
+    explicit ``RAY_AUTH_MODE`` is always respected.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    has_token = ("RAY_AUTH_TOKEN" in os.environ or "RAY_AUTH_TOKEN_PATH" in os.environ
+                 or (Path.home() / ".ray" / "auth_token").is_file())
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    if has_token and is_this_machine(host):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+class RayExecutor:
+    """Ray tasks on the cluster at ``address`` (``None``: Ray's default discovery, else a new
+    local instance), at most ``workers`` in flight (default: the cluster's CPUs)."""
+
+    def __init__(self, address: str | None, workers: int | None):
+        if address is not None:
+            use_local_token(address)
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--executor", "ray is not installed; pip install "
+                              "'metarep[ray]' (or choose --executor local)") from None
+        self.ray = ray
+        self.owns_connection = not ray.is_initialized()
+        if self.owns_connection:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level="warning")
+            except (ConnectionError, ValueError, RuntimeError) as error:
+                hint = ("" if os.environ.get("RAY_AUTH_MODE") else
+                        " (a cluster with token authentication, Ray's default, also needs "
+                        "RAY_AUTH_MODE=token and its token in ~/.ray/auth_token)")
+                raise ConfigError("--address", f"cannot connect to Ray at {address!r}: "
+                                  f"{error}{hint}") from None
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = workers or max(cpus, 1)
+        self.remote = ray.remote(num_cpus=1)(execute_packed)
+
+    def map(self, tasks: Iterable[RunTask]) -> Iterator[Outcome]:
+        queue = list(tasks)[::-1]
+        running: dict[Any, RunTask] = {}
+        try:
+            while queue or running:
+                while queue and len(running) < self.workers:
+                    task = queue.pop()
+                    running[self.remote.remote(task)] = task
+                ready, _ = self.ray.wait(list(running), num_returns=1)
+                task = running.pop(ready[0])
+                try:
+                    outcome = self.ray.get(ready[0])
+                except self.ray.exceptions.RayError as error:
+                    outcome = worker_died(task, str(error).splitlines()[0])
+                yield outcome
+        finally:  # on an early exit (Ctrl-C) cancel what still runs on the cluster
+            for ref in running:
+                self.ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        """Disconnect from Ray if this executor connected (or started a local instance)."""
+        if self.owns_connection:
+            self.ray.shutdown()
+
+
+def make_executor(kind: str, workers: int | None, address: str | None) -> Executor:
+    """The executor named ``kind`` (``local`` or ``ray``), validated.
+
+    ``workers`` (>= 1) defaults to this machine's CPUs (local) or the cluster's (ray);
+    ``address`` is only meaningful for Ray.
+    """
+    if kind not in EXECUTORS:
+        raise ConfigError("--executor", f"must be one of {', '.join(EXECUTORS)}; got {kind!r}")
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers", f"must be an integer >= 1, got {workers}")
+    if kind == "local":
+        if address is not None:
+            raise ConfigError("--address", "only used with --executor ray")
+        return LocalExecutor(workers or len(os.sched_getaffinity(0)))
+    return RayExecutor(address, workers)

@@ -1,0 +1,497 @@
+"""Sweeps: the sweep file, run planning, executors (local pool, Ray), resume after SIGKILL,
+failure records and the collected table."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+from threadpoolctl import threadpool_limits
+
+from metarep import experiments
+from metarep.config import ConfigError, from_dict, iter_keys
+from metarep.executors import (
+    ERROR_FILE,
+    LocalExecutor,
+    RunTask,
+    is_this_machine,
+    one_thread,
+    use_local_token,
+)
+from metarep.sweeps import (
+    MANIFEST,
+    TEMP_DIR,
+    collect,
+    collect_table,
+    derive_seed,
+    load_sweep,
+    plan_runs,
+    run_sweep,
+    seed_intervals,
+    value_token,
+)
+
+METAREP = [str(Path(sys.executable).with_name("metarep"))]
+RUN_FILES = {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz",
+             "training.png", "eval.png"}
+BASE = {
+    "problem": {"d": 6, "k": 2, "noise_var": 0.5, "head_cov": "linear", "seed": 0},
+    "tasks": {"n": 30, "m_in": 5, "m_out": 5, "seed": 1},
+    "model": {"width": 4, "init_scale": 1.0, "seed": 2},
+    "method": {"name": "fo-anil", "inner_lr": 0.5, "outer_lr": 0.2},
+    "train": {"steps": 20, "record_every": 10},
+    "eval": {"shots": [5, 10], "n_tasks": 20, "seed": 3},
+}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=,-]+$")
+
+
+def write_sweep(folder: Path, name: str = "sweep.yaml", **fields) -> Path:
+    """A base config ``base.yaml`` and a sweep file over it in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
+    path = folder / name
+    path.write_text(yaml.safe_dump({"base": "base.yaml", **fields}, sort_keys=False))
+    return path
+
+
+def finished_runs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_derive_seed_is_stable_distinct_and_in_range():
+    keys = [key for key, _ in iter_keys() if key.endswith(".seed")]
+    seeds = {(s, key): derive_seed(s, key) for s in range(20) for key in keys}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= v < 2**32 for v in seeds.values())
+    assert derive_seed(3, "model.seed") == derive_seed(3, "model.seed")
+
+
+def test_value_tokens_are_safe_and_tell_values_apart():
+    values = [5, "5", 5.0, 0.05, 1e-5, -2, "fo-anil", "a/b", "a_b", "a b", [1, 2], "1_2",
+              None, "null", True, "true", "online", {"x": 1}, "", "..", "x" * 300]
+    tokens = [value_token(v) for v in values]
+    assert len(set(tokens)) == len(values)
+    assert all(re.fullmatch(r"[A-Za-z0-9._+-]*", t) for t in tokens)
+    assert value_token(0.05) == "0.05" and value_token("fo-anil") == "fo-anil"
+
+
+def test_plan_runs_is_the_product_of_grid_zip_and_seeds(tmp_path):
+    grid = {"model.width": [2, 4, 8], "method.outer_lr": [0.1, 0.2]}
+    zipped = {"problem.d": [6, 8], "problem.k": [2, 2]}
+    seeds = [0, 5, 7]
+    spec = load_sweep(write_sweep(tmp_path, set={"train.steps": 10}, grid=grid, zip=zipped,
+                                  seeds=seeds))
+    plans = plan_runs(spec)
+    expected = []  # naive nested loops, in the documented order
+    for width in grid["model.width"]:
+        for lr in grid["method.outer_lr"]:
+            for j in range(2):
+                for s in seeds:
+                    expected.append({"train.steps": 10, "model.width": width,
+                                     "method.outer_lr": lr, "problem.d": zipped["problem.d"][j],
+                                     "problem.k": 2,
+                                     **{key: derive_seed(s, key) for key, _ in iter_keys()
+                                        if key.endswith(".seed")}})
+    assert [plan.overrides for plan in plans] == expected
+    names = [plan.name for plan in plans]
+    assert len(set(names)) == len(names) and all(SAFE_NAME.match(n) for n in names)
+    assert names == [plan.name for plan in plan_runs(load_sweep(tmp_path / "sweep.yaml"))]
+    assert names[0] == "width=2,outer_lr=0.1,d=6,seed=0"  # problem.k never varies: not named
+    assert [plan.seed for plan in plans[:3]] == seeds
+
+
+def test_seed_keys_choose_which_seeds_vary(tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, seeds=[1, 2], seed_keys=["model.seed"]))
+    plans = plan_runs(spec)
+    assert [plan.name for plan in plans] == ["seed=1", "seed=2"]
+    assert [plan.overrides for plan in plans] == [{"model.seed": derive_seed(s, "model.seed")}
+                                                  for s in (1, 2)]
+    single = plan_runs(load_sweep(write_sweep(tmp_path / "one", grid={"model.width": [3]})))
+    assert [(p.name, p.overrides) for p in single] == [("run", {"model.width": 3})]
+
+
+@pytest.mark.parametrize("fields, key", [
+    ({"grid": {"model.width": [2]}, "grids": {}}, "grids"),
+    ({"grid": {"model.widht": [2]}}, "grid.model.widht"),
+    ({"grid": {"model.width": []}}, "grid.model.width"),
+    ({"grid": {"model.width": 3}}, "grid.model.width"),
+    ({"grid": {"model.width": [2, 2]}}, "grid.model.width"),
+    ({"zip": {"problem.d": [6, 8], "model.width": [2, 3, 4]}}, "zip.model.width"),
+    ({"zip": {"problem.d": [6, 6], "model.width": [2, 2]}}, "zip"),
+    ({"set": {"model.width": 2}, "grid": {"model.width": [2, 3]}}, "grid.model.width"),
+    ({"set": {"model.width": 0}}, "set.model.width"),
+    ({"set": {"nope.x": 1}}, "set.nope.x"),
+    ({"seeds": [0, -1]}, "seeds[1]"),
+    ({"seeds": [0, 0]}, "seeds"),
+    ({"seed_keys": ["model.seed"]}, "seed_keys"),
+    ({"seeds": [0], "seed_keys": ["model.sed"]}, "seed_keys.model.sed"),
+    ({"seeds": [0, 1], "grid": {"model.seed": [1, 2]}}, "seed_keys.model.seed"),
+])
+def test_load_sweep_rejects_bad_files_naming_the_field(tmp_path, fields, key):
+    with pytest.raises(ConfigError) as error:
+        load_sweep(write_sweep(tmp_path, **fields))
+    assert error.value.key == key
+
+
+def test_base_is_found_beside_the_sweep_file_or_by_name(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path / "a" / "b")
+    monkeypatch.chdir(tmp_path)
+    assert load_sweep(path).tree == BASE
+    path.write_text("base: quick\n")
+    assert load_sweep(path).config_name == "quick"
+    path.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base: no such file"):
+        load_sweep(path)
+    path.write_text("grid: {model.width: [2]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_sweep(path)
+    assert error.value.key == "base"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_seed_intervals_are_student_t_intervals_with_95_percent_coverage():
+    rng = np.random.default_rng(np.random.SeedSequence(11))
+    n_groups, n = 4000, 4
+    values = rng.normal(1.5, 2.0, size=(n_groups, n))
+    frame = pd.DataFrame({"status": "done", "g": np.repeat(np.arange(n_groups), n),
+                          "x": 1.0, "y": values.ravel()})
+    out = seed_intervals(frame, "x", "y", ["g"])
+    covered = ((out["low"] <= 1.5) & (1.5 <= out["high"])).mean()
+    z = (covered - 0.95) / np.sqrt(0.95 * 0.05 / n_groups)
+    assert abs(z) < 4, (covered, z)
+    low, high = stats.t.interval(0.95, n - 1, loc=values[0].mean(), scale=stats.sem(values[0]))
+    np.testing.assert_allclose(out.loc[0, ["low", "high"]].to_numpy(float), [low, high],
+                               rtol=1e-12)
+    assert (out["n"] == n).all()
+
+
+def test_seed_intervals_skip_failed_runs_and_single_seeds():
+    frame = pd.DataFrame({"status": ["done", "failed", "done"], "x": [1, 1, 2],
+                          "y": [2.0, 100.0, 3.0]})
+    out = seed_intervals(frame, "x", "y", [])
+    assert out["mean"].tolist() == [2.0, 3.0] and out["n"].tolist() == [1, 1]
+    assert out[["low", "high"]].isna().all().all()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def test_one_thread_limits_blas_and_torch_and_restores_them(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    with one_thread():
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+        assert torch.get_num_threads() == 1
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "1"
+    assert torch.get_num_threads() == 2
+    assert os.environ["OMP_NUM_THREADS"] == "2" and "MKL_NUM_THREADS" not in os.environ
+
+
+def run_directly(tree: dict, overrides: dict, out: Path) -> None:
+    """The reference: ``experiments.run`` of one run, in this process."""
+    with threadpool_limits(limits=1):
+        experiments.run(from_dict(tree, overrides, name="base"), out, progress=False)
+
+
+def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
+    grid = {"model.width": [2, 0], "method.outer_lr": [0.2, 1000.0]}
+    sweep = write_sweep(tmp_path, grid=grid)
+    out = tmp_path / "out"
+    report = run_sweep(sweep, out, workers=2, progress=False)
+    assert (report.total, report.done, report.failed, report.ran) == (4, 1, 3, 4)
+    plans = plan_runs(load_sweep(sweep))
+    assert [p.name for p in finished_runs(out)] == sorted(p.name for p in plans)
+    for plan in plans:
+        run_dir = out / plan.name
+        files = {p.name for p in run_dir.iterdir()}
+        if plan.overrides["model.width"] == 0:  # bad cell: only the error record
+            assert files == {ERROR_FILE}
+            record = json.loads((run_dir / ERROR_FILE).read_text())
+            assert record["key"] == "model.width" and record["type"] == "ConfigError"
+            assert record["overrides"] == plan.overrides
+        elif plan.overrides["method.outer_lr"] == 1000.0:  # diverges: recorded results kept
+            assert ERROR_FILE in files and "metrics.csv" in files
+            assert json.loads((run_dir / ERROR_FILE).read_text())["type"] == "Diverged"
+        else:  # exactly the outputs of metarep run, with the same numbers
+            assert files == RUN_FILES
+            run_directly(BASE, plan.overrides, tmp_path / "direct" / plan.name)
+            for name in ("metrics.csv", "eval.csv", "config.yaml"):
+                assert (run_dir / name).read_text() == (
+                    tmp_path / "direct" / plan.name / name).read_text()
+    assert not [p for p in out.iterdir() if TEMP_DIR.match(p.name)]
+    stamps = {p.name: (p / ERROR_FILE if (p / ERROR_FILE).exists() else p / "summary.json"
+                       ).stat().st_mtime_ns for p in finished_runs(out)}
+    again = run_sweep(sweep, out, workers=1, progress=False)
+    assert (again.ran, again.done, again.failed) == (0, 1, 3)
+    retried = run_sweep(sweep, out, workers=1, retry_failed=True, progress=False)
+    assert (retried.ran, retried.done, retried.failed) == (3, 1, 3)
+    for path in finished_runs(out):
+        newer = (path / ERROR_FILE).exists()
+        marker = path / (ERROR_FILE if newer else "summary.json")
+        assert (marker.stat().st_mtime_ns != stamps[path.name]) == newer
+    assert len(finished_runs(out)) == 4
+    assert not [p for p in out.iterdir() if TEMP_DIR.match(p.name)]
+
+
+def test_a_killed_worker_breaks_the_pool_and_its_runs_are_redone(tmp_path):
+    import multiprocessing
+
+    spec = load_sweep(write_sweep(tmp_path, set={"train.steps": 800}, seeds=[0, 1, 2, 3]))
+    tasks = [RunTask(plan.name, spec.tree, plan.overrides, "base",
+                     str(tmp_path / f".{plan.name}.tmp-0000000{i}"), str(tmp_path))
+             for i, plan in enumerate(plan_runs(spec))]
+    outcomes = []
+    for outcome in LocalExecutor(2).map(tasks):
+        if not outcomes:  # a worker dies while the others run: the pool breaks
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        outcomes.append(outcome)
+    assert sorted(o.name for o in outcomes) == sorted(t.name for t in tasks)
+    assert [o.status for o in outcomes] == ["done"] * 4
+    for task in tasks:
+        assert {p.name for p in Path(task.workdir).iterdir()} == RUN_FILES
+
+
+def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
+    sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]},
+                        zip={"problem.d": [6, 8], "tasks.m_in": [5, 6]}, seeds=[0, 1])
+    out = tmp_path / "out"
+    run_sweep(sweep, out, workers=1, progress=False)
+    result = collect(out, x="model.width", y="subspace_dist")
+    table = result.table
+    plans = plan_runs(load_sweep(sweep))
+    assert table["run"].tolist() == [plan.name for plan in plans]
+    assert table["status"].tolist() == ["failed" if plan.overrides["model.width"] == 0
+                                        else "done" for plan in plans]
+    failed = table[table["status"] == "failed"]
+    assert failed["error"].str.startswith("model.width: ").all()
+    assert table["seed"].tolist() == [plan.seed for plan in plans]
+    frame = table.set_index("run")
+    for plan in plans:
+        for key, value in plan.overrides.items():
+            assert str(frame.loc[plan.name, key]) == str(value)
+        if plan.overrides["model.width"] != 0:
+            summary = json.loads((out / plan.name / "summary.json").read_text())
+            for key, value in summary["final"].items():
+                assert frame.loc[plan.name, key] == value
+            risks = pd.read_csv(out / plan.name / "eval.csv")
+            for r in risks.itertuples(index=False):
+                assert frame.loc[plan.name, f"excess_risk.{r.method}.{r.shots}"] == r.excess_risk
+    assert {key for key, _ in iter_keys()} <= set(table.columns)
+    pd.testing.assert_frame_equal(pd.read_parquet(result.parquet), table)
+    csv = pd.read_csv(result.csv)
+    assert csv.shape == table.shape and list(csv.columns) == list(table.columns)
+    np.testing.assert_array_equal(csv["subspace_dist"], table["subspace_dist"])
+    assert result.figure == out / "subspace_dist_vs_model.width.png"
+    assert result.figure.stat().st_size > 1000
+    default = collect(out)
+    assert default.figure == out / "perp_norm_vs_model.width.png"
+    result.parquet.unlink()
+    for bad, key in (({"x": "model.widht"}, "--x"), ({"y": "nope"}, "--y")):
+        with pytest.raises(ConfigError) as error:
+            collect(out, **bad)
+        assert error.value.key == key and not result.parquet.exists()
+
+
+def test_out_dir_must_hold_the_same_sweep(tmp_path):
+    sweep = write_sweep(tmp_path, grid={"model.width": [2, 3]})
+    out = tmp_path / "out"
+    run_sweep(sweep, out, workers=1, progress=False)
+    other = write_sweep(tmp_path, "other.yaml", grid={"model.width": [2, 4]})
+    with pytest.raises(ConfigError, match="different sweep") as error:
+        run_sweep(other, out, workers=1, progress=False)
+    assert error.value.key == "--out"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a sweep directory"):
+        run_sweep(sweep, tmp_path / "plain", workers=1, progress=False)
+    with pytest.raises(ConfigError, match="not a sweep directory"):
+        collect_table(tmp_path / "plain")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*METAREP, *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(tmp_path):
+    bad = write_sweep(tmp_path, zip={"problem.d": [6, 8], "model.width": [2]})
+    good = write_sweep(tmp_path, "good.yaml", grid={"model.width": [2, 3]})
+    out = tmp_path / "out"
+    for args, key in (([str(bad)], "zip.model.width"),
+                      ([str(good), "--address", "127.0.0.1:1"], "--address"),
+                      ([str(good), "--workers", "0"], "--workers"),
+                      ([str(good), "--executor", "slurm"], "--executor")):
+        result = cli("sweep", *args, "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"error: {key}: ") and result.stderr.count("\n") == 1
+        assert not out.exists()
+    result = cli("collect", str(tmp_path))
+    assert result.returncode == 2 and "not a sweep directory" in result.stderr
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_midway_then_resume_completes_every_run_once(tmp_path):
+    grid = {"model.width": [2, 3, 4, 5], "method.outer_lr": [0.1, 0.2]}
+    sweep = write_sweep(tmp_path, set={"train.steps": 1500, "train.record_every": 100},
+                        grid=grid)
+    out = tmp_path / "out"
+    command = ["sweep", str(sweep), "--out", str(out), "--workers", "2", "--no-progress"]
+    process = subprocess.Popen([*METAREP, *command], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and len(finished_runs(out)) >= 2):
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert 2 <= len(finished_runs(out)) < 8, "the kill must land midway"
+    resumed = cli(*command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "8 runs, 8 done, 0 failed" in resumed.stdout
+    plans = plan_runs(load_sweep(sweep))
+    assert [p.name for p in finished_runs(out)] == sorted(p.name for p in plans)
+    assert not [p.name for p in out.iterdir() if p.name not in {MANIFEST, ".sweep.lock"}
+                and p.name.startswith(".")]
+    for plan in plans:
+        run_dir = out / plan.name
+        assert {p.name for p in run_dir.iterdir()} == RUN_FILES
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["width"] == (
+            plan.overrides["model.width"])
+        assert len(pd.read_csv(run_dir / "metrics.csv")) == 16
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+        with np.load(run_dir / "params.npz") as params:
+            assert params["B"].shape == (6, plan.overrides["model.width"])
+    reference = tmp_path / "reference"
+    run_directly(BASE, plans[-1].overrides, reference)
+    assert (out / plans[-1].name / "metrics.csv").read_text() == (
+        reference / "metrics.csv").read_text()
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_env(monkeypatch):
+    """Token authentication with a throw-away token (nothing written to ~/.ray), and a
+    short Ray temp dir (Ray's socket paths are length-limited)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # before Ray is imported: it caches its mode
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    pytest.importorskip("ray")
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    yield temp
+    subprocess.run(["rm", "-rf", temp], check=False)
+
+
+def test_token_authentication_is_used_only_for_a_cluster_on_this_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    for variable in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(variable, raising=False)
+    assert is_this_machine("127.0.0.1") and is_this_machine("localhost")
+    assert not is_this_machine("203.0.113.7") and not is_this_machine("no-such-host.invalid")
+    use_local_token("203.0.113.7:6379")
+    assert "RAY_AUTH_MODE" not in os.environ
+    use_local_token("127.0.0.1:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    use_local_token("localhost:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_executor_table(tmp_path, ray_env):
+    import ray
+
+    sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]},
+                        zip={"method.outer_lr": [0.2, 1000.0]}, seeds=[0, 1])
+    local = run_sweep(sweep, tmp_path / "local", workers=2, progress=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=ray_env)
+    try:
+        remote = run_sweep(sweep, tmp_path / "ray", executor="ray", progress=False)
+        assert ray.is_initialized(), "a connection made by the caller is left open"
+    finally:
+        ray.shutdown()
+    assert (remote.done, remote.failed) == (local.done, local.failed) == (2, 6)
+    pd.testing.assert_frame_equal(collect_table(tmp_path / "ray"),
+                                  collect_table(tmp_path / "local"), check_exact=True)
+    for path in finished_runs(tmp_path / "local"):
+        twin = tmp_path / "ray" / path.name
+        assert sorted(p.name for p in twin.iterdir()) == sorted(p.name for p in path.iterdir())
+        if (path / "metrics.csv").exists():
+            assert (twin / "metrics.csv").read_bytes() == (path / "metrics.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_cluster_at_an_address_runs_the_sweep_from_the_cli(tmp_path, ray_env):
+    port = free_port()
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", f"--temp-dir={ray_env}", "--disable-usage-stats"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sweep = write_sweep(tmp_path, grid={"model.width": [2, 3]}, seeds=[0, 1])
+        # no RAY_AUTH_MODE: metarep turns token authentication on for a cluster on this host
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        result = cli("sweep", str(sweep), "--executor", "ray", "--address",
+                     f"127.0.0.1:{port}", "--out", str(tmp_path / "ray"), env=env)
+        assert result.returncode == 0, result.stderr
+        assert "4 runs, 4 done, 0 failed (4 ran now)" in result.stdout
+    finally:  # `ray start --block` stops the cluster it started on SIGTERM
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # any process left behind
+                os.killpg(head.pid, signal.SIGKILL)
+    run_sweep(sweep, tmp_path / "local", workers=1, progress=False)
+    pd.testing.assert_frame_equal(collect_table(tmp_path / "ray"),
+                                  collect_table(tmp_path / "local"), check_exact=True)
+
+
+def test_readme_example_is_the_example_sweep_file():
+    root = Path(__file__).resolve().parents[1]
+    example = root / "configs" / "sweep_example.yaml"
+    readme = (root / "README.md").read_text().split("## Sweeps")[1]
+    block = readme.split("```yaml\n")[1].split("```")[0]
+    assert block == example.read_text()
+    plans = plan_runs(load_sweep(example))
+    assert len(plans) == 36 and plans[0].name == "width=2,outer_lr=0.2,d=20,k=3,seed=0"
