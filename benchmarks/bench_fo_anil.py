@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
+from timing import median_seconds
 
 from metarep.algorithms import FOANIL
 from metarep.models import LinearParams, init_linear
@@ -41,18 +40,6 @@ PEERS = {  # seconds per step, from the issue (2-core machine)
     "jit+vmap (fastest peer)": {"float64": 13e-3, "float32": 6e-3},
     "per-task loop (meta-learning library style)": {"float64": 4.0, "float32": None},
 }
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def read_passes(batch: TaskBatch) -> dict[str, Callable[[], object]]:

@@ -27,12 +27,11 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"  # one core: set before numpy and torch are imported
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from metarep.algorithms import ANIL, FOANIL  # noqa: E402
 from metarep.models import LinearParams  # noqa: E402
@@ -42,18 +41,6 @@ from metarep.torch_engine import MetaLearner  # noqa: E402
 
 D, K, M_IN, M_OUT, WIDTH = 50, 5, 20, 10, 50
 ALPHA, BETA = 0.2, 0.05
-
-
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def per_task_loop_step(B: torch.Tensor, w: torch.Tensor, data: tuple[torch.Tensor, ...],

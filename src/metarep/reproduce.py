@@ -48,9 +48,8 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_steps": 20_000,
         "infinite_record_every": 20,
         "m_in_values": (5, 10, 40, "inf"),
-        "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 200, "train.record_every": 5,
-                 "model.width": 16, "model.hidden_width": 20, "eval.shots": [5, 10, 20],
-                 "eval.n_tasks": 500},
+        "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 400, "train.record_every": 5,
+                 "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 500},
     },
     "default": {
         "base": {
@@ -65,38 +64,37 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_steps": 200_000,
         "infinite_record_every": 100,
         "m_in_values": (5, 20, 80, "inf"),
-        "relu": {"problem.d": 100, "tasks.n": 2000, "train.steps": 500,
-                 "train.record_every": 10,
-                 "model.width": 16, "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40],
-                 "eval.n_tasks": 1000},
-    },
-    "paper": {
-        "base": {
-            "problem": _PAPER_PROBLEM,
-            "tasks": {"n": 5000, "m_in": 20, "m_out": 10, "seed": 1},
-            "model": {"width": 50, "init_scale": 1.0, "seed": 2},
-            "method": {"inner_lr": 0.5, "outer_lr": 0.2, "inner_steps": 1},
-            "train": {"steps": 10_000, "record_every": 20},
-            "eval": {"shots": [5, 10, 20, 40, 80, 160], "n_tasks": 5000, "adapt_steps": 1,
-                     "seed": 3},
-        },
-        "infinite_steps": 1_000_000,
-        "infinite_record_every": 500,
-        "m_in_values": (5, 20, 80, "inf"),
-        "relu": {"problem.d": 100, "tasks.n": 5000, "train.steps": 2000,
-                 "train.record_every": 20,
-                 "model.width": 16, "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40],
-                 "eval.n_tasks": 2000},
-    },
+        "relu": {"problem.d": 60, "tasks.n": 1000, "train.steps": 600, "train.record_every": 10,
+                 "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40], "eval.n_tasks": 1000},
+    }
 }
 
 
-# The appendix study's setting (on top of the scale's base): ReLU bodies are trained on
-# tasks with less label noise, few inner samples, a narrower body and a larger d (per scale),
-# where a representation pays off against regression at small m_test: ReLU features are
-# non-negative, so one head step recovers only part of a linear signal (see README).
+def _merged(tree: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``changes`` merged in, recursively (neither is modified)."""
+    out = dict(tree)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+# The paper scale: the default scale's setting with long runs and more test tasks.
+SCALE_SETTINGS["paper"] = _merged(SCALE_SETTINGS["default"], {
+    "base": {"train": {"steps": 10_000, "record_every": 20}, "eval": {"n_tasks": 5000}},
+    "infinite_steps": 1_000_000,
+    "infinite_record_every": 500,
+    "relu": {"tasks.n": 5000, "train.steps": 2000, "train.record_every": 20,
+             "eval.n_tasks": 2000},
+})
+
+# The appendix study's setting (on top of the scale's base): ReLU bodies (width k' = 16) are
+# trained on tasks with k = 2 isotropic heads, less label noise, few inner samples and a
+# larger d (per scale), where a representation pays off against regression at small m_test:
+# ReLU features are non-negative, so one head step recovers only part of a linear signal.
+# alpha = 0.5, beta = 0.1 keeps FO-MAML stable on ReLU bodies (alpha = 1 diverges).
 RELU_SETTING: dict[str, Any] = {
-    "model.kind": "relu", "problem.noise_var": 0.25, "tasks.m_in": 5, "tasks.m_out": 10,
+    "model.kind": "relu", "problem.k": 2, "problem.head_cov": "isotropic",
+    "problem.noise_var": 0.25, "tasks.m_in": 5, "tasks.m_out": 10, "model.width": 16,
     "model.init_scale": 0.5, "method.inner_lr": 0.5, "method.outer_lr": 0.1,
 }
 
