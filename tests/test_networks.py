@@ -252,8 +252,16 @@ def test_without_torch_linear_runs_work_and_relu_asks_for_the_extra(tmp_path):
     """In a process where ``import torch`` fails: ``import metarep`` and a linear run work;
     a relu run is a bad-input error naming ``pip install metarep[torch]``."""
     script = textwrap.dedent(f"""
+        import importlib.abc
         import sys
-        sys.modules["torch"] = None  # import torch now raises ModuleNotFoundError
+
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, NoTorch())  # import torch now raises ModuleNotFoundError
         import metarep
         from metarep.cli import app
         from typer.testing import CliRunner
@@ -265,7 +273,7 @@ def test_without_torch_linear_runs_work_and_relu_asks_for_the_extra(tmp_path):
         relu = runner.invoke(app, [*base, r"{tmp_path / 'relu'}", "--set", "model.kind=relu"])
         assert relu.exit_code == 2, relu.output
         print(relu.stderr)
-        assert "torch" not in sys.modules or sys.modules["torch"] is None
+        assert "torch" not in sys.modules
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
