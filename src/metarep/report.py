@@ -54,6 +54,13 @@ def _long(runs: dict[str, RunData], names: list[str], columns: list[str]) -> pd.
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _loglog(axis: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes with labels, a light grid and a legend."""
+    axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+
+
 # ----------------------------------------------------------------------------- figures
 
 
@@ -76,11 +83,8 @@ def figure_unlearning(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFram
     if pool is not None:
         axis.axhline(pool.metrics["perp_norm"].iloc[-1], color=COLORS["fo-anil"], linestyle=":",
                      label="finite-pool floor (FO-ANIL at T)")
-    axis.set(xscale="log", yscale="log", xlabel="outer step t + 1",
-             ylabel=r"$\|B_\perp^\top B_t\|_2$",
-             title="(a) Unlearning the orthogonal complement of span(B*)")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
+    _loglog(axis, "outer step t + 1", r"$\|B_\perp^\top B_t\|_2$",
+            "(a) Unlearning the orthogonal complement of span(B*)")
     return figure, table
 
 
@@ -124,11 +128,8 @@ def figure_lambda(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
             else {"color": COLORS[method], "linestyle": STYLES[method]}
         label = "FO-ANIL, infinite tasks" if name.startswith("infinite") else LABELS[method]
         left.plot(_steps(run.metrics), run.metrics["lambda_err"], label=label, **style)
-    left.set(xscale="log", yscale="log", xlabel="outer step t + 1",
-             ylabel=r"$\|B_*^\top B_t B_t^\top B_* - \Lambda_*\|_2$",
-             title=r"(c) $B_*^\top B_t B_t^\top B_*$ approaches $\Lambda_*$")
-    left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8)
+    _loglog(left, "outer step t + 1", r"$\|B_*^\top B_t B_t^\top B_* - \Lambda_*\|_2$",
+            r"(c) $B_*^\top B_t B_t^\top B_*$ approaches $\Lambda_*$")
     rows = []
     for name in ("pool-fo-anil", "infinite-fo-anil"):
         run = runs.get(name)
@@ -178,11 +179,8 @@ def figure_test_risk(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame
         if np.isfinite(theory).any():
             axis.plot(rows["shots"], theory, linestyle="--", color=color, linewidth=1)
     axis.plot([], [], "k--", linewidth=1, label="closed form (dashed)")
-    axis.set(xscale="log", yscale="log", xlabel="test samples $m_{test}$",
-             ylabel=r"excess risk $E\|Bw' - B_* w_*\|^2$",
-             title="(d) Test risk after one head step (95% error bars)")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
+    _loglog(axis, "test samples $m_{test}$", r"excess risk $E\|Bw' - B_* w_*\|^2$",
+            "(d) Test risk after one head step (95% error bars)")
     return figure, table
 
 
@@ -202,11 +200,8 @@ def figure_m_in(runs: dict[str, RunData], base_m_in: int) -> tuple[plt.Figure, p
         label = r"$m_{in} = \infty$" if np.isinf(m_in) else f"$m_{{in}}$ = {int(m_in)}"
         axis.plot(_steps(run.metrics), run.metrics["perp_norm"], color=color, label=label,
                   linestyle="--" if np.isinf(m_in) else "-")
-    axis.set(xscale="log", yscale="log", xlabel="outer step t + 1",
-             ylabel=r"$\|B_\perp^\top B_t\|_2$",
-             title="(e) Finite inner samples unlearn the complement; infinite do not")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8)
+    _loglog(axis, "outer step t + 1", r"$\|B_\perp^\top B_t\|_2$",
+            "(e) Finite inner samples unlearn the complement; infinite do not")
     return figure, table
 
 
