@@ -157,7 +157,7 @@ def test_relu_test_risk_beats_plain_regression_at_small_m(name):
         "problem.d": 60, "problem.k": 2, "problem.noise_var": 0.25,
         "problem.head_cov": "isotropic", "tasks.n": 1000, "tasks.m_in": 5, "tasks.m_out": 10,
         "model.kind": "relu", "model.width": 16, "model.init_scale": 0.5, "method.name": name,
-        "method.inner_lr": 1.0, "method.outer_lr": 0.1, "train.steps": 200,
+        "method.inner_lr": 0.5, "method.outer_lr": 0.1, "train.steps": 300,
         "train.record_every": 200, "eval.shots": [5], "eval.n_tasks": 2000,
     })
     setup = experiments.prepare(config)

@@ -18,9 +18,9 @@ from metarep import population as pop
 from metarep.algorithms import FOANIL, FOMAML
 from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
 from metarep.config import dump_yaml, load_config
-from metarep.experiments import seed_rng
 from metarep.metrics import measure
 from metarep.models import LinearParams, init_linear
+from metarep.seeding import Purpose, seed_rng
 from metarep.storage import write_npz
 from metarep.tasks import Problem, make_problem, sample_tasks
 from metarep.theory import lambda_star
@@ -302,7 +302,7 @@ def test_simulate_batch_equals_one_configuration_at_a_time():
         mine = batch[batch["config"] == i].drop(columns="config").reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, alone.drop(columns="config"), rtol=1e-10)
     first = batch[(batch["config"] == 0) & (batch["step"] == 40)].iloc[0]
-    B0 = init_linear(9, 5, 1.0, seed_rng(0)).B  # what `metarep run` draws for model.seed 0
+    B0 = init_linear(9, 5, 1.0, seed_rng(0, Purpose.MODEL)).B  # `metarep run`'s B_0, seed 0
     path, _ = exact_trajectory(LinearParams(B0, np.zeros(5)), problem, 0.5, 0.3, 4, 40)
     assert first["perp_norm"] == pytest.approx(
         measure(path[-1], problem, lambda_star(problem.Sigma_star, 0.5, 4, 0.5))["perp_norm"],

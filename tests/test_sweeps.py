@@ -38,7 +38,6 @@ from metarep.sweeps import (
     TEMP_DIR,
     collect,
     collect_table,
-    derive_seed,
     load_sweep,
     plan_runs,
     run_sweep,
@@ -76,14 +75,6 @@ def finished_runs(out: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- planning
 
 
-def test_derive_seed_is_stable_distinct_and_in_range():
-    keys = [key for key, _ in iter_keys() if key.endswith(".seed")]
-    seeds = {(s, key): derive_seed(s, key) for s in range(20) for key in keys}
-    assert len(set(seeds.values())) == len(seeds)
-    assert all(0 <= v < 2**32 for v in seeds.values())
-    assert derive_seed(3, "model.seed") == derive_seed(3, "model.seed")
-
-
 def test_value_tokens_are_safe_and_tell_values_apart():
     values = [5, "5", 5.0, 0.05, 1e-5, -2, "fo-anil", "a/b", "a_b", "a b", [1, 2], "1_2",
               None, "null", True, "true", "online", {"x": 1}, "", "..", "x" * 300]
@@ -108,7 +99,7 @@ def test_plan_runs_is_the_product_of_grid_zip_and_seeds(tmp_path):
                     expected.append({"train.steps": 10, "model.width": width,
                                      "method.outer_lr": lr, "problem.d": zipped["problem.d"][j],
                                      "problem.k": 2,
-                                     **{key: derive_seed(s, key) for key, _ in iter_keys()
+                                     **{key: s for key, _ in iter_keys()
                                         if key.endswith(".seed")}})
     assert [plan.overrides for plan in plans] == expected
     names = [plan.name for plan in plans]
@@ -122,8 +113,7 @@ def test_seed_keys_choose_which_seeds_vary(tmp_path):
     spec = load_sweep(write_sweep(tmp_path, seeds=[1, 2], seed_keys=["model.seed"]))
     plans = plan_runs(spec)
     assert [plan.name for plan in plans] == ["seed=1", "seed=2"]
-    assert [plan.overrides for plan in plans] == [{"model.seed": derive_seed(s, "model.seed")}
-                                                  for s in (1, 2)]
+    assert [plan.overrides for plan in plans] == [{"model.seed": s} for s in (1, 2)]
     single = plan_runs(load_sweep(write_sweep(tmp_path / "one", grid={"model.width": [3]})))
     assert [(p.name, p.overrides) for p in single] == [("run", {"model.width": 3})]
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from metarep.algorithms import adapt_head
 from metarep.models import LinearParams
+from metarep.seeding import Purpose, seed_sequence
 from metarep.tasks import Problem, TaskBatch, sample_heads
 from metarep.theory import adapted_risk, baseline_risk, ridge_penalty, uses_least_squares
 
@@ -198,7 +199,7 @@ def evaluate(
     regression; with ``features_row``, also a row of that name for least squares on the
     learned features (:func:`feature_least_squares_risks`, on its own fresh tasks)."""
     rows = []
-    children = np.random.SeedSequence(seed).spawn(len(shots))
+    children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
     width = problem.k + params.B.shape[1]
     for m, child in zip(shots, children, strict=True):
         represent_rng, regression_rng, features_rng = (
@@ -286,7 +287,7 @@ def evaluate_predictors(
     torch engine): per ``m_test`` in ``shots``, one row per predictor (all on the same fresh
     tasks), then the oracle and plain regression rows of :func:`evaluate`."""
     rows = []
-    children = np.random.SeedSequence(seed).spawn(len(shots))
+    children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
     for m, child in zip(shots, children, strict=True):
         tasks_rng, regression_rng = (np.random.default_rng(s) for s in child.spawn(2))
         chunk = max(2, CHUNK_ENTRIES // ((m + TEST_INPUTS) * problem.d))

@@ -39,6 +39,7 @@ from metarep.evaluation import (
 )
 from metarep.metrics import measure, measure_network
 from metarep.models import LinearParams, init_linear, load_params
+from metarep.seeding import Purpose, seed_rng
 from metarep.tasks import Problem, TaskBatch, load_pool, make_problem, sample_tasks
 from metarep.theory import lambda_star, predicted_limits
 from metarep.training import Diverged, Trajectory, train
@@ -66,11 +67,6 @@ class Setup:
     Lambda_star: np.ndarray
 
 
-def seed_rng(seed: int, *stream: int) -> np.random.Generator:
-    """The generator of ``seed`` for the sub-stream ``stream`` (via ``SeedSequence``)."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=stream))
-
-
 def check_memory(key: str, n_bytes: float, what: str) -> None:
     """Raise :class:`ConfigError` naming ``key`` when ``what`` needs more than the machine's
     memory (instead of failing later with a ``MemoryError``)."""
@@ -92,10 +88,12 @@ def _resolve_pool(config: Config) -> tuple[Config, Problem, bool, TaskBatch | No
         if isinstance(n, int):  # sampled in float64, then split: two copies of X
             check_memory(key, 16.0 * n * m * p.d, f"the task data, {key} x (tasks.m_in + "
                          f"tasks.m_out) x problem.d = {n} x {m} x {p.d} numbers,")
-        problem = make_problem(p.d, p.k, p.noise_var, p.head_cov, seed_rng(p.seed))
+        problem = make_problem(p.d, p.k, p.noise_var, p.head_cov,
+                               seed_rng(p.seed, Purpose.PROBLEM))
         if t.n in ("online", "infinite"):
             return config, problem, True, None
-        pool = sample_tasks(problem, t.n, t.m_in, t.m_out, seed_rng(t.seed), config.train.dtype)
+        pool = sample_tasks(problem, t.n, t.m_in, t.m_out, seed_rng(t.seed, Purpose.TASKS),
+                            config.train.dtype)
         return config, problem, True, pool
     loaded = load_pool(t.from_)
     n, m, d = loaded.X.shape
@@ -109,7 +107,7 @@ def _resolve_pool(config: Config) -> tuple[Config, Problem, bool, TaskBatch | No
                           f"{config.train.tasks_per_step}")
     config = config.replace(**resolved)
     p = config.problem
-    problem = make_problem(p.d, p.k, p.noise_var, p.head_cov, seed_rng(p.seed))
+    problem = make_problem(p.d, p.k, p.noise_var, p.head_cov, seed_rng(p.seed, Purpose.PROBLEM))
     if loaded.B_star is not None:
         problem = Problem(loaded.B_star, problem.Sigma_star, problem.noise_var)
     pool = loaded.split(t.m_in).astype(config.train.dtype)
@@ -138,7 +136,8 @@ def prepare(config: Config) -> Setup:
     else:
         check_memory("model.width", 32.0 * problem.d * model.width,
                      f"B, problem.d x model.width = {problem.d} x {model.width}, with its updates")
-        params = init_linear(problem.d, model.width, model.init_scale, seed_rng(model.seed), dtype)
+        params = init_linear(problem.d, model.width, model.init_scale,
+                             seed_rng(model.seed, Purpose.MODEL), dtype)
     method = make_method(method_cfg.name, method_cfg.inner_lr, method_cfg.outer_lr,
                          method_cfg.inner_steps)
     if config.tasks.n == "infinite":
@@ -185,7 +184,7 @@ def _network_setup(config: Config, d: int, pool: TaskBatch | None) -> tuple[Conf
         config = config.replace(**widths)
     else:
         network = networks.init_relu(d, model.width, model.hidden_layers, model.hidden_width,
-                                     model.init_scale, seed_rng(model.seed))
+                                     model.init_scale, seed_rng(model.seed, Purpose.MODEL))
     base, first_order = torch_engine.split_method_name(m.name)
     learner = torch_engine.MetaLearner(
         network, networks.HEAD, method=base, first_order=first_order, inner_lr=m.inner_lr,
@@ -206,7 +205,7 @@ def batch_source(setup: Setup) -> Callable[[int], TaskBatch]:
 
     Whole pool; or ``train.tasks_per_step`` tasks of the pool drawn without replacement; or,
     for ``tasks.n: online``, that many fresh tasks. Step ``t`` draws from its own seeded
-    stream (``tasks.seed``, stream ``(1, t)``), so a resumed run draws the same tasks.
+    stream (``tasks.seed``, sub-stream ``(1, t)``), so a resumed run draws the same tasks.
     """
     config = setup.config
     size, seed = config.train.tasks_per_step, config.tasks.seed
@@ -215,11 +214,12 @@ def batch_source(setup: Setup) -> Callable[[int], TaskBatch]:
     if setup.pool is None:
         t_cfg = config.tasks
         return lambda t: sample_tasks(setup.problem, size, t_cfg.m_in, t_cfg.m_out,
-                                      seed_rng(seed, 1, t), config.train.dtype)
+                                      seed_rng(seed, Purpose.TASKS, 1, t), config.train.dtype)
     pool = setup.pool
     if size is None or size == pool.n_tasks:
         return lambda t: pool
-    return lambda t: pool.take(seed_rng(seed, 1, t).choice(pool.n_tasks, size, replace=False))
+    return lambda t: pool.take(
+        seed_rng(seed, Purpose.TASKS, 1, t).choice(pool.n_tasks, size, replace=False))
 
 
 def divergence_advice(config: Config) -> str:

@@ -61,6 +61,7 @@ import pandas as pd
 from metarep.algorithms import Method
 from metarep.metrics import measure
 from metarep.models import LinearParams, init_linear
+from metarep.seeding import Purpose, seed_rng
 from metarep.tasks import Problem, sample_tasks
 from metarep.theory import lambda_star
 from metarep.training import EXPLOSION_FACTOR, record_steps
@@ -474,8 +475,8 @@ def simulate_batch(
 
     ``configs`` has columns among ``inner_lr, outer_lr, m_in, noise_var, seed`` (missing ones
     come from ``defaults``, else ``noise_var`` from ``problem`` and ``seed`` 0). Configuration
-    ``i`` starts from ``init_linear(d, width, init_scale, default_rng(seed_i))`` (the
-    initialisation ``metarep run`` uses for ``model.seed``) and ``w_0 = 0``.
+    ``i`` starts from ``init_linear(d, width, init_scale, seed_rng(seed_i, Purpose.MODEL))``
+    (the initialisation ``metarep run`` uses for ``model.seed``) and ``w_0 = 0``.
 
     **Returns** one row per configuration and recorded step (0, every ``record_every``, and
     ``steps``): ``config`` (row of ``configs``), the configuration's columns, ``step``,
@@ -492,7 +493,7 @@ def simulate_batch(
             table[column] = fill[column]
     b = len(table)
     B0 = np.stack([init_linear(problem.d, width, init_scale,
-                               np.random.default_rng(int(seed))).B for seed in table["seed"]])
+                               seed_rng(int(seed), Purpose.MODEL)).B for seed in table["seed"]])
     _, state = coordinates(problem.B_star, B0, keep_basis=False, dtype=dtype)
     dynamics = ExactFOANIL(problem.Sigma_star, table["inner_lr"], table["outer_lr"],
                            table["m_in"], table["noise_var"], state.H.shape, dtype)

@@ -7,11 +7,9 @@ A sweep file (YAML) has
 - ``set``: dotted keys fixed for every run (optional);
 - ``grid``: dotted key -> list of values; every combination is run;
 - ``zip``: dotted key -> lists of one common length, taken together (row ``j`` of every list);
-- ``seeds``: a list of seeds ``s``; every run is repeated for each ``s``, which seeds every key
-  of ``seed_keys`` (default: every ``*.seed`` key). Key ``key`` gets its own seed
-  ``derive_seed(s, key)`` (from ``SeedSequence``), so no two random streams of a run start
-  from the same numbers (with one shared value, ``B_0`` would be drawn from the very numbers
-  that made ``B_star``).
+- ``seeds``: a list of seeds ``s``; every run is repeated for each ``s``, which is applied to
+  every key of ``seed_keys`` (default: every ``*.seed`` key). Equal values are safe: each
+  seed key draws from its own stream (:mod:`metarep.seeding`).
 
 The runs are the product grid x zip rows x seeds, in that order. Each run's directory is
 named from the values that vary across the sweep (``width=5,outer_lr=0.02,seed=1``) and holds
@@ -34,7 +32,6 @@ import os
 import re
 import shutil
 import uuid
-import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -95,13 +92,6 @@ class RunPlan:
     overrides: dict[str, Any]
     varied: dict[str, Any]
     seed: int | None
-
-
-def derive_seed(seed: int, key: str) -> int:
-    """The seed given to config key ``key`` by sweep seed ``seed``: 32 bits of
-    ``SeedSequence([seed, crc32(key)])``, distinct (in law, independent) across keys."""
-    entropy = [seed, zlib.crc32(key.encode())]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _mapping(where: str, value: Any) -> dict[str, Any]:
@@ -286,7 +276,7 @@ def plan_runs(spec: SweepSpec) -> list[RunPlan]:
     for cell, row, seed in itertools.product(grid_cells, zip_rows, seeds):
         values = {**cell, **row}
         varied = {key: values[key] for key in axes}
-        seeded = {} if seed is None else {key: derive_seed(seed, key) for key in spec.seed_keys}
+        seeded = {} if seed is None else dict.fromkeys(spec.seed_keys, seed)
         name = run_name(varied, labels, seed if len(seeds) > 1 else None)
         plans.append(RunPlan(name, {**spec.fixed, **values, **seeded}, varied, seed))
     return plans
