@@ -448,3 +448,15 @@ def test_one_step_on_a_given_pool_and_init_matches_numpy(tmp_path, inner_steps, 
     assert (out / "eval.csv").is_file() == with_truth
     with np.load(out / "params.npz") as params:
         assert ("B_star" in params.files) == with_truth
+
+
+def test_a_run_without_evaluation_leaves_no_stale_eval_files(tmp_path):
+    out = tmp_path / "out"
+    args = ["run", "quick", *POOL, "--set", "train.steps=1", "--set", "eval.n_tasks=20",
+            "--out", out, "--no-progress"]
+    assert invoke(*args).exit_code == 0
+    assert (out / "eval.csv").is_file() and (out / "eval.png").is_file()
+    pool = pool_file(tmp_path, n=30, m=8, d=6, B_star=None, heads=None)
+    result = invoke(*args, "--set", f"tasks.from={pool}")
+    assert result.exit_code == 0, result.output
+    assert not (out / "eval.csv").exists() and not (out / "eval.png").exists()

@@ -424,6 +424,9 @@ def _finish(out: Path, setup: Setup, trajectory: Trajectory[State], rows: list[E
                                        "theory"])
     if rows:
         storage.write_text(out / "eval.csv", eval_frame.to_csv(index=False))
+    else:  # no evaluation: leave no stale results of an earlier run in this directory
+        for stale in ("eval.csv", "eval.png"):
+            (out / stale).unlink(missing_ok=True)
     final = dict(trajectory.records[-1]) if trajectory.records else {}
     summary = {
         "status": status,
