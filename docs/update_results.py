@@ -1,6 +1,6 @@
 """Refresh README's results block from a finished `metarep reproduce` directory.
 
-Usage: python docs/update_results.py runs/reproduce-default
+Usage: python docs/update_results.py runs/reproduce-default ["WALL TIME"]
 
 Copies the six PNG figures to docs/results/ and writes the claims table and the key numbers
 between the `<!-- results:start -->` and `<!-- results:end -->` markers of README.md.
@@ -33,7 +33,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def results_block(study: Path) -> str:
+def results_block(study: Path, wall: str | None) -> str:
     claims = pd.read_csv(study / "claims.csv")
     numbers = pd.read_csv(study / "tables" / "key_numbers.csv")
     numbers = numbers[[c for c in COLUMNS if c in numbers.columns]]
@@ -42,7 +42,9 @@ def results_block(study: Path) -> str:
     return (
         f"Results of `metarep reproduce` (default scale) on the 2-core development machine: "
         f"{int(claims['passed'].sum())}/{len(claims)} claims passed; the runs took "
-        f"{seconds:.0f} s of compute in all.\n\n{markdown_table(claims)}\n\n{figures}\n\n"
+        f"{seconds:.0f} s of compute in all"
+        f"{f' ({wall} of wall time with 2 workers)' if wall else ''}.\n\n"
+        f"{markdown_table(claims)}\n\n{figures}\n\n"
         f"Final measures of every run:\n\n{markdown_table(numbers)}\n"
     )
 
@@ -57,7 +59,8 @@ def main() -> None:
     start, end = "<!-- results:start -->\n", "<!-- results:end -->"
     head, rest = readme.split(start)
     tail = rest.split(end)[1]
-    (ROOT / "README.md").write_text(head + start + results_block(study) + end + tail)
+    wall = sys.argv[2] if len(sys.argv) > 2 else None
+    (ROOT / "README.md").write_text(head + start + results_block(study, wall) + end + tail)
 
 
 if __name__ == "__main__":
