@@ -15,13 +15,21 @@ Every run is limited to one BLAS thread, so 2 workers use 2 cores. Target (issue
 with 2 workers at least 1.7x faster than sequential on 2 cores. The three collected tables are
 checked to be equal (same seeds, same numbers on every executor).
 
-    python benchmarks/bench_sweep.py            # 32 runs
-    python benchmarks/bench_sweep.py --quick    # 4 short runs: a check that it runs
+Then a sweep of 64 ``tasks.n: infinite`` runs (``quick`` with d = 20, k = 3, k' = 10, 2,000 steps
+each; inner_lr x outer_lr x m_in x 4 model seeds) on the local pool: **batched** (the default:
+the runs that differ only in step sizes, m_in, noise and seeds are stepped together, one batch
+per worker) against **one by one** (``batch_infinite=False``, ``metarep sweep --no-batch``).
+Both include each run's evaluation, summary and figures, which are not batched and, at 2,000
+steps, take most of a run's time; their tables are checked to be equal.
+
+    python benchmarks/bench_sweep.py            # 32 runs, then 64 infinite-task runs
+    python benchmarks/bench_sweep.py --quick    # short runs: a check that it runs
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,6 +42,8 @@ from metarep.sweeps import collect_table, run_sweep
 
 WORKERS = 2
 TARGET_SPEEDUP = 1.7
+INFINITE = {"tasks.n": "infinite", "problem.d": 20, "problem.k": 3, "model.width": 10,
+            "train.record_every": 100}
 
 
 def write_sweep(folder: Path, runs: int, steps: int | None) -> Path:
@@ -44,6 +54,40 @@ def write_sweep(folder: Path, runs: int, steps: int | None) -> Path:
     path = folder / "bench_sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
+
+
+def write_infinite_sweep(folder: Path, quick: bool) -> tuple[Path, int]:
+    """The infinite-task sweep (64 runs of 2,000 steps; quick: 8 runs of 100 steps) and its
+    number of runs."""
+    grid = {"method.inner_lr": [0.3, 0.5], "method.outer_lr": [0.1, 0.2],
+            "tasks.m_in": [5, math.inf] if quick else [5, 10, 20, math.inf]}
+    seeds = [0] if quick else [0, 1, 2, 3]
+    sweep = {"base": "quick", "set": {**INFINITE, "train.steps": 100 if quick else 2000},
+             "grid": grid, "seeds": seeds, "seed_keys": ["model.seed"]}
+    path = folder / "bench_infinite.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path, math.prod(len(values) for values in grid.values()) * len(seeds)
+
+
+def bench_infinite(folder: Path, quick: bool) -> None:
+    """Time the infinite-task sweep batched and one by one (2 workers each) and print it."""
+    sweep, runs = write_infinite_sweep(folder, quick)
+    options = {"workers": WORKERS, "progress": False}
+    seconds = {
+        "one by one": timed(lambda: run_sweep(sweep, folder / "single", batch_infinite=False,
+                                              **options)),
+        "batched": timed(lambda: run_sweep(sweep, folder / "batched", **options)),
+    }
+    pd.testing.assert_frame_equal(collect_table(folder / "batched"),
+                                  collect_table(folder / "single"), check_exact=False,
+                                  rtol=1e-10, atol=0)
+    steps = 100 if quick else 2000
+    print(f"\nsweep of {runs} infinite-task runs ({steps} steps each, d = 20, k = 3, k' = 10), "
+          f"{WORKERS} workers; the tables are equal")
+    print(f"{'runs':<12}{'seconds':>10}{'runs/s':>10}{'speedup':>10}")
+    for name, value in seconds.items():
+        print(f"{name:<12}{value:>10.2f}{runs / value:>10.2f}"
+              f"{seconds['one by one'] / value:>9.2f}x")
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -100,6 +144,8 @@ def main() -> None:
         print(f"Ray start-up (once per sweep, not in the times above): {ray_start:.2f} s")
     verdict = "met" if sequential / seconds["local"] >= TARGET_SPEEDUP else "NOT met"
     print(f"target: local with {WORKERS} workers >= {TARGET_SPEEDUP}x sequential: {verdict}")
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as scratch:
+        bench_infinite(Path(scratch), args.quick)
 
 
 if __name__ == "__main__":

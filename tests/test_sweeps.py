@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,8 +24,10 @@ import pytest
 import yaml
 from scipy import stats
 from threadpoolctl import threadpool_limits
+from typer.testing import CliRunner
 
-from metarep import experiments
+from metarep import experiments, sweeps
+from metarep.cli import app
 from metarep.config import ConfigError, from_dict, iter_keys
 from metarep.executors import (
     ERROR_FILE,
@@ -33,9 +37,11 @@ from metarep.executors import (
     one_thread,
     use_local_token,
 )
+from metarep.experiments import BATCH_KEYS
 from metarep.sweeps import (
     MANIFEST,
     TEMP_DIR,
+    batch_jobs,
     collect,
     collect_table,
     load_sweep,
@@ -44,6 +50,7 @@ from metarep.sweeps import (
     seed_intervals,
     value_token,
 )
+from metarep.training import Diverged
 
 METAREP = [str(Path(sys.executable).with_name("metarep"))]
 RUN_FILES = {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz",
@@ -57,6 +64,7 @@ BASE = {
     "eval": {"shots": [5, 10], "n_tasks": 20, "seed": 3},
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=,-]+$")
+RUNNER = CliRunner()
 
 
 def write_sweep(folder: Path, name: str = "sweep.yaml", **fields) -> Path:
@@ -255,7 +263,7 @@ def test_a_killed_worker_breaks_the_pool_and_its_runs_are_redone(tmp_path):
                      str(tmp_path / f".{plan.name}.tmp-0000000{i}"), str(tmp_path))
              for i, plan in enumerate(plan_runs(spec))]
     outcomes = []
-    for outcome in LocalExecutor(2).map(tasks):
+    for outcome in LocalExecutor(2).map([(task,) for task in tasks]):
         if not outcomes:  # a worker dies while the others run: the pool breaks
             os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
         outcomes.append(outcome)
@@ -263,6 +271,158 @@ def test_a_killed_worker_breaks_the_pool_and_its_runs_are_redone(tmp_path):
     assert [o.status for o in outcomes] == ["done"] * 4
     for task in tasks:
         assert {p.name for p in Path(task.workdir).iterdir()} == RUN_FILES
+
+
+# ----------------------------------------------------------------------------- batched runs
+
+INFINITE = {"tasks.n": "infinite", "train.steps": 300, "train.record_every": 50}
+
+
+def skip_drawing(monkeypatch) -> None:
+    """In this process, build the figures but do not draw them (the slow part; figures are
+    not compared): each is written as a placeholder file."""
+    import matplotlib.pyplot as plt
+
+    from metarep import plotting
+
+    def save(figure, path):
+        Path(path).write_bytes(b"figure")
+        plt.close(figure)
+
+    monkeypatch.setattr(plotting, "_save", save)
+
+
+def assert_close_json(a, b, where: str = "summary") -> None:
+    """``a == b``, floats to 1e-10 relative."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), where
+        for key in b:
+            assert_close_json(a[key], b[key], f"{where}.{key}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close_json(x, y, f"{where}[{i}]")
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-10, abs=0), where
+    else:
+        assert a == b, where
+
+
+def assert_same_run(batched: Path, single: Path) -> None:
+    """The run directories hold the same files (``error.json`` aside) with the same numbers:
+    metrics, evaluation and parameters to 1e-10 (relative), the summary but for ``seconds``."""
+    names = {p.name for p in batched.iterdir()} - {ERROR_FILE}
+    assert names == {p.name for p in single.iterdir()} - {ERROR_FILE}
+    assert (batched / "config.yaml").read_text() == (single / "config.yaml").read_text()
+    for name in ("metrics.csv", "eval.csv"):
+        if name in names:
+            pd.testing.assert_frame_equal(pd.read_csv(batched / name), pd.read_csv(single / name),
+                                          check_exact=False, rtol=1e-10, atol=0)
+    with np.load(batched / "params.npz") as mine, np.load(single / "params.npz") as theirs:
+        assert sorted(mine.files) == sorted(theirs.files)
+        for key in theirs.files:
+            np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-10, atol=0)
+    summaries = [json.loads((path / "summary.json").read_text()) for path in (batched, single)]
+    for summary in summaries:
+        summary.pop("seconds")
+    assert_close_json(*summaries)
+
+
+def spy_on(monkeypatch, module, name: str) -> list:
+    """Replace the function ``module.name`` by a wrapper that records what each call returns."""
+    results, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(module, name, wrapper)
+    return results
+
+
+def test_batch_jobs_group_infinite_runs_that_differ_only_in_batch_keys(tmp_path, monkeypatch):
+    grid = {"tasks.n": ["infinite", 30], "model.width": [3, 0, 4], "method.outer_lr": [0.1, 0.2]}
+    spec = load_sweep(write_sweep(tmp_path, grid=grid, seeds=[0, 1, 2],
+                                  seed_keys=["model.seed", "eval.seed"]))
+    tasks = [RunTask(p.name, spec.tree, p.overrides, "base", "", "") for p in plan_runs(spec)]
+    assert len(tasks) == 36
+
+    def shared(task: RunTask) -> str:
+        return json.dumps({k: v for k, v in task.overrides.items() if k not in BATCH_KEYS})
+
+    for workers, max_batch, sizes in ((1, 64, [6]), (2, 64, [3, 3]), (3, 64, [2, 2, 2]),
+                                      (16, 64, [2, 2, 2]), (1, 4, [3, 3])):
+        monkeypatch.setattr(sweeps, "MAX_BATCH", max_batch)
+        jobs = batch_jobs(tasks, workers)
+        assert [task.name for job in jobs for task in job] == [task.name for task in tasks]
+        batched = [job for job in jobs if len(job) > 1]
+        assert [len(job) for job in batched] == sizes * 2  # widths 3 and 4, in order
+        for job in batched:
+            assert {task.overrides["tasks.n"] for task in job} == {"infinite"}
+            assert len({shared(task) for task in job}) == 1
+        assert len(jobs) - len(batched) == 24  # the pool runs and the bad cells (width 0)
+    # seeds applied to problem.seed too: runs of different B_star are not batched together
+    spec = load_sweep(write_sweep(tmp_path / "b", set=INFINITE,
+                                  grid={"method.outer_lr": [0.1, 0.2]}, seeds=[0, 1]))
+    tasks = [RunTask(p.name, spec.tree, p.overrides, "base", "", "") for p in plan_runs(spec)]
+    assert [[task.name for task in job] for job in batch_jobs(tasks, 1)] == [
+        ["outer_lr=0.1,seed=0", "outer_lr=0.2,seed=0"],
+        ["outer_lr=0.1,seed=1", "outer_lr=0.2,seed=1"]]
+    with pytest.raises(ValueError, match="differ only in"):
+        experiments.run_infinite_batch(
+            [from_dict(BASE, INFINITE), from_dict(BASE, {**INFINITE, "model.width": 3})],
+            [tmp_path / "x", tmp_path / "y"])
+
+
+def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeypatch):
+    skip_drawing(monkeypatch)
+    batches = spy_on(monkeypatch, experiments, "run_infinite_batch")
+    grid = {"method.inner_lr": [0.3, 0.5], "method.outer_lr": [0.1, 0.2],
+            "tasks.m_in": [5, math.inf]}
+    sweep = write_sweep(tmp_path, set=INFINITE, grid=grid, seeds=[0, 1],
+                        seed_keys=["model.seed", "eval.seed"])
+    out = tmp_path / "out"
+    result = RUNNER.invoke(app, ["sweep", str(sweep), "--out", str(out), "--workers", "1",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "16 runs, 16 done, 0 failed" in result.output
+    assert [len(results) for results in batches] == [16]
+    runs = finished_runs(out)
+    assert len(runs) == 16
+    for path in runs:  # `metarep run` on the run's config.yaml (same name: base)
+        single = tmp_path / "single" / path.name
+        single.mkdir(parents=True)
+        shutil.copy(path / "config.yaml", single / "base.yaml")
+        result = RUNNER.invoke(app, ["run", str(single / "base.yaml"), "--out",
+                                     str(single / "out"), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert_same_run(path, single / "out")
+    assert len(batches) == 1
+
+
+def test_a_diverging_run_fails_alone_in_its_batch(tmp_path, monkeypatch):
+    batches = spy_on(monkeypatch, sweeps, "batch_jobs")
+    # two batches of two on a pool of 2 workers, each with a run that diverges at step 1:
+    # the loss explodes (outer_lr 1e4) or is nan (1e100)
+    sweep = write_sweep(tmp_path, set=INFINITE,
+                        grid={"method.outer_lr": [0.1, 1e4, 1e100, 0.2]})
+    out = tmp_path / "out"
+    report = run_sweep(sweep, out, workers=2, progress=False)
+    assert (report.done, report.failed) == (2, 2)
+    assert [[len(job) for job in jobs] for jobs in batches] == [[2, 2]]
+    skip_drawing(monkeypatch)
+    for plan in plan_runs(load_sweep(sweep)):
+        single = tmp_path / "single" / plan.name
+        try:
+            run_directly(BASE, plan.overrides, single)
+        except Diverged as error:
+            assert plan.overrides["method.outer_lr"] > 1
+            record = json.loads((out / plan.name / ERROR_FILE).read_text())
+            assert record["type"] == "Diverged" and record["error"] == str(error)
+            assert record["overrides"] == plan.overrides
+        else:
+            assert not (out / plan.name / ERROR_FILE).exists()
+        assert_same_run(out / plan.name, single)
 
 
 def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
@@ -395,12 +555,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+RAY_TOKEN = secrets.token_hex(32)  # one per test process: Ray caches the token it first reads
+
+
 @pytest.fixture
 def ray_env(monkeypatch):
     """Token authentication with a throw-away token (nothing written to ~/.ray), and a
     short Ray temp dir (Ray's socket paths are length-limited)."""
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # before Ray is imported: it caches its mode
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", RAY_TOKEN)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     pytest.importorskip("ray")
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
@@ -447,6 +610,36 @@ def test_ray_executor_gives_the_local_executor_table(tmp_path, ray_env):
         assert sorted(p.name for p in twin.iterdir()) == sorted(p.name for p in path.iterdir())
         if (path / "metrics.csv").exists():
             assert (twin / "metrics.csv").read_bytes() == (path / "metrics.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_executor_runs_a_batch_of_infinite_task_runs(tmp_path, ray_env, monkeypatch):
+    import ray
+
+    batches = spy_on(monkeypatch, sweeps, "batch_jobs")
+    sweep = write_sweep(tmp_path, set=INFINITE, grid={"method.outer_lr": [0.1, 1e4, 0.2]})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=ray_env)
+    try:
+        remote = run_sweep(sweep, tmp_path / "ray", executor="ray", progress=False)
+    finally:
+        ray.shutdown()
+    assert [[len(job) for job in jobs] for jobs in batches] == [[3]]  # >= 2 runs a batch
+    skip_drawing(monkeypatch)
+    single = run_sweep(sweep, tmp_path / "single", workers=1, progress=False,
+                       batch_infinite=False)
+    assert len(batches) == 1, "batch_infinite=False batches nothing"
+    assert (remote.done, remote.failed) == (single.done, single.failed) == (2, 1)
+    pd.testing.assert_frame_equal(collect_table(tmp_path / "ray"),
+                                  collect_table(tmp_path / "single"), check_exact=False,
+                                  rtol=1e-10, atol=0)
+    for path in finished_runs(tmp_path / "single"):
+        assert_same_run(tmp_path / "ray" / path.name, path)
+        if (path / ERROR_FILE).exists():
+            records = [json.loads((run / ERROR_FILE).read_text())
+                       for run in (path, tmp_path / "ray" / path.name)]
+            assert records[0]["error"] == records[1]["error"]
+            assert records[0]["error"].startswith("training diverged at step 1 ")
 
 
 @pytest.mark.slow

@@ -90,13 +90,16 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="Sweep directory [default: runs/STEM].")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Redo runs that failed before.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    batch: Annotated[bool, typer.Option(help="Batch tasks.n: infinite runs that differ only "
+                                        "in step sizes, m_in, noise and seeds.")] = True,
 ) -> None:
     """Run every run of a sweep (resuming: finished runs are skipped), one directory each."""
     from metarep.sweeps import run_sweep
 
     try:
         report = run_sweep(sweep_file, out, executor=executor, workers=workers, address=address,
-                           retry_failed=retry_failed, progress=progress and sys.stderr.isatty())
+                           retry_failed=retry_failed, progress=progress and sys.stderr.isatty(),
+                           batch_infinite=batch)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     typer.echo(f"sweep {report.out_dir}: {report.total} runs, {report.done} done, "

@@ -1,17 +1,20 @@
 """Where the runs of a sweep execute: in this process, a local process pool, or a Ray cluster.
 
-Every executor runs the same worker function, :func:`execute`, on a :class:`RunTask` (the
-base config tree plus the run's dotted overrides: plain data, so it pickles to any process
-or node) and yields one :class:`Outcome` per run as runs finish, in completion order.
+Every executor runs jobs and yields one :class:`Outcome` per run as runs finish, in completion
+order. A :data:`Job` is a tuple of :class:`RunTask` (the base config tree plus a run's dotted
+overrides: plain data, so it pickles to any process or node): one run, which the worker
+function :func:`execute` runs, or a batch of ``tasks.n: infinite`` runs that differ only in
+step sizes, ``m_in``, noise and seeds, which :func:`execute_group` runs as one vectorised
+computation (:func:`metarep.experiments.run_infinite_batch`, with the same results).
 
 - :class:`LocalExecutor` with one worker runs in this process (the sequential baseline);
   with ``n`` workers it uses a ``spawn`` process pool. Its workers write straight into the
   temporary run directory the driver chose.
-- :class:`RayExecutor` sends each run to a Ray task (``num_cpus=1``); the task runs into a
+- :class:`RayExecutor` sends each job to a Ray task (``num_cpus=1``); the task runs into a
   node-local temporary directory and returns the files' bytes, so the nodes need no shared
   filesystem.
 
-Each run is limited to one thread (BLAS, OpenMP, torch: :func:`one_thread`), so ``n`` workers
+Each job is limited to one thread (BLAS, OpenMP, torch: :func:`one_thread`), so ``n`` workers
 use ``n`` cores and a run gives bit-identical numbers on every executor.
 """
 
@@ -25,7 +28,7 @@ import socket
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +101,9 @@ def one_thread() -> Iterator[None]:
             torch.set_num_threads(torch_threads)
 
 
+Job = tuple[RunTask, ...]
+
+
 def execute(task: RunTask, workdir: str | Path) -> Outcome:
     """Run ``task`` into ``workdir`` on one thread; never raises for a failing run.
 
@@ -108,39 +114,73 @@ def execute(task: RunTask, workdir: str | Path) -> Outcome:
     """
     from metarep.experiments import run  # heavy import, deferred to the worker
 
-    out = Path(workdir)
-    error: str | None = None
     try:
         with one_thread():
-            run(from_dict(task.tree, task.overrides, name=task.config_name), out, progress=False)
-    except Exception as exc:
-        error = str(exc) if isinstance(exc, ConfigError | Diverged) else (
-            f"{type(exc).__name__}: {exc}")
-        storage.write_json(out / ERROR_FILE, {
-            "status": "failed",
-            "error": error,
-            "type": type(exc).__name__,
-            "key": getattr(exc, "key", None),
-            "overrides": task.overrides,
-            "traceback": traceback.format_exc(),
-        })
-    status = "done" if error is None else "failed"
-    return Outcome(task.name, status, error)
+            run(from_dict(task.tree, task.overrides, name=task.config_name), workdir,
+                progress=False)
+    except Exception as error:
+        return failed(task, workdir, error)
+    return Outcome(task.name, "done", None)
 
 
-def execute_packed(task: RunTask) -> Outcome:
-    """:func:`execute` into a private temporary directory; returns the files as bytes.
+def failed(task: RunTask, workdir: str | Path, exc: Exception) -> Outcome:
+    """Record ``exc`` as the failure of ``task`` in ``workdir/error.json`` (see :func:`execute`)."""
+    error = str(exc) if isinstance(exc, ConfigError | Diverged) else (
+        f"{type(exc).__name__}: {exc}")
+    storage.write_json(Path(workdir) / ERROR_FILE, {
+        "status": "failed",
+        "error": error,
+        "type": type(exc).__name__,
+        "key": getattr(exc, "key", None),
+        "overrides": task.overrides,
+        "traceback": "".join(traceback.format_exception(exc)),
+    })
+    return Outcome(task.name, "failed", error)
+
+
+def execute_group(tasks: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
+    """Run ``tasks``, ``tasks.n: infinite`` runs that differ only in
+    :data:`metarep.experiments.BATCH_KEYS`, into ``workdirs`` as one batched computation on one
+    thread (:func:`metarep.experiments.run_infinite_batch`: the same files and numbers as
+    :func:`execute` of each). Each run succeeds or fails on its own and is recorded as
+    :func:`execute` records it; should the shared computation itself fail, every run fails
+    with its error."""
+    from metarep.experiments import run_infinite_batch
+
+    try:
+        configs = [from_dict(task.tree, task.overrides, name=task.config_name) for task in tasks]
+        with one_thread():
+            results = run_infinite_batch(configs, workdirs)
+    except Exception as error:
+        results = [error] * len(tasks)
+    return [failed(task, workdir, result) if isinstance(result, Exception)
+            else Outcome(task.name, "done", None)
+            for task, workdir, result in zip(tasks, workdirs, results, strict=True)]
+
+
+def execute_job(job: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
+    """Run ``job`` into ``workdirs`` (one per run): :func:`execute` for one run,
+    :func:`execute_group` for a batch."""
+    if len(job) == 1:
+        return [execute(job[0], workdirs[0])]
+    return execute_group(job, workdirs)
+
+
+def execute_packed(job: Job) -> list[Outcome]:
+    """:func:`execute_job` into private temporary directories; returns the files as bytes.
 
     Runs in the driver's directory where that directory exists (a single machine or a shared
     filesystem), so relative paths in the config resolve as they would for ``metarep run``.
     """
-    if os.path.isdir(task.cwd):
-        os.chdir(task.cwd)
+    if os.path.isdir(job[0].cwd):
+        os.chdir(job[0].cwd)
     with tempfile.TemporaryDirectory(prefix="metarep-run-") as scratch:
-        outcome = execute(task, scratch)
-        files = {path.name: path.read_bytes() for path in sorted(Path(scratch).iterdir())
-                 if path.is_file()}
-    return Outcome(outcome.name, outcome.status, outcome.error, files)
+        workdirs = [Path(scratch) / str(i) for i in range(len(job))]
+        outcomes = execute_job(job, workdirs)
+        return [Outcome(outcome.name, outcome.status, outcome.error,
+                        {path.name: path.read_bytes() for path in sorted(workdir.iterdir())
+                         if path.is_file()})
+                for outcome, workdir in zip(outcomes, workdirs, strict=True)]
 
 
 def worker_died(task: RunTask, reason: str) -> Outcome:
@@ -154,9 +194,11 @@ def worker_died(task: RunTask, reason: str) -> Outcome:
 
 
 class Executor(Protocol):
-    """Runs tasks and yields their outcomes as they finish."""
+    """Runs jobs and yields their runs' outcomes as they finish, with ``workers`` jobs at once."""
 
-    def map(self, tasks: Iterable[RunTask]) -> Iterator[Outcome]: ...
+    workers: int
+
+    def map(self, jobs: Iterable[Job]) -> Iterator[Outcome]: ...
 
     def close(self) -> None: ...
 
@@ -167,36 +209,39 @@ class LocalExecutor:
     def __init__(self, workers: int):
         self.workers = workers
 
-    def map(self, tasks: Iterable[RunTask]) -> Iterator[Outcome]:
+    def map(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
         if self.workers == 1:
-            for task in tasks:
-                yield execute(task, task.workdir)
+            for job in jobs:
+                yield from execute_job(job, [task.workdir for task in job])
             return
-        listed = list(tasks)
-        yield from self._pool_map(listed, retries_left={task.name: 1 for task in listed})
+        listed = list(jobs)
+        yield from self._pool_map(listed, retries_left={job[0].name: 1 for job in listed})
 
-    def _pool_map(self, tasks: list[RunTask], retries_left: dict[str, int]) -> Iterator[Outcome]:
-        """Run ``tasks`` on a fresh pool; if a worker dies (which breaks the pool), retry
-        the unfinished runs once on a new pool and record a run failed the second time."""
+    def _pool_map(self, jobs: list[Job], retries_left: dict[str, int]) -> Iterator[Outcome]:
+        """Run ``jobs`` on a fresh pool; if a worker dies (which breaks the pool), retry
+        the unfinished jobs once on a new pool and record their runs failed the second time."""
         context = multiprocessing.get_context("spawn")
-        broken: list[RunTask] = []
+        broken: list[Job] = []
         pool = futures.ProcessPoolExecutor(self.workers, mp_context=context)
         try:
-            pending = {pool.submit(execute, task, task.workdir): task for task in tasks}
+            pending = {pool.submit(execute_job, job, [task.workdir for task in job]): job
+                       for job in jobs}
             for future in futures.as_completed(pending):
-                task = pending[future]
+                job = pending[future]
                 try:
-                    yield future.result()
+                    yield from future.result()
                 except futures.process.BrokenProcessPool as error:
-                    if retries_left[task.name] > 0:
-                        broken.append(task)
+                    if retries_left[job[0].name] > 0:
+                        broken.append(job)
                     else:
-                        yield worker_died(task, str(error))
-        finally:  # on an early exit (Ctrl-C) drop the queued runs, finish the running ones
+                        for task in job:
+                            yield worker_died(task, str(error))
+        finally:  # on an early exit (Ctrl-C) drop the queued jobs, finish the running ones
             pool.shutdown(wait=True, cancel_futures=True)
-        for task in broken:
-            retries_left[task.name] -= 1
-            shutil.rmtree(task.workdir, ignore_errors=True)
+        for job in broken:
+            retries_left[job[0].name] -= 1
+            for task in job:
+                shutil.rmtree(task.workdir, ignore_errors=True)
         if broken:
             yield from self._pool_map(broken, retries_left)
 
@@ -240,7 +285,8 @@ def use_local_token(address: str) -> None:
 
 class RayExecutor:
     """Ray tasks on the cluster at ``address`` (``None``: Ray's default discovery, else a new
-    local instance), at most ``workers`` in flight (default: the cluster's CPUs)."""
+    local instance), one per job, at most ``workers`` in flight (default: the cluster's
+    CPUs)."""
 
     def __init__(self, address: str | None, workers: int | None):
         if address is not None:
@@ -266,21 +312,21 @@ class RayExecutor:
         self.workers = workers or max(cpus, 1)
         self.remote = ray.remote(num_cpus=1)(execute_packed)
 
-    def map(self, tasks: Iterable[RunTask]) -> Iterator[Outcome]:
-        queue = list(tasks)[::-1]
-        running: dict[Any, RunTask] = {}
+    def map(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
+        queue = list(jobs)[::-1]
+        running: dict[Any, Job] = {}
         try:
             while queue or running:
                 while queue and len(running) < self.workers:
-                    task = queue.pop()
-                    running[self.remote.remote(task)] = task
+                    job = queue.pop()
+                    running[self.remote.remote(job)] = job
                 ready, _ = self.ray.wait(list(running), num_returns=1)
-                task = running.pop(ready[0])
+                job = running.pop(ready[0])
                 try:
-                    outcome = self.ray.get(ready[0])
+                    outcomes = self.ray.get(ready[0])
                 except self.ray.exceptions.RayError as error:
-                    outcome = worker_died(task, str(error).splitlines()[0])
-                yield outcome
+                    outcomes = [worker_died(task, str(error).splitlines()[0]) for task in job]
+                yield from outcomes
         finally:  # on an early exit (Ctrl-C) cancel what still runs on the cluster
             for ref in running:
                 self.ray.cancel(ref, force=True)

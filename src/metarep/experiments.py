@@ -18,9 +18,10 @@ While it trains, ``checkpoint.npz`` holds the latest recorded state so that
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import pandas as pd
 
 from metarep import plotting, population, storage
 from metarep.algorithms import Method, MTLState, State, make_method
-from metarep.config import Config, ConfigError, dump_yaml
+from metarep.config import Config, ConfigError, _flatten, dump_yaml, to_dict
 from metarep.evaluation import (
     EvalRow,
     evaluate,
@@ -42,7 +43,7 @@ from metarep.models import LinearParams, init_linear, load_params
 from metarep.seeding import Purpose, seed_rng
 from metarep.tasks import Problem, TaskBatch, load_pool, make_problem, sample_tasks
 from metarep.theory import lambda_star, predicted_limits
-from metarep.training import Diverged, Trajectory, train
+from metarep.training import Diverged, Trajectory, is_diverging, record_steps, train
 
 CHECKPOINT_SECONDS = 10.0
 
@@ -343,6 +344,33 @@ def _resume_trajectory(out_dir: Path, setup: Setup) -> Trajectory[State] | None:
         return Trajectory(state, int(data["step"]), json.loads(str(data["records"])))
 
 
+def _begin(config: Config, out_dir: str | Path,
+           resume: bool = False) -> tuple[Setup, Path, Trajectory[State]]:
+    """Prepare ``config``, create ``out_dir`` and write ``config.yaml`` into it; returns the
+    setup, the directory and the trajectory to train (from step 0, or from the checkpoint
+    with ``resume``). Raises :class:`ConfigError` before writing anything for bad input."""
+    setup = prepare(config)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory = _resume_trajectory(out, setup) if resume else None
+    storage.write_text(out / "config.yaml", dump_yaml(setup.config))
+    if trajectory is None:
+        trajectory = Trajectory(initial_state(setup), 0, [])
+    return setup, out, trajectory
+
+
+def _conclude(setup: Setup, out: Path, trajectory: Trajectory[State], started: float,
+              diverged: Diverged | None = None) -> RunResult:
+    """Write a trained run's outputs into ``out``: the evaluation and every file of
+    :func:`run`; for a run that ``diverged``, what was recorded (no evaluation)."""
+    if diverged is not None:
+        return _finish(out, setup, trajectory, [], "diverged", str(diverged), started)
+    rows = evaluate_state(setup, trajectory.state) if setup.has_truth else []
+    return _finish(out, setup, trajectory, rows, "done", None, started)
+
+
 def run(config: Config, out_dir: str | Path, *, progress: bool = True,
         resume: bool = False) -> RunResult:
     """Run the experiment described by ``config`` and write its outputs to ``out_dir``.
@@ -351,16 +379,8 @@ def run(config: Config, out_dir: str | Path, *, progress: bool = True,
     :class:`Diverged` (after writing what was recorded) when training diverges.
     """
     started = time.monotonic()
-    setup = prepare(config)
+    setup, out, trajectory = _begin(config, out_dir, resume)
     config = setup.config
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    trajectory = _resume_trajectory(out, setup) if resume else None
-    storage.write_text(out / "config.yaml", dump_yaml(config))
-    if trajectory is None:
-        trajectory = Trajectory(initial_state(setup), 0, [])
     recorder = _Recorder(out)
     batches, method = batch_source(setup), setup.method
     try:
@@ -376,10 +396,126 @@ def run(config: Config, out_dir: str | Path, *, progress: bool = True,
             progress=progress,
         )
     except Diverged as error:
-        _finish(out, setup, trajectory, [], "diverged", str(error), started)
+        _conclude(setup, out, trajectory, started, error)
         raise
-    rows = evaluate_state(setup, trajectory.state) if setup.has_truth else []
-    return _finish(out, setup, trajectory, rows, "done", None, started)
+    return _conclude(setup, out, trajectory, started)
+
+
+BATCH_KEYS = ("method.inner_lr", "method.outer_lr", "tasks.m_in", "problem.noise_var",
+              "model.seed", "eval.seed", "tasks.seed")
+
+
+def infinite_batch_key(config: Config) -> str | None:
+    """What the configs of one :func:`run_infinite_batch` share: for ``tasks.n: infinite``, the
+    config without :data:`BATCH_KEYS` (as JSON text); ``None`` for any other config.
+
+    The batch keys are the per-run parameters of :class:`metarep.population.ExactFOANIL`
+    (``alpha``, ``beta``, ``m_in``, ``sigma^2``), the seed of each run's ``B_0``, and two seeds
+    that do not enter the dynamics: ``eval.seed`` (test tasks) and ``tasks.seed`` (unused with
+    infinitely many tasks)."""
+    if config.tasks.n != "infinite":
+        return None
+    shared = {key: value for key, value in _flatten(to_dict(config)).items()
+              if key not in BATCH_KEYS}
+    return json.dumps(shared, sort_keys=True)
+
+
+def run_infinite_batch(configs: Sequence[Config],
+                       out_dirs: Sequence[str | Path]) -> list[RunResult | Exception]:
+    """:func:`run` of each of ``configs`` into ``out_dirs``, as one batched computation.
+
+    The configs must be ``tasks.n: infinite`` and agree on every key but :data:`BATCH_KEYS`
+    (:func:`infinite_batch_key`): then they share ``B_star``, ``Sigma_star``, the shapes, the
+    steps and the recording, and one :class:`metarep.population.ExactFOANIL` steps their stacked
+    coordinates with per-run ``alpha``, ``beta``, ``m_in``, ``sigma^2`` (each from its own
+    ``B_0``). The results equal those of :func:`run` on each config: every run is prepared by
+    :func:`prepare` (the same frame and initial coordinates), the batched step computes each
+    run's slice with the same operations as a step of one run, and the records, the divergence
+    test (:func:`metarep.training.is_diverging`, every step), the evaluation and the files go
+    through the code of :func:`run` (``summary.json`` differs in ``seconds``, the time since the
+    batch started). There is no checkpoint: an interrupted batch is redone.
+
+    **Returns** per run its :class:`RunResult`, or the exception that failed it (a
+    :class:`ConfigError` from :func:`prepare`, with nothing written; :class:`Diverged`, after
+    writing what was recorded; any error while writing its outputs); the other runs go on.
+    Raises ``ValueError`` when the configs cannot be batched.
+    """
+    if len(configs) != len(out_dirs):
+        raise ValueError(f"{len(configs)} configs but {len(out_dirs)} output directories")
+    keys = {infinite_batch_key(config) for config in configs}
+    if None in keys or len(keys) > 1:
+        raise ValueError("batched runs must be tasks.n: infinite configs that differ only in "
+                         + ", ".join(BATCH_KEYS))
+    started = time.monotonic()
+    results: list[RunResult | Exception | None] = [None] * len(configs)
+    runs = []
+    for i, (config, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
+        try:
+            runs.append((i, *_begin(config, out_dir)))
+        except Exception as error:  # this run fails alone
+            results[i] = error
+    diverged = _train_batch([setup for _, setup, _, _ in runs],
+                            [trajectory for *_, trajectory in runs])
+    for (i, setup, out, trajectory), error in zip(runs, diverged, strict=True):
+        try:
+            result = _conclude(setup, out, trajectory, started, error)
+            results[i] = result if error is None else error
+        except Exception as failure:  # this run fails alone
+            results[i] = failure
+    return results
+
+
+def _train_batch(setups: list[Setup],
+                 trajectories: list[Trajectory[population.RunState]]) -> list[Diverged | None]:
+    """Train the infinite-task runs ``setups`` from step 0 in lockstep (see
+    :func:`run_infinite_batch`), each as :func:`metarep.training.train` does: at step ``t``
+    the loss of the state ``t`` is tested for divergence and recorded with the measures at the
+    record steps, then the new state is tested for finiteness. A run that diverges stops there
+    (its trajectory keeps the state and records up to ``t``; the batch carries it on as zeros).
+    Returns each run's :class:`Diverged`, or ``None`` when it reached ``train.steps``."""
+    if not setups:
+        return []
+    configs = [setup.config for setup in setups]
+    state = population.PopulationState(
+        np.concatenate([trajectory.state.coords.H for trajectory in trajectories]),
+        np.concatenate([trajectory.state.coords.omega for trajectory in trajectories]))
+    dynamics = population.ExactFOANIL(
+        setups[0].problem.Sigma_star, [c.method.inner_lr for c in configs],
+        [c.method.outer_lr for c in configs], [c.tasks.m_in for c in configs],
+        [setup.problem.noise_var for setup in setups], state.H.shape, configs[0].train.dtype)
+    steps = configs[0].train.steps
+    when = record_steps(steps, configs[0].train.record_every)
+    outcome: list[Diverged | None] = [None] * len(setups)
+    training, reference, t = np.ones(len(setups), dtype=bool), None, 0
+
+    def one(batch: population.PopulationState, i: int) -> population.RunState:
+        return population.RunState(population.PopulationState(
+            batch.H[i:i + 1], batch.omega[i:i + 1]), setups[i].method.frame)
+
+    while training.any():
+        with np.errstate(over="ignore", invalid="ignore"):
+            new, losses = dynamics.step(state)
+        reference = losses.copy() if reference is None else reference
+        exploded = training & is_diverging(losses, reference)
+        going = training & ~exploded
+        if t in when:
+            for i in np.flatnonzero(going):
+                trajectories[i].records.append({"step": t, "train_loss": float(losses[i]),
+                                                **state_measures(setups[i], one(state, i))})
+        last = t >= steps
+        blown = np.zeros_like(going) if last else going & ~new.finite()
+        ending = exploded | blown | (going & last)
+        for i in np.flatnonzero(ending):
+            advice = divergence_advice(configs[i])
+            outcome[i] = (Diverged(t, float(losses[i]), advice) if exploded[i] else
+                          Diverged(t + 1, math.nan, advice) if blown[i] else None)
+            trajectories[i].state = population.RunState(population.PopulationState(
+                state.H[i:i + 1].copy(), state.omega[i:i + 1].copy()), setups[i].method.frame)
+            trajectories[i].step = t
+        training &= ~ending
+        new.H[ending], new.omega[ending] = 0.0, 0.0
+        state, t = new, t + 1
+    return outcome
 
 
 def evaluate_state(setup: Setup, state: State) -> list[EvalRow]:

@@ -79,10 +79,15 @@ class PopulationState(NamedTuple):
     H: np.ndarray
     omega: np.ndarray
 
+    def finite(self) -> np.ndarray:
+        """Per configuration, shape (b,), whether every entry is finite (checked through one
+        sum, which is also non-finite for entries so large that the sum overflows: a diverged
+        state either way)."""
+        return np.isfinite(self.H.sum(axis=(1, 2)) + self.omega.sum(axis=1))
+
     def is_finite(self) -> bool:
-        """Whether every entry is finite (checked through one sum, which is also non-finite
-        for entries so large that the sum overflows: a diverged state either way)."""
-        return bool(np.isfinite(self.H.sum() + self.omega.sum()))
+        """Whether every entry of every configuration is finite (:meth:`finite`)."""
+        return bool(self.finite().all())
 
 
 @dataclass(frozen=True)

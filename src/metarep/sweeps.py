@@ -19,6 +19,10 @@ a temporary name and renamed into place when complete, so a directory with a run
 always a finished run: re-running the sweep skips finished runs, deletes leftover temporary
 directories and redoes the rest. ``sweep.json`` records the sweep and its runs; ``collect``
 turns the directory into one tidy table and a plot.
+
+Runs with ``tasks.n: infinite`` that differ only in step sizes, ``m_in``, noise and seeds
+(:data:`metarep.experiments.BATCH_KEYS`) are batched: each batch is one job that steps the runs
+together, with the same results as the runs one by one (:func:`batch_jobs`).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ from metarep.config import (
     read_yaml,
     to_dict,
 )
-from metarep.executors import ERROR_FILE, Executor, Outcome, RunTask, make_executor
+from metarep.executors import ERROR_FILE, Executor, Job, Outcome, RunTask, make_executor
+from metarep.experiments import infinite_batch_key
 
 SWEEP_KEYS = ("base", "set", "grid", "zip", "seeds", "seed_keys")
 MANIFEST = "sweep.json"
@@ -62,6 +67,7 @@ LOCK = ".sweep.lock"
 SEED_AXIS = "seed"
 TEMP_DIR = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 MAX_NAME = 120
+MAX_BATCH = 64
 RUN_FIELDS = ("run", "status", "error", SEED_AXIS)
 RISK_PREFIX = "excess_risk."
 
@@ -381,17 +387,22 @@ def run_sweep(
     address: str | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    batch_infinite: bool = True,
 ) -> SweepReport:
     """Run (or resume) the sweep of ``sweep_file`` into ``out_dir`` (default ``runs/STEM``).
 
     Finished runs are skipped (failed ones too, unless ``retry_failed``); leftover
     temporary directories are deleted; a failing run is recorded and the others go on.
+    ``batch_infinite`` batches the ``tasks.n: infinite`` runs that differ only in
+    :data:`metarep.experiments.BATCH_KEYS` (:func:`batch_jobs`; the same results, faster);
+    ``False`` runs every run on its own.
     Raises :class:`ConfigError` for a bad sweep file or option, before writing anything.
     """
     spec = load_sweep(sweep_file)
     out = Path(out_dir) if out_dir is not None else Path("runs") / Path(sweep_file).stem
     return execute_plans(spec, plan_runs(spec), out, executor=executor, workers=workers,
-                         address=address, retry_failed=retry_failed, progress=progress)
+                         address=address, retry_failed=retry_failed, progress=progress,
+                         batch_infinite=batch_infinite)
 
 
 def execute_plans(
@@ -404,10 +415,11 @@ def execute_plans(
     address: str | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    batch_infinite: bool = True,
 ) -> SweepReport:
     """Run (or resume) the runs ``plans`` of ``spec`` into ``out``: the engine behind
     :func:`run_sweep`, also used for study definitions built in code
-    (:mod:`metarep.reproduce`). Same guarantees as :func:`run_sweep`."""
+    (:mod:`metarep.reproduce`). Same guarantees and options as :func:`run_sweep`."""
     manifest = _manifest(spec, plans)
     _check_out_dir(out, manifest)
     pool = make_executor(executor, workers, address)
@@ -415,13 +427,44 @@ def execute_plans(
         with _locked(out):
             storage.write_json(out / MANIFEST, manifest)
             _clean_temporaries(out)
-            return _drive(spec, plans, out, pool, retry_failed, progress)
+            return _drive(spec, plans, out, pool, retry_failed, progress, batch_infinite)
     finally:
         pool.close()
 
 
+def _batch_key(task: RunTask) -> str | None:
+    """:func:`metarep.experiments.infinite_batch_key` of the run's config (``None`` for a
+    config that does not resolve: it fails as a run of its own)."""
+    try:
+        return infinite_batch_key(from_dict(task.tree, task.overrides, name=task.config_name))
+    except ConfigError:
+        return None
+
+
+def batch_jobs(tasks: list[RunTask], workers: int) -> list[Job]:
+    """The jobs that run ``tasks``: runs with equal :func:`_batch_key` (``tasks.n: infinite``
+    runs that differ only in :data:`metarep.experiments.BATCH_KEYS`) are batched, each batch run
+    as one vectorised computation with the same results as the runs one by one
+    (:func:`metarep.experiments.run_infinite_batch`); every other run is a job of its own.
+
+    A group of ``n`` runs is cut into ``max(ceil(n / MAX_BATCH), min(workers, n // 2))``
+    near-equal batches, so that a batch stays bounded and the batches spread over the workers,
+    each holding >= 2 runs. Jobs come in the order of their first run.
+    """
+    groups: dict[str | int, list[RunTask]] = {}
+    for i, task in enumerate(tasks):
+        key = _batch_key(task)
+        groups.setdefault(i if key is None else key, []).append(task)
+    jobs: list[Job] = []
+    for group in groups.values():
+        n = len(group)
+        parts = max(math.ceil(n / MAX_BATCH), min(workers, n // 2))
+        jobs += [tuple(group[j * n // parts:(j + 1) * n // parts]) for j in range(parts)]
+    return jobs
+
+
 def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
-           retry_failed: bool, progress: bool) -> SweepReport:
+           retry_failed: bool, progress: bool, batch_infinite: bool) -> SweepReport:
     status = {plan.name: run_status(out / plan.name) for plan in plans}
     todo = [plan for plan in plans
             if status[plan.name] is None or (retry_failed and status[plan.name] == "failed")]
@@ -435,11 +478,12 @@ def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
                      str(where / f".{plan.name}.tmp-{uuid.uuid4().hex[:8]}"), cwd)
              for plan in todo]
     by_name = {task.name: task for task in tasks}
+    jobs = batch_jobs(tasks, pool.workers) if batch_infinite else [(task,) for task in tasks]
     bar = tqdm(total=len(plans), initial=len(plans) - len(todo), disable=not progress,
                unit="run", desc="sweep", dynamic_ncols=True)
     bar.set_postfix(counts)
     try:
-        for outcome in pool.map(tasks):
+        for outcome in pool.map(jobs):
             _finalize(out, by_name[outcome.name], outcome)
             counts[outcome.status] += 1
             bar.set_postfix(counts, refresh=False)

@@ -44,6 +44,13 @@ def record_steps(steps: int, record_every: int) -> set[int]:
     return set(range(0, steps + 1, record_every)) | {steps}
 
 
+def is_diverging(loss: float | np.ndarray, reference: float | np.ndarray) -> bool | np.ndarray:
+    """Whether ``loss`` means divergence: non-finite, or more than ``EXPLOSION_FACTOR`` times
+    the ``reference`` loss (the loss at the first step trained); elementwise for arrays."""
+    with np.errstate(over="ignore"):
+        return ~np.isfinite(loss) | (loss > EXPLOSION_FACTOR * np.maximum(reference, 1e-12))
+
+
 def train(
     step: Callable[[State, int], tuple[State, float]],
     trajectory: Trajectory[State],
@@ -75,7 +82,7 @@ def train(
             with np.errstate(over="ignore", invalid="ignore"):
                 new_state, loss = step(trajectory.state, t)
             reference = loss if reference is None else reference
-            if not math.isfinite(loss) or loss > EXPLOSION_FACTOR * max(reference, 1e-12):
+            if is_diverging(loss, reference):
                 raise Diverged(t, loss, advice)
             if t in when and not (trajectory.records and trajectory.records[-1]["step"] == t):
                 trajectory.records.append({"step": t, "train_loss": loss,
