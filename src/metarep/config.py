@@ -407,12 +407,14 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """A nested config tree as ``{dotted key: value}`` (``{"model": {"width": 3}}`` gives
+    ``{"model.width": 3}``)."""
     flat: dict[str, Any] = {}
     for name, value in tree.items():
         key = f"{where}.{name}" if where else str(name)
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, key))
+            flat.update(flatten(value, key))
         else:
             flat[key] = value
     return flat
@@ -435,7 +437,7 @@ def from_dict(
         if section in SECTIONS and not isinstance(values, Mapping):
             raise ConfigError(str(section), f"must be a mapping of keys (e.g. {section}: "
                               f"{{{_example_key(section)}: ...}}), got {values!r}")
-    flat = _flatten(tree)
+    flat = flatten(tree)
     flat.update(overrides or {})
     known = dict(iter_keys())
     for key in flat:

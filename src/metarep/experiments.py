@@ -31,7 +31,7 @@ import pandas as pd
 
 from metarep import plotting, population, storage
 from metarep.algorithms import Method, MTLState, State, make_method
-from metarep.config import Config, ConfigError, _flatten, dump_yaml, to_dict
+from metarep.config import Config, ConfigError, dump_yaml, flatten, to_dict
 from metarep.evaluation import (
     EvalRow,
     evaluate,
@@ -415,7 +415,7 @@ def infinite_batch_key(config: Config) -> str | None:
     infinitely many tasks)."""
     if config.tasks.n != "infinite":
         return None
-    shared = {key: value for key, value in _flatten(to_dict(config)).items()
+    shared = {key: value for key, value in flatten(to_dict(config)).items()
               if key not in BATCH_KEYS}
     return json.dumps(shared, sort_keys=True)
 

@@ -17,6 +17,8 @@ claims table (``claims.csv``) and ``report.html``, which embeds the figures and 
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -148,8 +150,6 @@ def study_runs(scale: str) -> list[StudyRun]:
 
 def base_tree(scale: str) -> dict[str, Any]:
     """The base config tree of ``scale`` (a fresh copy)."""
-    import copy
-
     return copy.deepcopy(SCALE_SETTINGS[check_scale(scale)]["base"])
 
 
@@ -169,8 +169,6 @@ class RunData:
 
 def read_run(run_dir: Path) -> RunData | None:
     """Read a finished run's outputs, or ``None`` if it did not finish."""
-    import json
-
     summary_file = run_dir / "summary.json"
     if not summary_file.is_file():
         return None

@@ -52,7 +52,7 @@ from metarep import plotting, storage
 from metarep.config import (
     BUILTIN_CONFIGS,
     ConfigError,
-    _flatten,
+    flatten,
     from_dict,
     iter_keys,
     read_yaml,
@@ -106,7 +106,7 @@ def _mapping(where: str, value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(where, f"must be a mapping of config keys, got {value!r}")
-    return _flatten(value)
+    return flatten(value)
 
 
 def _check_keys(where: str, keys: Any) -> None:
@@ -328,7 +328,7 @@ def _manifest(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, Any]:
         "spec": spec_data,
         "axes": axes_of(spec),
         "zip_keys": list(spec.zip),
-        "base_config": json.loads(json.dumps(_flatten(base))),
+        "base_config": json.loads(json.dumps(flatten(base))),
         "runs": [asdict(plan) for plan in plans],
     }
 
@@ -511,7 +511,7 @@ def _run_row(path: Path, run: Mapping[str, Any], base: Mapping[str, Any]) -> dic
     if status == "failed":
         error = json.loads((path / ERROR_FILE).read_text())["error"]
     if (path / "config.yaml").is_file():
-        config = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
+        config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
     else:
         config = {**base, **run["overrides"]}
     row: dict[str, Any] = dict(zip(RUN_FIELDS, (run["name"], status, error, run["seed"]),
