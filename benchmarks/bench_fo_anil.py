@@ -1,6 +1,6 @@
 """Seconds per FO-ANIL step at the paper's scale, next to one read of the task data X.
 
-One outer step of :class:`metarep.algorithms.FOANIL` on the full pool (N = 5000 tasks,
+One outer step of :class:`metarep.core.methods.FOANIL` on the full pool (N = 5000 tasks,
 d = 50, m_in = 20, m_out = 10, k' = 50) in float64 and float32, timed in the same process as
 the fastest honest single pass over the same bytes (``X_in`` and ``X_out``): a BLAS
 matrix-vector product of X with a ones vector, and ``X.sum()``. The faster of the two is
@@ -30,9 +30,10 @@ import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 from timing import median_seconds
 
-from metarep.algorithms import FOANIL
-from metarep.models import LinearParams, init_linear
-from metarep.tasks import TaskBatch, make_problem, sample_tasks
+from metarep.core.methods import FOANIL
+from metarep.core.model import LinearParams, init_linear
+from metarep.core.problem import make_problem
+from metarep.core.tasks import TaskBatch, sample_tasks
 
 N, D, K, M_IN, M_OUT, WIDTH = 5000, 50, 5, 20, 10, 50
 TARGET_RATIO = 2.0

@@ -2,9 +2,10 @@
 
 One full-batch step (N = 5000 tasks, d = 50, m_in = 20, m_out = 10, k' = 50, float64) of
 
-- the **linear fast path**: :class:`metarep.algorithms.FOANIL` / :class:`~metarep.algorithms.ANIL`
+- the **linear fast path**: :class:`metarep.core.methods.FOANIL` /
+  :class:`~metarep.core.methods.ANIL`
   (closed-form numpy, vectorised over tasks);
-- the **torch engine**: :class:`metarep.torch_engine.MetaLearner` on the linear network
+- the **torch engine**: :class:`metarep.engine.learner.MetaLearner` on the linear network
   (``torch.func``: ``functional_call``, ``grad``, ``vmap`` over tasks);
 - a **plain per-task loop** written the way popular meta-learning libraries do it: per task,
   clone the head, adapt it with ``torch.autograd.grad`` (``create_graph`` for ANIL), take the
@@ -33,11 +34,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
-from metarep.algorithms import ANIL, FOANIL  # noqa: E402
-from metarep.models import LinearParams  # noqa: E402
-from metarep.networks import LinearNet  # noqa: E402
-from metarep.tasks import TaskBatch, make_problem, sample_tasks  # noqa: E402
-from metarep.torch_engine import MetaLearner  # noqa: E402
+from metarep.core.methods import ANIL, FOANIL  # noqa: E402
+from metarep.core.model import LinearParams  # noqa: E402
+from metarep.core.problem import make_problem  # noqa: E402
+from metarep.core.tasks import TaskBatch, sample_tasks  # noqa: E402
+from metarep.engine.learner import MetaLearner  # noqa: E402
+from metarep.engine.networks import LinearNet  # noqa: E402
 
 D, K, M_IN, M_OUT, WIDTH = 50, 5, 20, 10, 50
 ALPHA, BETA = 0.2, 0.05

@@ -1,4 +1,4 @@
-"""Benchmark of the exact infinite-task dynamics (metarep.population), on one core.
+"""Benchmark of the exact infinite-task dynamics (metarep.core.infinite), on one core.
 
 Prints a table: expected FO-ANIL steps per second at k' = 50, k = 5 for d = 50 and
 d = 100,000 (target: >= 20,000 steps/s, equal for both d), and the throughput of one batch of
@@ -19,9 +19,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from metarep.models import init_linear  # noqa: E402
-from metarep.population import ExactFOANIL, PopulationState, coordinates  # noqa: E402
-from metarep.tasks import make_problem  # noqa: E402
+from metarep.core.infinite import ExactFOANIL, PopulationState, coordinates  # noqa: E402
+from metarep.core.model import init_linear  # noqa: E402
+from metarep.core.problem import make_problem  # noqa: E402
 
 WIDTH, K, BATCH = 50, 5, 64
 STEPS_TARGET, BATCH_TARGET = 20_000, 5.0

@@ -18,7 +18,8 @@ checked to be equal (same seeds, same numbers on every executor).
 Then a sweep of 64 ``tasks.n: infinite`` runs (``quick`` with d = 20, k = 3, k' = 10, 2,000 steps
 each; inner_lr x outer_lr x m_in x 4 model seeds) on the local pool: **batched** (the default:
 the runs that differ only in step sizes, m_in, noise and seeds are stepped together, one batch
-per worker) against **one by one** (``batch_infinite=False``, ``metarep sweep --no-batch``).
+per worker) against **one by one** (``SweepOptions(batch_infinite=False)``,
+``metarep sweep --no-batch``).
 Both include each run's evaluation, summary and figures, which are not batched and, at 2,000
 steps, take most of a run's time; their tables are checked to be equal.
 
@@ -38,7 +39,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from metarep.sweeps import collect_table, run_sweep
+from metarep.sweeps.collect import collect_table
+from metarep.sweeps.execution import SweepOptions, run_sweep
 
 WORKERS = 2
 TARGET_SPEEDUP = 1.7
@@ -72,11 +74,11 @@ def write_infinite_sweep(folder: Path, quick: bool) -> tuple[Path, int]:
 def bench_infinite(folder: Path, quick: bool) -> None:
     """Time the infinite-task sweep batched and one by one (2 workers each) and print it."""
     sweep, runs = write_infinite_sweep(folder, quick)
-    options = {"workers": WORKERS, "progress": False}
     seconds = {
-        "one by one": timed(lambda: run_sweep(sweep, folder / "single", batch_infinite=False,
-                                              **options)),
-        "batched": timed(lambda: run_sweep(sweep, folder / "batched", **options)),
+        "one by one": timed(lambda: run_sweep(sweep, folder / "single", SweepOptions(
+            workers=WORKERS, progress=False, batch_infinite=False))),
+        "batched": timed(lambda: run_sweep(sweep, folder / "batched", SweepOptions(
+            workers=WORKERS, progress=False))),
     }
     pd.testing.assert_frame_equal(collect_table(folder / "batched"),
                                   collect_table(folder / "single"), check_exact=False,
@@ -105,12 +107,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as scratch:
         folder = Path(scratch)
         sweep = write_sweep(folder, runs, steps)
-        options = {"progress": False}
         seconds = {
-            "sequential": timed(lambda: run_sweep(sweep, folder / "sequential", workers=1,
-                                                  **options)),
-            "local": timed(lambda: run_sweep(sweep, folder / "local", workers=WORKERS,
-                                             **options)),
+            "sequential": timed(lambda: run_sweep(sweep, folder / "sequential",
+                                                  SweepOptions(workers=1, progress=False))),
+            "local": timed(lambda: run_sweep(sweep, folder / "local",
+                                             SweepOptions(workers=WORKERS, progress=False))),
         }
         tables = [collect_table(folder / "sequential"), collect_table(folder / "local")]
         ray_start = None
@@ -124,8 +125,8 @@ def main() -> None:
                                                    include_dashboard=False,
                                                    log_to_driver=False))
                 try:
-                    seconds["ray"] = timed(lambda: run_sweep(
-                        sweep, folder / "ray", executor="ray", workers=WORKERS, **options))
+                    seconds["ray"] = timed(lambda: run_sweep(sweep, folder / "ray", SweepOptions(
+                        executor="ray", workers=WORKERS, progress=False)))
                 finally:
                     ray.shutdown()
                 tables.append(collect_table(folder / "ray"))

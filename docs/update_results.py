@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from metarep.report import FIGURES
+from metarep.study.report import FIGURES
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["run", "steps", "seconds", "train_loss", "perp_norm", "subspace_dist", "lambda_err",

@@ -1,5 +1,6 @@
-"""metarep.algorithms: losses and gradients against finite differences, and the vectorised
-FO-ANIL step against a plain per-task Python loop written from the spec (section 3)."""
+"""metarep.core.methods (FO-ANIL and the vectorised losses and gradients): against finite
+differences, and against the plain per-task loops of metarep.core.reference written from the
+spec (section 3)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,21 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from metarep import algorithms
-from metarep.algorithms import FOANIL, adapt_head, body_gradient, head_gradient, loss
-from metarep.models import LinearParams
-from metarep.tasks import TaskBatch, make_problem, sample_tasks
+from metarep.core import reference
+from metarep.core.methods import (
+    FOANIL,
+    adapt_head,
+    body_gradient,
+    fo_anil,
+    head_gradient,
+    loss,
+    make_method,
+    runtime,
+)
+from metarep.core.model import LinearParams
+from metarep.core.problem import make_problem
+from metarep.core.tasks import TaskBatch, sample_tasks
+from metarep.errors import ArgumentError
 
 
 def make_batch(n=40, m_in=7, m_out=5, d=6, k=2, seed=0) -> TaskBatch:
@@ -26,32 +38,7 @@ def make_params(d=6, width=4, seed=1, head=True) -> LinearParams:
     return LinearParams(B, w)
 
 
-# ----------------------------------------------------------------------------- plain loops
-
-
-def task_loss(B, w_i, X_i, y_i) -> float:
-    r = X_i @ B @ w_i - y_i
-    return float(r @ r) / (2 * len(y_i))
-
-
-def task_head_gradient(B, w_i, X_i, y_i) -> np.ndarray:
-    return B.T @ X_i.T @ (X_i @ B @ w_i - y_i) / len(y_i)
-
-
-def naive_fo_anil_step(B, w, batch, alpha, beta, steps):
-    """FO-ANIL as written in the spec, one task at a time."""
-    grad_B, grad_w, total = np.zeros_like(B), np.zeros_like(w), 0.0
-    n = batch.n_tasks
-    for i in range(n):
-        w_i = w.copy()
-        for _ in range(steps):
-            w_i = w_i - alpha * task_head_gradient(B, w_i, batch.X_in[i], batch.y_in[i])
-        X_o, y_o = batch.X_out[i], batch.y_out[i]
-        r = X_o @ B @ w_i - y_o
-        grad_B += np.outer(X_o.T @ r / len(y_o), w_i)
-        grad_w += B.T @ X_o.T @ r / len(y_o)
-        total += task_loss(B, w_i, X_o, y_o)
-    return B - beta * grad_B / n, w - beta * grad_w / n, total / n
+# ----------------------------------------------------------------------------- helpers
 
 
 def central_difference(f, x: np.ndarray, h: float = 1e-4) -> np.ndarray:
@@ -74,8 +61,8 @@ def test_loss_matches_per_task_definition(per_task):
     batch, (B, w) = make_batch(), make_params()
     heads = np.random.default_rng(2).standard_normal((batch.n_tasks, 4)) if per_task else w
     values = loss(B, heads, batch.X_in, batch.y_in)
-    expected = [task_loss(B, heads[i] if per_task else w, batch.X_in[i], batch.y_in[i])
-                for i in range(batch.n_tasks)]
+    expected = [reference.task_loss(B, heads[i] if per_task else w, batch.X_in[i],
+                                    batch.y_in[i]) for i in range(batch.n_tasks)]
     np.testing.assert_allclose(values, expected, rtol=1e-13)
 
 
@@ -83,7 +70,8 @@ def test_head_gradient_matches_finite_differences_shared_head():
     batch, (B, w) = make_batch(), make_params()
     grad = head_gradient(B, w, batch.X_in, batch.y_in)  # (N, k')
     numeric = np.stack([
-        central_difference(lambda v, i=i: task_loss(B, v, batch.X_in[i], batch.y_in[i]), w)
+        central_difference(
+            lambda v, i=i: reference.task_loss(B, v, batch.X_in[i], batch.y_in[i]), w)
         for i in range(batch.n_tasks)])
     np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-9)
 
@@ -113,14 +101,26 @@ def test_body_gradient_matches_finite_differences(per_task):
     np.testing.assert_allclose(grad, numeric, rtol=1e-7, atol=1e-10)
 
 
+def test_reference_gradients_match_finite_differences_of_the_reference_loss():
+    batch, (B, w) = make_batch(n=3), make_params()
+    for i in range(batch.n_tasks):
+        X, y = batch.X_in[i], batch.y_in[i]
+        np.testing.assert_allclose(
+            reference.head_gradient(B, w, X, y),
+            central_difference(lambda v: reference.task_loss(B, v, X, y), w),  # noqa: B023
+            rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(
+            reference.body_gradient(B, w, X, y),
+            central_difference(lambda M: reference.task_loss(M, w, X, y), B),  # noqa: B023
+            rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 5])
 def test_adapt_head_equals_repeated_per_task_steps(steps):
     batch, (B, w) = make_batch(), make_params()
     heads = adapt_head(B, w, batch.X_in, batch.y_in, 0.3, steps)
     for i in range(batch.n_tasks):
-        w_i = w.copy()
-        for _ in range(steps):
-            w_i = w_i - 0.3 * task_head_gradient(B, w_i, batch.X_in[i], batch.y_in[i])
+        w_i = reference.adapt_head(B, w, batch.X_in[i], batch.y_in[i], 0.3, steps)
         np.testing.assert_allclose(heads[i], w_i, rtol=0, atol=1e-13)
 
 
@@ -132,7 +132,7 @@ def test_adapt_head_equals_repeated_per_task_steps(steps):
 def test_fo_anil_step_equals_per_task_loop(steps, head):
     batch, params = make_batch(n=57), make_params(head=head)
     new, meta_loss = FOANIL(0.3, 0.5, steps).step(params, batch)
-    B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.3, 0.5, steps)
+    (B_ref, w_ref), loss_ref = reference.fo_anil_step(params, batch, 0.3, 0.5, steps)
     assert np.abs(new.B).max() > 0.1  # values of order one: 1e-12 is a relative check
     np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
@@ -147,13 +147,13 @@ def test_fo_anil_step_does_not_depend_on_chunks_and_threads(monkeypatch, tasks_p
     threads."""
     batch, params = make_batch(n=57), make_params()
     per_task = (batch.m_in + batch.m_out) * batch.d * 8
-    monkeypatch.setattr(algorithms, "TASK_CHUNK_BYTES", tasks_per_chunk * per_task)
-    monkeypatch.setattr(algorithms, "_blas_threads", lambda: threads)
+    monkeypatch.setattr(fo_anil, "TASK_CHUNK_BYTES", tasks_per_chunk * per_task)
+    monkeypatch.setattr(runtime, "_blas_threads", lambda: threads)
     sizes = [s.stop - s.start if s.stop <= 57 else 57 - s.start
-             for s in algorithms._task_chunks(batch)]
+             for s in fo_anil._task_chunks(batch)]
     assert sizes[0] == min(tasks_per_chunk, 57) and sum(sizes) == 57
     new, meta_loss = FOANIL(0.3, 0.5, 2).step(params, batch)
-    B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.3, 0.5, 2)
+    (B_ref, w_ref), loss_ref = reference.fo_anil_step(params, batch, 0.3, 0.5, 2)
     np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
     assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
@@ -163,7 +163,7 @@ def test_fo_anil_step_does_not_depend_on_chunks_and_threads(monkeypatch, tasks_p
 def test_fo_anil_step_any_width(d, width):
     batch, params = make_batch(n=23, d=d), make_params(d=d, width=width)
     new, meta_loss = FOANIL(0.2, 0.1, 2).step(params, batch)
-    B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.2, 0.1, 2)
+    (B_ref, w_ref), loss_ref = reference.fo_anil_step(params, batch, 0.2, 0.1, 2)
     np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
     np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
     assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
@@ -173,7 +173,7 @@ def test_fo_anil_step_many_tasks_and_a_single_task():
     for n in (1, 1501):
         batch, params = make_batch(n=n, m_in=3, m_out=2, d=5), make_params(d=5, width=3)
         new, meta_loss = FOANIL(0.4, 0.2, 1).step(params, batch)
-        B_ref, w_ref, loss_ref = naive_fo_anil_step(*params, batch, 0.4, 0.2, 1)
+        (B_ref, w_ref), loss_ref = reference.fo_anil_step(params, batch, 0.4, 0.2, 1)
         np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)
         np.testing.assert_allclose(new.w, w_ref, rtol=0, atol=1e-12)
         assert meta_loss == pytest.approx(loss_ref, rel=1e-12)
@@ -224,17 +224,43 @@ def test_fo_anil_float32_is_close_to_float64_and_stays_float32(steps):
 
 
 def test_make_method_fo_anil():
-    method = algorithms.make_method("fo-anil", 0.2, 0.1, 3)
+    method = make_method("fo-anil", 0.2, 0.1, 3)
     assert isinstance(method, FOANIL)
     assert (method.inner_lr, method.outer_lr, method.inner_steps) == (0.2, 0.1, 3)
-    with pytest.raises(ValueError):
-        algorithms.make_method("sgd", 0.2, 0.1, 1)
+    with pytest.raises(ArgumentError) as error:
+        make_method("sgd", 0.2, 0.1, 1)
+    assert error.value.argument == "name"
+
+
+def test_the_name_of_a_method_is_a_class_constant():
+    """``name`` is a ClassVar: it is no field, so it can be neither passed nor changed."""
+    assert FOANIL.name == "fo-anil" and FOANIL(0.1, 0.2).name == "fo-anil"
+    with pytest.raises(TypeError):
+        FOANIL(0.1, 0.2, 1, "maml")
+    with pytest.raises(TypeError):
+        FOANIL(0.1, 0.2, name="maml")
+
+
+@pytest.mark.parametrize(("kwargs", "argument"), [
+    ({"inner_lr": 0.0}, "inner_lr"),
+    ({"inner_lr": -0.1}, "inner_lr"),
+    ({"inner_lr": float("nan")}, "inner_lr"),
+    ({"outer_lr": float("inf")}, "outer_lr"),
+    ({"outer_lr": True}, "outer_lr"),
+    ({"outer_lr": "0.1"}, "outer_lr"),
+    ({"inner_steps": 0}, "inner_steps"),
+    ({"inner_steps": 1.0}, "inner_steps"),
+])
+def test_bad_step_sizes_name_the_argument(kwargs, argument):
+    with pytest.raises(ArgumentError) as error:
+        FOANIL(**{"inner_lr": 0.1, "outer_lr": 0.2, "inner_steps": 1, **kwargs})
+    assert error.value.argument == argument
 
 
 def chunked_threaded(monkeypatch, threads=2):
     """Make FOANIL.step use ``threads`` threads on chunks of 4 tasks."""
-    monkeypatch.setattr(algorithms, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
-    monkeypatch.setattr(algorithms, "_blas_threads", lambda: threads)
+    monkeypatch.setattr(fo_anil, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
+    monkeypatch.setattr(runtime, "_blas_threads", lambda: threads)
 
 
 def test_threaded_step_is_bit_identical_to_serial(monkeypatch):
@@ -251,7 +277,7 @@ def test_threaded_step_is_bit_identical_to_serial(monkeypatch):
 def test_threads_keep_the_callers_floating_point_settings(monkeypatch):
     """Overflow in float32 inside the worker threads follows the caller's ``np.errstate``: a
     warning (an error under pytest) by default, silent under ``over="ignore"`` (as in
-    :func:`metarep.training.train`, which then reports the divergence)."""
+    :func:`metarep.run.loop.train`, which then reports the divergence)."""
     chunked_threaded(monkeypatch)
     batch = make_batch(n=40).astype(np.float32)
     B, w = make_params()
@@ -265,22 +291,22 @@ def test_threads_keep_the_callers_floating_point_settings(monkeypatch):
 
 def test_threaded_step_restores_the_blas_thread_count(monkeypatch):
     chunked_threaded(monkeypatch)
-    before = [lib.num_threads for lib in algorithms._blas().lib_controllers]
+    before = [lib.num_threads for lib in runtime._blas().lib_controllers]
     FOANIL(0.3, 0.5, 1).step(make_params(), make_batch(n=40))
-    assert [lib.num_threads for lib in algorithms._blas().lib_controllers] == before
+    assert [lib.num_threads for lib in runtime._blas().lib_controllers] == before
 
 
 def test_one_blas_thread_means_no_worker_threads(monkeypatch):
     """Under a one-thread BLAS limit (as sweeps set around each run) the chunks run in the
     calling thread."""
-    monkeypatch.setattr(algorithms, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
+    monkeypatch.setattr(fo_anil, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
 
     def no_pool(workers):
         raise AssertionError("a thread pool was used")
 
-    monkeypatch.setattr(algorithms, "_thread_pool", no_pool)
+    monkeypatch.setattr(runtime, "_thread_pool", no_pool)
     batch, params = make_batch(n=40), make_params()
     with threadpool_limits(limits=1, user_api="blas"):
         new, _ = FOANIL(0.3, 0.5, 1).step(params, batch)
-    B_ref, _, _ = naive_fo_anil_step(*params, batch, 0.3, 0.5, 1)
+    (B_ref, _), _ = reference.fo_anil_step(params, batch, 0.3, 0.5, 1)
     np.testing.assert_allclose(new.B, B_ref, rtol=0, atol=1e-12)

@@ -15,10 +15,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from metarep import experiments, storage
 from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
-from metarep.config import from_dict, key_table, load_config
-from metarep.training import record_steps
+from metarep.run import atomic, experiment
+from metarep.run.loop import record_steps
+from metarep.run.schema import from_dict, key_table, load_config
 
 RUNNER = CliRunner()
 MEASURES = ["step", "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err",
@@ -62,7 +62,7 @@ def test_quick_run_writes_every_output_and_no_leftovers(quick_run):
     assert "checkpoint.npz" not in names
     assert not [name for name in names if name.startswith(".") or name.endswith(".tmp")]
     for path in out.iterdir():
-        assert path.stat().st_mode & 0o777 == storage.FILE_MODE, path
+        assert path.stat().st_mode & 0o777 == atomic.FILE_MODE, path
 
 
 def test_quick_config_yaml_is_the_resolved_config(quick_run):
@@ -336,38 +336,48 @@ SHORT = ["--set", "train.steps=60", "--set", "train.record_every=7", "--set", "e
          "--no-progress"]
 
 
+class RunHooks:
+    """The public hooks of :func:`metarep.run.experiment.run` for the runs of ``metarep run``
+    (whose command line cannot pass them): a checkpoint at every record
+    (``checkpoint_seconds=0``), and an ``on_record`` that logs each record's step in ``steps``
+    and interrupts the run (``KeyboardInterrupt``) at the first record at or after
+    ``stop_at``."""
+
+    def __init__(self, monkeypatch):
+        self.stop_at: int | None = None
+        self.steps: list[int] = []
+        real = experiment.run
+
+        def run(config, out_dir, **options):
+            return real(config, out_dir, **options, on_record=self.on_record,
+                        checkpoint_seconds=0.0)
+
+        monkeypatch.setattr(experiment, "run", run)  # the CLI imports it when it runs
+
+    def on_record(self, trajectory) -> None:
+        self.steps.append(trajectory.step)
+        if self.stop_at is not None and trajectory.step >= self.stop_at:
+            raise KeyboardInterrupt
+
+
 def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     assert invoke("run", "quick", *SHORT, "--out", reference).exit_code == 0
 
-    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
-    original = experiments.batch_source
-    calls: list[int] = []
-
-    def interrupted(setup, stop_at=None):
-        batches = original(setup)
-
-        def batch(t):
-            calls.append(t)
-            if t == stop_at:
-                raise KeyboardInterrupt
-            return batches(t)
-
-        return batch
-
+    hooks = RunHooks(monkeypatch)
+    hooks.stop_at = 42
     out = tmp_path / "run"
-    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup, 45))
     result = invoke("run", "quick", *SHORT, "--out", out)
-    assert result.exit_code != 0 and max(calls) == 45
+    assert result.exit_code != 0 and hooks.steps == [0, 7, 14, 21, 28, 35, 42]
     assert (out / "checkpoint.npz").is_file() and not (out / "summary.json").exists()
     with np.load(out / "checkpoint.npz") as data:
-        assert int(data["step"]) == 42  # the last record before the interruption
+        assert int(data["step"]) == 42  # the record at the interruption
 
-    calls.clear()
-    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup))
+    hooks.steps.clear()
+    hooks.stop_at = None
     result = invoke("run", "quick", *SHORT, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
-    assert min(calls) == 42 and max(calls) == 60  # continued, not restarted
+    assert hooks.steps == [49, 56, 60]  # continued after step 42, not restarted
     with np.load(out / "params.npz") as resumed, np.load(reference / "params.npz") as straight:
         np.testing.assert_array_equal(resumed["B"], straight["B"])
         np.testing.assert_array_equal(resumed["w"], straight["w"])
@@ -377,23 +387,12 @@ def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkey
 
 
 def test_resume_refuses_a_different_config(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
+    hooks = RunHooks(monkeypatch)
+    hooks.stop_at = 20
     out = tmp_path / "run"
-    original = experiments.batch_source
-
-    def stop(setup):
-        batches = original(setup)
-
-        def batch(t):
-            if t == 20:
-                raise KeyboardInterrupt
-            return batches(t)
-
-        return batch
-
-    monkeypatch.setattr(experiments, "batch_source", stop)
     invoke("run", "quick", *SHORT, "--out", out)
-    monkeypatch.setattr(experiments, "batch_source", original)
+    assert (out / "checkpoint.npz").is_file()
+    hooks.stop_at = None
     result = invoke("run", "quick", *SHORT, "--set", "method.outer_lr=0.01", "--out", out,
                     "--resume")
     assert result.exit_code == EXIT_BAD_INPUT

@@ -1,4 +1,4 @@
-"""metarep.config: checkers, schema, cross-field checks, overrides and the built-in configs."""
+"""metarep.run.schema: checkers, schema, cross-field checks, overrides and the built-in configs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import yaml
 
-from metarep import config as cfg
-from metarep.config import Config, ConfigError, from_dict, load_config, to_dict
+from metarep.errors import ConfigError
+from metarep.run import schema as cfg
+from metarep.run.schema import Config, from_dict, load_config, to_dict
 
 
 def raises_on(key: str, check, value) -> ConfigError:

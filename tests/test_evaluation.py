@@ -1,4 +1,4 @@
-"""metarep.evaluation against closed forms and brute-force simulations.
+"""metarep.core.evaluation against closed forms and brute-force simulations.
 
 Monte Carlo means are compared with exact values (or with an independent simulation) in units
 of their standard errors, allowing ``Z_MAX``; seeds are fixed, so the tests are deterministic.
@@ -9,17 +9,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metarep import evaluation
-from metarep.evaluation import (
+from metarep.core import evaluation
+from metarep.core.evaluation import (
     adapted_and_oracle_risks,
     evaluate,
     fit_least_squares,
     regression_risks,
     representation_basis,
 )
-from metarep.models import LinearParams
-from metarep.tasks import Problem, make_problem, random_orthonormal, sample_heads
-from metarep.theory import least_squares_risk
+from metarep.core.model import LinearParams
+from metarep.core.problem import Problem, make_problem, random_orthonormal
+from metarep.core.tasks import sample_heads
+from metarep.core.theory import least_squares_risk
 
 Z_MAX = 5.0
 
@@ -144,7 +145,7 @@ def test_oracle_and_regression_rows_match_least_squares_closed_forms():
     assert [row.method for row in rows] == ["fo-anil", "oracle", "regression"] * 3
     for row in rows:
         dim = {"oracle": 2, "regression": 8}.get(row.method)
-        if dim is None:  # the method: metarep.theory.one_step_risk (tested in test_theory.py)
+        if dim is None:  # the method: metarep.core.theory.one_step_risk (tested in test_theory.py)
             assert abs(z_score(row.excess_risk, row.stderr, row.theory)) <= Z_MAX, row
             continue
         theory = least_squares_risk(row.shots, dim, 1.5)

@@ -1,10 +1,12 @@
 """Every method's linear fast path against independent computations.
 
-References written here, independently of :mod:`metarep.algorithms`:
-- a plain per-task Python loop with explicit matrices, whose second-order terms are
-  propagated in *forward* mode (Jacobians of the adapted parameters with respect to all of
-  ``(B, w)``, one direction at a time), while the library uses reverse mode;
-- central finite differences of each method's outer objective;
+References, independent of :mod:`metarep.core.methods`:
+- the plain per-task loops of :mod:`metarep.core.reference` with explicit matrices, whose
+  second-order terms are propagated in *forward* mode (Jacobians of the adapted parameters
+  with respect to all of ``(B, w)``, one direction at a time), while the library uses reverse
+  mode;
+- central finite differences of each method's outer objective
+  (:func:`metarep.core.reference.outer_objective`);
 - torch autodiff (``torch.func.grad`` through ``vmap`` over tasks), when torch is installed.
 """
 
@@ -14,12 +16,24 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from metarep.algorithms import MTL, MTLState, make_method, meta_gradient
 from metarep.cli import app
-from metarep.config import METHOD_NAMES, ConfigError, load_config
-from metarep.experiments import run
-from metarep.models import LinearParams
-from metarep.tasks import TaskBatch
+from metarep.core import reference
+from metarep.core.methods import (
+    ANIL,
+    FOANIL,
+    FOMAML,
+    MAML,
+    METHOD_NAMES,
+    MTL,
+    MTLState,
+    make_method,
+    meta_gradient,
+)
+from metarep.core.model import LinearParams
+from metarep.core.tasks import TaskBatch
+from metarep.errors import ArgumentError, ConfigError
+from metarep.run.experiment import prepare, run
+from metarep.run.schema import load_config
 
 ALPHA, BETA = 0.3, 0.7
 N, M_IN, M_OUT, D, WIDTH = 5, 4, 3, 5, 3
@@ -35,70 +49,7 @@ def _problem(seed: int = 0) -> tuple[TaskBatch, LinearParams]:
     return batch, params
 
 
-# ----------------------------------------------------------------------------- references
-
-
-def _task_loss(B, w, X, y) -> float:
-    r = X @ B @ w - y
-    return float(r @ r) / (2 * len(y))
-
-
-def _adapt(B, w, X, y, alpha, steps, body):
-    """One task's inner loop with explicit matrices; returns the adapted ``(B_s, w_s)``."""
-    for _ in range(steps):
-        u = X.T @ (X @ B @ w - y) / len(y)
-        B, w = (B - alpha * np.outer(u, w) if body else B), w - alpha * B.T @ u
-    return B, w
-
-
-def reference_step(name, params, batch, alpha, beta, steps, heads=None):
-    """One outer step of ``name``, task by task; returns ``(B, w, heads or None, loss)``.
-
-    Second-order methods carry the Jacobians ``dB_s/dtheta`` and ``dw_s/dtheta`` (forward
-    mode, one direction ``p`` of ``theta = (vec B, w)`` at a time)."""
-    B, w = params
-    d, k = B.shape
-    n = len(batch.X_in)
-    if name == "mtl":
-        X = np.concatenate([batch.X_in, batch.X_out], axis=1)
-        y = np.concatenate([batch.y_in, batch.y_out], axis=1)
-        grad_B, new_heads, losses = np.zeros_like(B), heads.copy(), []
-        for i in range(n):
-            v = X[i].T @ (X[i] @ B @ heads[i] - y[i]) / X.shape[1]
-            grad_B += np.outer(v, heads[i]) / n
-            new_heads[i] = heads[i] - beta * B.T @ v
-            losses.append(_task_loss(B, heads[i], X[i], y[i]))
-        return B - beta * grad_B, w, new_heads, float(np.mean(losses))
-    body = name.endswith("maml")
-    second_order = not name.startswith("fo-")
-    n_params = d * k + k
-    grad = np.zeros(n_params)
-    losses = []
-    for i in range(n):
-        Xi, yi, Xo, yo = batch.X_in[i], batch.y_in[i], batch.X_out[i], batch.y_out[i]
-        B_s, w_s = _adapt(B, w, Xi, yi, alpha, steps, body)
-        v = Xo.T @ (Xo @ B_s @ w_s - yo) / len(yo)
-        losses.append(_task_loss(B_s, w_s, Xo, yo))
-        if not second_order:
-            grad += np.concatenate([np.outer(v, w_s).ravel(), B_s.T @ v])
-            continue
-        S, b = Xi.T @ Xi / len(yi), Xi.T @ yi / len(yi)
-        for p in range(n_params):
-            direction = np.eye(n_params)[p]
-            dB, dw = direction[: d * k].reshape(d, k), direction[d * k:]
-            Bj, wj = B.copy(), w.copy()
-            for _ in range(steps):  # simultaneous updates of (B_j, w_j) and their derivatives
-                u = S @ Bj @ wj - b
-                du = S @ (dB @ wj + Bj @ dw)
-                new_w, new_dw = wj - alpha * Bj.T @ u, dw - alpha * (dB.T @ u + Bj.T @ du)
-                if body:
-                    Bj, dB = (Bj - alpha * np.outer(u, wj),
-                              dB - alpha * (np.outer(du, wj) + np.outer(u, dw)))
-                wj, dw = new_w, new_dw
-            grad[p] += np.sum(np.outer(v, w_s) * dB) + (B_s.T @ v) @ dw
-    grad /= n
-    return (B - beta * grad[: d * k].reshape(d, k), w - beta * grad[d * k:], None,
-            float(np.mean(losses)))
+# ----------------------------------------------------------------------------- helpers
 
 
 def central_differences(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -111,30 +62,14 @@ def central_differences(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     return out
 
 
-def outer_objective(name, params, batch, alpha, steps):
-    """The function of ``theta = (vec B, w)`` whose gradient the method's outer step takes.
-
-    ANIL / MAML: ``mean_i L(adapted_i(B, w); out)``. First-order methods hold the inner loop's
-    change fixed at the current parameters: ``mean_i L(B_i + (B' - B), w_i + (w' - w); out)``.
-    """
-    B, w = params
-    d, k = B.shape
-    body = name.endswith("maml")
-    adapted = [_adapt(B, w, batch.X_in[i], batch.y_in[i], alpha, steps, body)
-               for i in range(len(batch.X_in))]
-
-    def objective(theta):
-        B2, w2 = theta[: d * k].reshape(d, k), theta[d * k:]
-        total = 0.0
-        for i, (B_s, w_s) in enumerate(adapted):
-            if name.startswith("fo-"):
-                B_i, w_i = B_s + (B2 - B), w_s + (w2 - w)
-            else:
-                B_i, w_i = _adapt(B2, w2, batch.X_in[i], batch.y_in[i], alpha, steps, body)
-            total += _task_loss(B_i, w_i, batch.X_out[i], batch.y_out[i])
-        return total / len(adapted)
-
-    return objective, np.concatenate([B.ravel(), w])
+def reference_step(name, params, batch, steps, heads=None):
+    """One outer step of ``name`` by :mod:`metarep.core.reference`; returns
+    ``(B, w, heads or None, loss)`` (``heads``: mtl's per-task heads before the step)."""
+    if name == "mtl":
+        (B, w, new_heads), loss = reference.mtl_step(MTLState(*params, heads), batch, BETA)
+        return B, w, new_heads, loss
+    (B, w), loss = reference.inner_loop_step(name, params, batch, ALPHA, BETA, steps)
+    return B, w, None, loss
 
 
 def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -149,7 +84,7 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
 def test_inner_loop_methods_match_per_task_loop(name, steps):
     batch, params = _problem()
     new, loss = make_method(name, ALPHA, BETA, steps).step(params, batch)
-    B, w, _, ref_loss = reference_step(name, params, batch, ALPHA, BETA, steps)
+    B, w, _, ref_loss = reference_step(name, params, batch, steps)
     np.testing.assert_allclose(new.B, B, rtol=0, atol=1e-12)
     np.testing.assert_allclose(new.w, w, rtol=0, atol=1e-12)
     assert loss == pytest.approx(ref_loss, rel=1e-12)
@@ -160,10 +95,23 @@ def test_inner_loop_methods_match_per_task_loop(name, steps):
 def test_inner_loop_methods_match_finite_differences(name, steps):
     batch, params = _problem(1)
     new, loss = make_method(name, ALPHA, BETA, steps).step(params, batch)
-    objective, theta = outer_objective(name, params, batch, ALPHA, steps)
+    objective, theta = reference.outer_objective(name, params, batch, ALPHA, steps)
     fd = central_differences(objective, theta)
     grad = np.concatenate([(params.B - new.B).ravel(), params.w - new.w]) / BETA
     assert _relative_error(grad, fd) < 1e-6
+    assert loss == pytest.approx(objective(theta), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("name", INNER_METHODS)
+def test_reference_gradient_matches_finite_differences_of_its_objective(name, steps):
+    """The reference itself: its forward-mode chain rule against central differences of its
+    outer objective (so the fast path is checked against two independent references)."""
+    batch, params = _problem(5)
+    grad_B, grad_w, loss = reference.outer_gradient(name, params, batch, ALPHA, steps)
+    objective, theta = reference.outer_objective(name, params, batch, ALPHA, steps)
+    fd = central_differences(objective, theta)
+    assert _relative_error(np.concatenate([grad_B.ravel(), grad_w]), fd) < 1e-6
     assert loss == pytest.approx(objective(theta), rel=1e-12)
 
 
@@ -213,20 +161,15 @@ def test_mtl_matches_per_task_loop_and_finite_differences():
     batch, params = _problem()
     state = _mtl_state(params)
     new, loss = MTL(BETA).step(state, batch)
-    B, _, heads, ref_loss = reference_step("mtl", params, batch, ALPHA, BETA, 1, state.heads)
+    B, _, heads, ref_loss = reference_step("mtl", params, batch, 1, state.heads)
     np.testing.assert_allclose(new.B, B, rtol=0, atol=1e-12)
     np.testing.assert_allclose(new.heads, heads, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(new.w, params.w)
     assert loss == pytest.approx(ref_loss, rel=1e-12)
 
-    X, y = batch.full()
-
-    def objective(theta):  # mean_i L(B, w_i; X_i, y_i) over all rows
-        B2 = theta[: D * WIDTH].reshape(D, WIDTH)
-        H = theta[D * WIDTH:].reshape(N, WIDTH)
-        return np.mean([_task_loss(B2, H[i], X[i], y[i]) for i in range(N)])
-
-    fd = central_differences(objective, np.concatenate([state.B.ravel(), state.heads.ravel()]))
+    objective, theta = reference.mtl_objective(state, batch)  # mean_i L(B, w_i; X_i, y_i)
+    np.testing.assert_array_equal(theta, np.concatenate([state.B.ravel(), state.heads.ravel()]))
+    fd = central_differences(objective, theta)
     grad_B = (state.B - new.B).ravel() / BETA
     grad_heads = (state.heads - new.heads).ravel() / BETA  # each head on its own task's loss
     assert _relative_error(grad_B, fd[: D * WIDTH]) < 1e-6
@@ -238,22 +181,64 @@ def test_mtl_updates_only_the_sampled_heads():
     state = _mtl_state(params)
     chosen = np.array([3, 1])
     new, loss = MTL(BETA).step(state, batch.take(chosen))
-    B, _, heads, ref_loss = reference_step("mtl", params, batch.take(chosen), ALPHA, BETA, 1,
-                                           state.heads[chosen])
+    B, _, heads, ref_loss = reference_step("mtl", params, batch.take(chosen), 1, state.heads)
     np.testing.assert_allclose(new.B, B, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(new.heads[chosen], heads, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(new.heads, heads, rtol=0, atol=1e-12)
     others = np.setdiff1d(np.arange(N), chosen)
     np.testing.assert_array_equal(new.heads[others], state.heads[others])
     assert loss == pytest.approx(ref_loss, rel=1e-12)
-    with pytest.raises(ValueError, match="without indices"):
+    with pytest.raises(ArgumentError, match="without indices") as error:
         MTL(BETA).step(state, TaskBatch(batch.X_in[:2], batch.y_in[:2], batch.X_out[:2],
                                         batch.y_out[:2]))
+    assert error.value.argument == "batch"
 
 
 def test_mtl_starts_every_head_at_the_model_head():
     _, params = _problem()
     state = make_method("mtl", ALPHA, BETA, 1).init_state(params, 4)
     np.testing.assert_array_equal(state.heads, np.tile(params.w, (4, 1)))
+
+
+@pytest.mark.parametrize("cls", [FOANIL, ANIL, FOMAML, MAML])
+def test_the_method_name_is_a_class_constant_not_an_argument(cls):
+    method = cls(ALPHA, BETA, 2)
+    assert method.name == cls.name == make_method(cls.name, ALPHA, BETA, 2).name
+    with pytest.raises(TypeError):
+        cls(ALPHA, BETA, 1, "maml")
+    with pytest.raises(TypeError):
+        cls(ALPHA, BETA, name="maml")
+    with pytest.raises(TypeError):
+        MTL(BETA, "fo-anil")
+    assert MTL(BETA).name == "mtl"
+
+
+BAD_STEP_SIZES = [  # inner_lr, outer_lr, inner_steps, the argument at fault
+    (0.0, BETA, 1, "inner_lr"),
+    (float("nan"), BETA, 1, "inner_lr"),
+    (ALPHA, -1.0, 1, "outer_lr"),
+    (ALPHA, float("inf"), 1, "outer_lr"),
+    (ALPHA, BETA, 0, "inner_steps"),
+]
+
+
+@pytest.mark.parametrize(("name", "inner_lr", "outer_lr", "inner_steps", "argument"), [
+    (name, *case) for name in METHOD_NAMES for case in BAD_STEP_SIZES
+    if name != "mtl" or case[-1] == "outer_lr"  # mtl has no inner loop
+])
+def test_bad_step_sizes_raise_an_argument_error(name, inner_lr, outer_lr, inner_steps,
+                                                argument):
+    with pytest.raises(ArgumentError) as error:
+        make_method(name, inner_lr, outer_lr, inner_steps)
+    assert error.value.argument == argument
+
+
+def test_unknown_method_names_are_argument_errors():
+    with pytest.raises(ArgumentError) as error:
+        make_method("reptile", ALPHA, BETA, 1)
+    assert error.value.argument == "name"
+    with pytest.raises(ArgumentError) as error:
+        reference.inner_loop_step("mtl", _problem()[1], _problem()[0], ALPHA, BETA, 1)
+    assert error.value.argument == "name"
 
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
@@ -298,7 +283,7 @@ def test_cli_step_matches_independent_implementation(tmp_path, name, steps):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     heads = np.tile(params.w, (N, 1)) if name == "mtl" else None
-    B, w, new_heads, _ = reference_step(name, params, batch, ALPHA, BETA, steps, heads)
+    B, w, new_heads, _ = reference_step(name, params, batch, steps, heads)
     with np.load(out / "params.npz") as saved:
         np.testing.assert_allclose(saved["B"], B, rtol=0, atol=1e-9)
         np.testing.assert_allclose(saved["w"], w, rtol=0, atol=1e-9)
@@ -334,36 +319,24 @@ def test_each_method_runs_end_to_end(tmp_path, name, dtype):
             assert saved["heads"].shape == (12, 4)
 
 
-def test_mtl_with_sampled_tasks_and_resume(tmp_path, monkeypatch):
+def test_mtl_with_sampled_tasks_and_resume(tmp_path):
     """A run interrupted after a checkpoint and resumed ends where an uninterrupted one does
     (the per-task heads travel through the checkpoint)."""
-    import metarep.experiments as experiments
-
     config = _tiny(**{"method.name": "mtl", "train.tasks_per_step": 5, "train.record_every": 1})
     full = run(config, tmp_path / "full", progress=False)
-    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
 
     class Interrupted(Exception):
         pass
 
-    real_source = experiments.batch_source
+    def interrupt(trajectory):  # after the record (and checkpoint) of step 2
+        if trajectory.step == 2:
+            raise Interrupted
 
-    def interrupted_source(setup):
-        batches = real_source(setup)
-
-        def source(t):
-            if t == 3:
-                raise Interrupted
-            return batches(t)
-
-        return source
-
-    monkeypatch.setattr(experiments, "batch_source", interrupted_source)
     with pytest.raises(Interrupted):
-        run(config, tmp_path / "resumed", progress=False)
+        run(config, tmp_path / "resumed", progress=False, on_record=interrupt,
+            checkpoint_seconds=0.0)
     with np.load(tmp_path / "resumed" / "checkpoint.npz") as checkpoint:
         assert int(checkpoint["step"]) == 2 and checkpoint["heads"].shape == (12, 4)
-    monkeypatch.setattr(experiments, "batch_source", real_source)
     resumed = run(config, tmp_path / "resumed", progress=False, resume=True)
     with np.load(tmp_path / "full" / "params.npz") as a, \
             np.load(tmp_path / "resumed" / "params.npz") as b:
@@ -385,8 +358,13 @@ def test_mtl_rejects_online_tasks():
 def test_feature_least_squares_matches_full_dimensional_simulation():
     """The reduced-coordinate ``mtl-lsq`` risk agrees (z-test) with least squares on ``X B``
     simulated with full d-dimensional inputs."""
-    from metarep.evaluation import baseline_penalty, feature_least_squares_risks, fit_least_squares
-    from metarep.tasks import make_problem, sample_heads
+    from metarep.core.evaluation import (
+        baseline_penalty,
+        feature_least_squares_risks,
+        fit_least_squares,
+    )
+    from metarep.core.problem import make_problem
+    from metarep.core.tasks import sample_heads
 
     d, k, width, n = 8, 2, 3, 4000
     problem = make_problem(d, k, 0.5, "linear", np.random.default_rng(0))
@@ -404,15 +382,15 @@ def test_feature_least_squares_matches_full_dimensional_simulation():
 
 
 def test_mtl_is_evaluated_from_a_zero_head_with_a_feature_row():
-    from metarep.evaluation import evaluate
-    from metarep.experiments import evaluate_state, prepare
+    from metarep.core.evaluation import evaluate
 
-    setup = prepare(_tiny(**{"method.name": "mtl"}))
-    B = setup.params.B
+    backend = prepare(_tiny(**{"method.name": "mtl"}))
+    B = backend.initial_state().B
     state = MTLState(B, np.ones(B.shape[1]), np.zeros((12, B.shape[1])))
-    rows = evaluate_state(setup, state)
-    e = setup.config.eval
-    expected = evaluate(LinearParams(B, np.zeros(B.shape[1])), setup.problem, "mtl", e.shots,
-                        e.n_tasks, setup.config.method.inner_lr, e.adapt_steps, e.seed)
+    rows = backend.evaluate(state)
+    e = backend.config.eval
+    expected = evaluate(LinearParams(B, np.zeros(B.shape[1])), backend.inputs.problem, "mtl",
+                        e.shots, e.n_tasks, backend.config.method.inner_lr, e.adapt_steps,
+                        e.seed)
     assert [r for r in rows if r.method != "mtl-lsq"] == expected
     assert [r.shots for r in rows if r.method == "mtl-lsq"] == list(e.shots)

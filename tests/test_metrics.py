@@ -1,4 +1,4 @@
-"""metarep.metrics against independent computations (scipy's principal angles, an explicit
+"""metarep.core.measures against independent computations (scipy's principal angles, an explicit
 orthonormal complement B_perp from scipy.linalg.null_space, plain definitions)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from metarep.metrics import (
+from metarep.core.measures import (
     BASE_MEASURES,
     lambda_error,
     measure,
@@ -16,8 +16,8 @@ from metarep.metrics import (
     subspace_distance,
     top_left_singular_vectors,
 )
-from metarep.models import LinearParams
-from metarep.tasks import Problem, random_orthonormal
+from metarep.core.model import LinearParams
+from metarep.core.problem import Problem, random_orthonormal
 
 
 def frame(d=9, k=3, seed=0) -> np.ndarray:

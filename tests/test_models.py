@@ -1,12 +1,14 @@
-"""metarep.models: the linear network's initialisation, prediction and parameter files."""
+"""metarep.core.model: the linear network's initialisation and prediction; its parameter files
+(metarep.run.inputs.load_params)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from metarep.config import ConfigError
-from metarep.models import LinearParams, init_linear, load_params, predict
+from metarep.core.model import LinearParams, init_linear, predict
+from metarep.errors import ConfigError
+from metarep.run.inputs import load_params
 
 
 def test_init_linear_scale_zero_head_dtype_and_seed():

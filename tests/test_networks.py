@@ -16,15 +16,17 @@ from typer.testing import CliRunner
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # two test workers share two cores
 
-from metarep import experiments, run, storage  # noqa: E402
 from metarep.cli import EXIT_BAD_INPUT, app  # noqa: E402
-from metarep.config import ConfigError, load_config  # noqa: E402
-from metarep.evaluation import evaluate, evaluate_predictors  # noqa: E402
-from metarep.metrics import perp_share  # noqa: E402
-from metarep.models import LinearParams  # noqa: E402
-from metarep.networks import LinearNet, ReLUNet, init_relu, relu_from_arrays  # noqa: E402
-from metarep.tasks import make_problem  # noqa: E402
-from metarep.torch_engine import MetaLearner  # noqa: E402
+from metarep.core.evaluation import evaluate, evaluate_predictors  # noqa: E402
+from metarep.core.measures import perp_share  # noqa: E402
+from metarep.core.model import LinearParams  # noqa: E402
+from metarep.core.problem import make_problem  # noqa: E402
+from metarep.engine.learner import MetaLearner  # noqa: E402
+from metarep.engine.networks import LinearNet, ReLUNet, init_relu, relu_from_arrays  # noqa: E402
+from metarep.errors import ArgumentError, ConfigError  # noqa: E402
+from metarep.run import atomic  # noqa: E402
+from metarep.run.experiment import prepare, run  # noqa: E402
+from metarep.run.schema import load_config  # noqa: E402
 
 METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
 RUNNER = CliRunner()
@@ -85,12 +87,15 @@ def test_relu_init_scales_match_the_linear_model():
 def test_relu_from_arrays_checks_names_and_shapes():
     good = {"W1": np.ones((5, 4)), "W2": np.ones((4, 3)), "w": np.zeros(3)}
     assert relu_from_arrays(good, 5, 2).hidden_layers == 2
-    with pytest.raises(ConfigError, match="missing W2"):
+    with pytest.raises(ArgumentError, match="missing W2") as error:
         relu_from_arrays({"W1": good["W1"], "w": good["w"]}, 5, 2)
-    with pytest.raises(ConfigError, match="W2 must have shape"):
+    assert error.value.argument == "arrays"
+    with pytest.raises(ArgumentError, match="W2: must have shape") as error:
         relu_from_arrays({**good, "W2": np.ones((3, 3))}, 5, 2)
-    with pytest.raises(ConfigError, match="w must have shape"):
+    assert error.value.argument == "W2"
+    with pytest.raises(ArgumentError, match="w: must have shape") as error:
         relu_from_arrays({"W1": good["W1"], "w": good["w"]}, 5, 1)
+    assert error.value.argument == "w"
 
 
 def test_perp_share_against_an_explicit_complement_basis():
@@ -105,7 +110,7 @@ def test_perp_share_against_an_explicit_complement_basis():
 
 def test_predictor_evaluation_agrees_with_the_exact_linear_evaluation():
     """Through the engine, a linear network scored with fresh test inputs has the exact
-    reduced-coordinate risk of :func:`metarep.evaluation.evaluate` in expectation."""
+    reduced-coordinate risk of :func:`metarep.core.evaluation.evaluate` in expectation."""
     rng = np.random.default_rng(4)
     problem = make_problem(10, 2, 0.5, "linear", rng)
     B = problem.B_star @ rng.standard_normal((2, 4)) + 0.2 * rng.standard_normal((10, 4))
@@ -160,18 +165,18 @@ def test_relu_test_risk_beats_plain_regression_at_small_m(name):
         "method.inner_lr": 0.5, "method.outer_lr": 0.1, "train.steps": 300,
         "train.record_every": 200, "eval.shots": [5], "eval.n_tasks": 2000,
     })
-    setup = experiments.prepare(config)
-    state, batches = experiments.initial_state(setup), experiments.batch_source(setup)
+    backend = prepare(config)
+    state = backend.initial_state()
     for t in range(config.train.steps):
-        state, _ = setup.method.step(state, batches(t))
-    rows = {row.method: row for row in experiments.evaluate_state(setup, state)}
+        state, _ = backend.step(state, t)
+    rows = {row.method: row for row in backend.evaluate(state)}
     ours = rows["mtl-lsq" if name == "mtl" else name]
     regression = rows["regression"]
     margin = 3 * np.hypot(ours.stderr, regression.stderr)
     assert ours.excess_risk + margin < regression.excess_risk, (ours, regression)
 
 
-def test_relu_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+def test_relu_run_resumes_to_the_same_result(tmp_path):
     config = load_config("quick", {"model.kind": "relu", "model.hidden_layers": 2,
                                    "model.width": 6, "model.hidden_width": 5,
                                    "method.name": "mtl", "tasks.n": 30, "problem.d": 8,
@@ -179,23 +184,15 @@ def test_relu_run_resumes_to_the_same_result(tmp_path, monkeypatch):
                                    "train.record_every": 1, "eval.n_tasks": 10,
                                    "eval.shots": [4]})
     full = run(config, tmp_path / "full", progress=False)
-    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
-    real_source = experiments.batch_source
 
-    def interrupted_source(setup):
-        batches = real_source(setup)
+    def interrupt(trajectory):
+        if trajectory.step >= 3:
+            raise KeyboardInterrupt
 
-        def source(t):
-            if t == 3:
-                raise KeyboardInterrupt
-            return batches(t)
-
-        return source
-
-    monkeypatch.setattr(experiments, "batch_source", interrupted_source)
     with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(experiments, "batch_source", real_source)
+        run(config, tmp_path / "resumed", progress=False, on_record=interrupt,
+            checkpoint_seconds=0.0)
+    assert (tmp_path / "resumed" / "checkpoint.npz").is_file()
     resumed = run(config, tmp_path / "resumed", progress=False, resume=True)
     with np.load(tmp_path / "full" / "params.npz") as a, \
             np.load(tmp_path / "resumed" / "params.npz") as b:
@@ -208,7 +205,7 @@ def test_relu_init_from_file_sets_the_widths(tmp_path):
     rng = np.random.default_rng(7)
     arrays = {"W1": rng.standard_normal((6, 7)), "W2": rng.standard_normal((7, 3)),
               "w": rng.standard_normal(3)}
-    storage.write_npz(tmp_path / "init.npz", **arrays)
+    atomic.write_npz(tmp_path / "init.npz", **arrays)
     tree = {**TINY, "model": {**TINY["model"], "hidden_layers": 2,
                               "init_from": str(tmp_path / "init.npz")}}
     tree["train"] = {**TINY["train"], "steps": 0}
@@ -280,5 +277,5 @@ def test_without_torch_linear_runs_work_and_relu_asks_for_the_extra(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "error: model.kind:" in done.stdout and "metarep[torch]" in done.stdout
     assert not (tmp_path / "relu").exists()
-    lazy = "import sys, metarep.cli, metarep.experiments; assert 'torch' not in sys.modules"
+    lazy = "import sys, metarep.cli, metarep.run.experiment; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", lazy], timeout=120).returncode == 0

@@ -1,7 +1,8 @@
-"""Exact infinite-task dynamics (metarep.population) against independent computations:
-Monte Carlo over >= 1e5 fresh tasks (z-test on every entry), a naive d-dimensional recursion,
-the measures of metarep.metrics on the reconstructed B, finite pools of growing size, and the
-predicted limits and decay rates; plus batching, divergence and the CLI end to end."""
+"""Exact infinite-task dynamics (metarep.core.infinite) against independent computations:
+Monte Carlo over >= 1e5 fresh tasks (z-test on every entry), the plain d-dimensional recursion
+of metarep.core.reference, the measures of metarep.core.measures on the reconstructed B, finite
+pools of growing size, and the predicted limits and decay rates; plus batching
+(metarep.run.simulate), divergence (metarep.run.loop) and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -14,16 +15,25 @@ import pytest
 from typer.testing import CliRunner
 from zstats import assert_z, max_abs_z
 
-from metarep import population as pop
-from metarep.algorithms import FOANIL, FOMAML
 from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
-from metarep.config import dump_yaml, load_config
-from metarep.metrics import measure
-from metarep.models import LinearParams, init_linear
-from metarep.seeding import Purpose, seed_rng
-from metarep.storage import write_npz
-from metarep.tasks import Problem, make_problem, sample_tasks
-from metarep.theory import lambda_star
+from metarep.core import infinite as pop
+from metarep.core import reference
+from metarep.core.measures import measure
+from metarep.core.methods import FOANIL, FOMAML
+from metarep.core.model import LinearParams, init_linear
+from metarep.core.monte_carlo import monte_carlo_update
+from metarep.core.problem import Problem, make_problem
+from metarep.core.seeding import Purpose, seed_rng
+from metarep.core.tasks import sample_tasks
+from metarep.core.theory import lambda_star
+from metarep.errors import ArgumentError
+from metarep.run.atomic import write_npz
+from metarep.run.backends.infinite import ExactStepper
+from metarep.run.experiment import prepare
+from metarep.run.experiment import run as run_experiment
+from metarep.run.loop import EXPLOSION_FACTOR, Diverged, Trajectory, train
+from metarep.run.schema import dump_yaml, load_config
+from metarep.run.simulate import grid, simulate_batch
 
 RUNNER = CliRunner()
 
@@ -46,26 +56,10 @@ def random_params(d: int, width: int, seed: int, scale: float = 0.5,
                         head * rng.standard_normal(width))
 
 
-def naive_step(params: LinearParams, problem: Problem, alpha: float, beta: float,
-               m: float) -> tuple[LinearParams, float]:
-    """The expected FO-ANIL step written in R^d with Q in its expanded form (docs)."""
-    B, w = params
-    inv_m = 0.0 if math.isinf(m) else 1.0 / m
-    Sigma, B_star = problem.Sigma_star, problem.B_star
-    N, C, ww = B.T @ B, B_star.T @ B, np.outer(w, w)
-    trace = np.trace(Sigma)
-    Q = (ww - alpha * (ww @ N + N @ ww)
-         + alpha**2 * ((1 + inv_m) * (N @ ww @ N + C.T @ Sigma @ C)
-                       + inv_m * (w @ N @ w + trace + problem.noise_var) * N))
-    loss = 0.5 * (np.trace(N @ Q) - 2 * alpha * np.trace(Sigma @ C @ C.T) + trace
-                  + problem.noise_var)
-    new = LinearParams(B - beta * (B @ Q - alpha * B_star @ Sigma @ C),
-                       w - beta * N @ (w - alpha * N @ w))
-    return new, float(loss)
-
-
 def exact_trajectory(params: LinearParams, problem: Problem, alpha: float, beta: float,
                      m_in: float, steps: int) -> tuple[list[LinearParams], list[float]]:
+    """The fast kernel's trajectory (:class:`metarep.core.infinite.ExactFOANIL` in coordinates,
+    reconstructed in R^d): ``steps + 1`` states and ``steps`` losses."""
     frame, state = pop.coordinates(problem.B_star, params.B, params.w)
     dynamics = pop.ExactFOANIL(problem.Sigma_star, alpha, beta, m_in, problem.noise_var,
                                state.H.shape)
@@ -94,7 +88,7 @@ def test_expected_fo_anil_update_matches_monte_carlo(d, k, width, m_in, m_out):
     params = random_params(d, width, seed=1)
     alpha, beta = 0.3, 1.0
     exact, loss = pop.expected_update(params, problem, alpha, beta, m_in)
-    mc = pop.monte_carlo_update(FOANIL(alpha, beta), params, problem, m_in, m_out, 100_000,
+    mc = monte_carlo_update(FOANIL(alpha, beta), params, problem, m_in, m_out, 100_000,
                                 np.random.default_rng(2), tasks_per_batch=250)
     assert mc.n_batches * mc.tasks_per_batch == 100_000
     assert_z(np.r_[mc.mean.B.ravel(), mc.mean.w, mc.loss],
@@ -113,7 +107,7 @@ def test_fo_maml_from_zero_head_is_fo_anil():
     params = random_params(7, 4, seed=3, head=0.0)
     exact, loss = pop.expected_update(params, problem, 0.4, 1.0, 3)
     assert np.all(exact.w == 0)
-    mc = pop.monte_carlo_update(FOMAML(0.4, 1.0), params, problem, 3, 2, 100_000,
+    mc = monte_carlo_update(FOMAML(0.4, 1.0), params, problem, 3, 2, 100_000,
                                 np.random.default_rng(4), tasks_per_batch=250)
     assert_z(mc.mean.B, mc.stderr.B, exact.B, "FO-MAML body update at w = 0")
     assert np.max(np.abs(mc.mean.w)) < 6 * np.max(mc.stderr.w)  # E[dw] = 0
@@ -122,9 +116,10 @@ def test_fo_maml_from_zero_head_is_fo_anil():
 
 def test_monte_carlo_update_needs_two_batches():
     problem = problem_of(4, 1, 0.1)
-    with pytest.raises(ValueError, match="at least 2 batches"):
-        pop.monte_carlo_update(FOANIL(0.1, 0.1), random_params(4, 2, 0), problem, 2, 2, 150,
-                               np.random.default_rng(0), tasks_per_batch=100)
+    with pytest.raises(ArgumentError, match="at least 2 batches") as error:
+        monte_carlo_update(FOANIL(0.1, 0.1), random_params(4, 2, 0), problem, 2, 2, 150,
+                           np.random.default_rng(0), tasks_per_batch=100)
+    assert error.value.argument == "n_tasks"
 
 
 # ----------------------------------------------------------------------------- exact algebra
@@ -134,16 +129,30 @@ def test_monte_carlo_update_needs_two_batches():
 @pytest.mark.parametrize(("d", "k", "width"), [(9, 3, 5), (5, 2, 8), (4, 4, 3)])
 def test_coordinates_follow_the_naive_recursion_in_d_dimensions(d, k, width, m_in):
     """30 steps in (H, omega) coordinates, reconstructed, equal the d-dimensional recursion
-    with Q in expanded form; so do the losses. Covers k' < d, k' > d and d = k."""
+    with Q in expanded form (metarep.core.reference); so do the losses. Covers k' < d,
+    k' > d and d = k."""
     problem = problem_of(d, k, noise_var=0.3, full_cov=True)
     params = random_params(d, width, seed=5, scale=0.4, head=0.3)
     path, losses = exact_trajectory(params, problem, 0.5, 0.3, m_in, 30)
-    naive = params
+    naive, naive_losses = reference.expected_fo_anil_trajectory(params, problem, 0.5, 0.3,
+                                                                m_in, 30)
     for t in range(30):
-        naive, loss = naive_step(naive, problem, 0.5, 0.3, m_in)
-        assert losses[t] == pytest.approx(loss, rel=1e-10)
-    np.testing.assert_allclose(path[-1].B, naive.B, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(path[-1].w, naive.w, rtol=1e-10, atol=1e-12)
+        assert losses[t] == pytest.approx(naive_losses[t], rel=1e-10)
+    np.testing.assert_allclose(path[-1].B, naive[-1].B, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(path[-1].w, naive[-1].w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("m_in", [3, math.inf])
+def test_expected_update_in_d_dimensions_is_the_reference_step(m_in):
+    """:func:`metarep.core.infinite.expected_update` (through coordinates) is the update of
+    :func:`metarep.core.reference.expected_fo_anil_step`, with the same loss."""
+    problem = problem_of(7, 2, noise_var=0.4, full_cov=True)
+    params = random_params(7, 5, seed=11, scale=0.5, head=0.4)
+    update, loss = pop.expected_update(params, problem, 0.4, 0.6, m_in)
+    new, expected_loss = reference.expected_fo_anil_step(params, problem, 0.4, 0.6, m_in)
+    np.testing.assert_allclose(update.B, new.B - params.B, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(update.w, new.w - params.w, rtol=1e-10, atol=1e-12)
+    assert loss == pytest.approx(expected_loss, rel=1e-10)
 
 
 @pytest.mark.parametrize(("d", "k", "width"), [(12, 3, 5), (5, 2, 9)])
@@ -294,62 +303,155 @@ CONFIGS = pd.DataFrame({"inner_lr": [0.5, 0.3, 0.5, 0.4], "outer_lr": [0.3, 0.5,
 def test_simulate_batch_equals_one_configuration_at_a_time():
     problem = problem_of(9, 2, noise_var=0.5)
     kwargs = {"width": 5, "init_scale": 1.0, "steps": 40, "record_every": 15}
-    batch = pop.simulate_batch(problem, CONFIGS, **kwargs)
+    batch = simulate_batch(problem, CONFIGS, **kwargs)
     assert list(batch["step"].unique()) == [0, 15, 30, 40]
     assert set(batch["config"]) == {0, 1, 2, 3} and not batch["diverged"].any()
     for i in range(len(CONFIGS)):
-        alone = pop.simulate_batch(problem, CONFIGS.iloc[[i]], **kwargs)
+        alone = simulate_batch(problem, CONFIGS.iloc[[i]], **kwargs)
         mine = batch[batch["config"] == i].drop(columns="config").reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, alone.drop(columns="config"), rtol=1e-10)
     first = batch[(batch["config"] == 0) & (batch["step"] == 40)].iloc[0]
     B0 = init_linear(9, 5, 1.0, seed_rng(0, Purpose.MODEL)).B  # `metarep run`'s B_0, seed 0
     path, _ = exact_trajectory(LinearParams(B0, np.zeros(5)), problem, 0.5, 0.3, 4, 40)
     assert first["perp_norm"] == pytest.approx(
-        measure(path[-1], problem, lambda_star(problem.Sigma_star, 0.5, 4, 0.5))["perp_norm"],
+        measure(path[-1], problem, lambda_star(problem, 4, 0.5))["perp_norm"],
         rel=1e-9)
 
 
 def test_grid_is_the_cartesian_product():
-    frame = pop.grid(inner_lr=[0.1, 0.2], m_in=[5, math.inf], seed=[0, 1, 2])
+    frame = grid(inner_lr=[0.1, 0.2], m_in=[5, math.inf], seed=[0, 1, 2])
     assert len(frame) == 12 and list(frame.columns) == ["inner_lr", "m_in", "seed"]
-    with pytest.raises(ValueError, match="unknown grid axes"):
-        pop.grid(width=[1])
+    with pytest.raises(ArgumentError, match="unknown grid axes") as error:
+        grid(width=[1])
+    assert error.value.argument == "axes"
 
 
 def test_a_diverging_configuration_is_frozen_and_flagged():
+    """simulate_batch applies the loop's divergence rule at every step: config 1 (outer_lr 50)
+    explodes between the records of steps 0 and 20, so its rows from step 20 on are flagged
+    with nan measures; config 0 is unaffected."""
     problem = problem_of(9, 2, noise_var=0.5)
     configs = CONFIGS.iloc[:2].assign(outer_lr=[0.3, 50.0])
     kwargs = {"width": 5, "init_scale": 1.0, "steps": 60, "record_every": 20}
-    frame = pop.simulate_batch(problem, configs, **kwargs)
-    bad = frame[frame["config"] == 1]
-    assert bad["diverged"].iloc[-1] and np.isnan(bad["train_loss"].iloc[-1])
-    assert np.isnan(bad["perp_norm"].iloc[-1])
+    frame = simulate_batch(problem, configs, **kwargs)
+    bad = frame[frame["config"] == 1].reset_index(drop=True)
+    assert list(bad["step"]) == [0, 20, 40, 60]
+    assert list(bad["diverged"]) == [False, True, True, True]
+    assert np.isfinite(bad["train_loss"].iloc[0]) and np.isfinite(bad["perp_norm"].iloc[0])
+    assert bad["train_loss"].iloc[1:].isna().all() and bad["perp_norm"].iloc[1:].isna().all()
+    measures = [c for c in frame.columns if c.startswith("sv_") or c in ("subspace_dist",
+                                                                         "lambda_err")]
+    assert measures and bad[measures].iloc[1:].isna().all().all()
     good = frame[frame["config"] == 0].drop(columns="config").reset_index(drop=True)
-    alone = pop.simulate_batch(problem, configs.iloc[[0]], **kwargs).drop(columns="config")
+    assert not good["diverged"].any()
+    alone = simulate_batch(problem, configs.iloc[[0]], **kwargs).drop(columns="config")
     pd.testing.assert_frame_equal(good, alone, rtol=1e-10)
 
 
+def _divergence_step(dynamics: pop.ExactFOANIL, state: pop.PopulationState, steps: int) -> int:
+    """The step at which a batch of one diverges by the rule of metarep.run.loop, stepped
+    here by hand: ``t`` where its loss is non-finite or above EXPLOSION_FACTOR times the loss
+    at step 0, or ``t + 1`` when the state after step ``t`` has a non-finite entry."""
+    first = None
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(steps + 1):
+            new, loss = dynamics.step(state)
+            first = loss[0] if first is None else first
+            if not np.isfinite(loss[0]) or loss[0] > EXPLOSION_FACTOR * max(first, 1e-12):
+                return t
+            if not new.is_finite():
+                return t + 1
+            state = new  # the dynamics never write the state they read
+    raise AssertionError("the configuration does not diverge")
+
+
+class CheckedStepper(ExactStepper):
+    """An ExactStepper that records, per call, whether every configuration of the state it is
+    asked to step is finite."""
+
+    def __init__(self, dynamics: pop.ExactFOANIL, Lambda_star: np.ndarray):
+        super().__init__(dynamics, Lambda_star)
+        self.inputs_finite: list[np.ndarray] = []
+
+    def step(self, state, t):
+        self.inputs_finite.append(state.finite())
+        return super().step(state, t)
+
+
+def test_divergence_between_two_record_steps_is_caught_at_that_step():
+    """Through the training loop with the exact stepper, two configurations, records every 25
+    steps: the one with outer_lr 50 diverges a few steps after step 0 and is stopped exactly at
+    the step the rule gives (not at the next record step); its last record is step 0, its
+    kept state is finite, no non-finite state is ever stepped, and the other configuration
+    runs to the end as it does alone."""
+    problem = problem_of(9, 2, noise_var=0.5)
+    B0 = np.stack([init_linear(9, 5, 1.0, seed_rng(seed, Purpose.MODEL)).B for seed in (0, 1)])
+    _, state = pop.coordinates(problem.B_star, B0, keep_basis=False)
+    steps, every = 60, 25
+    dynamics = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 50.0], [4, math.inf],
+                               [0.5, 0.0], state.H.shape)
+    alone = [pop.ExactFOANIL(problem.Sigma_star, a, b, m, s2, (1, *state.H.shape[1:]))
+             for a, b, m, s2 in ((0.5, 0.3, 4, 0.5), (0.3, 50.0, math.inf, 0.0))]
+    expected = _divergence_step(alone[1], state.take(1), steps)
+    assert 0 < expected < every  # strictly between the records of steps 0 and 25
+
+    stepper = CheckedStepper(dynamics, pop.lambda_stars(dynamics))
+    trajectories = [Trajectory(None, 0) for _ in range(2)]
+    outcome = train(stepper, state, trajectories, steps=steps, record_every=every,
+                    advice=["lower it"] * 2, progress=False)
+    assert outcome[0] is None and isinstance(outcome[1], Diverged)
+    assert outcome[1].step == expected
+    assert all(finite.all() for finite in stepper.inputs_finite)
+    assert len(stepper.inputs_finite) == steps + 1
+    bad = trajectories[1]
+    assert [r["step"] for r in bad.records] == [0]
+    assert bad.step in (expected, expected - 1) and bad.step < every
+    assert bad.state.is_finite()
+    kept = state.take(1)
+    for _ in range(bad.step):  # the state it stopped at, computed alone
+        kept, _ = alone[1].step(kept)
+    np.testing.assert_allclose(bad.state.H, kept.H, rtol=1e-10, atol=1e-12)
+    assert [r["step"] for r in trajectories[0].records] == [0, 25, 50, 60]
+    good_alone = [Trajectory(None, 0)]
+    train(ExactStepper(alone[0], pop.lambda_stars(alone[0])), state.take(0), good_alone,
+          steps=steps, record_every=every, advice=["lower it"], progress=False)
+    for ours, theirs in zip(trajectories[0].records, good_alone[0].records, strict=True):
+        assert list(ours) == list(theirs)
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-10, abs=1e-14), key
+
+
 def test_bad_hyper_parameters_are_rejected():
-    with pytest.raises(ValueError, match="m_in must be >= 1"):
+    with pytest.raises(ArgumentError, match="m_in: must be >= 1") as error:
         pop.ExactFOANIL(np.eye(2), 0.1, 0.1, 0.5, 0.0, (1, 4, 3))
-    with pytest.raises(ValueError, match="outer_lr must be > 0"):
+    assert error.value.argument == "m_in"
+    with pytest.raises(ArgumentError, match="outer_lr: must be > 0") as error:
         pop.ExactFOANIL(np.eye(2), 0.1, [0.1, 0.0], 5, 0.0, (2, 4, 3))
+    assert error.value.argument == "outer_lr"
 
 
 # ----------------------------------------------------------------------------- runs and CLI
 
 
-def test_run_state_round_trips_through_arrays():
-    problem = problem_of(8, 2, 0.3)
+def test_run_state_round_trips_through_arrays(tmp_path):
+    """An infinite-task run's state (coordinates on the frame of its B_0) starts at B_0 and
+    survives the round trip through the arrays of checkpoint.npz."""
     init = random_params(8, 5, 10)
-    method = pop.InfiniteTaskMethod("fo-anil", problem, init, 0.5, 0.3, 4)
-    state = method.init_state(init)
-    np.testing.assert_allclose(state.B, init.B, atol=1e-12)
-    for _ in range(5):
-        state, _ = method.step(state)
-    restored = state.with_arrays(state.arrays())
-    np.testing.assert_allclose(restored.coords.H, state.coords.H, atol=1e-12)
-    np.testing.assert_allclose(restored.coords.omega, state.coords.omega, atol=1e-12)
+    write_npz(tmp_path / "init.npz", B=init.B, w=init.w)
+    backend = prepare(load_config("quick", {
+        "tasks.n": "infinite", "problem.d": 8, "problem.k": 2, "problem.noise_var": 0.3,
+        "model.init_from": str(tmp_path / "init.npz"), "tasks.m_in": 4,
+        "method.inner_lr": 0.5, "method.outer_lr": 0.3}))
+    state = backend.initial_state()
+    np.testing.assert_allclose(backend.params(state).B, init.B, atol=1e-12)
+    np.testing.assert_allclose(backend.params(state).w, init.w, atol=1e-12)
+    for t in range(5):
+        state, loss = backend.step(state, t)
+        assert loss.shape == (1,) and np.isfinite(loss[0])
+    state = backend.take(state, 0)  # a copy, valid whatever the dynamics compute next
+    restored = backend.restore(backend.arrays(state))
+    np.testing.assert_allclose(restored.H, state.H, atol=1e-12)
+    np.testing.assert_allclose(restored.omega, state.omega, atol=1e-12)
 
 
 SMALL = ["--set", "train.steps=60", "--set", "train.record_every=20", "--set",
@@ -440,32 +542,29 @@ def test_cli_infinite_divergence_keeps_the_records(tmp_path):
     assert len(pd.read_csv(out / "metrics.csv")) >= 1
 
 
-def test_cli_infinite_resume_continues_to_the_same_result(tmp_path, monkeypatch):
-    """Interrupted after step 45 (checkpoint at the record of step 40), resumed from the
+def test_cli_infinite_resume_continues_to_the_same_result(tmp_path):
+    """Interrupted after the record (and checkpoint) of step 40, resumed by the CLI from the
     reconstructed B, w of the checkpoint: the same final state up to rounding."""
-    from metarep import experiments
-
     args = ["run", "quick", "--set", "tasks.n=infinite", *SMALL]
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    assert RUNNER.invoke(app, [*args, "--out", str(reference)]).exit_code == 0
-    monkeypatch.setattr(experiments, "CHECKPOINT_SECONDS", 0.0)
-    original = experiments.batch_source
+    reference_run, out = tmp_path / "reference", tmp_path / "run"
+    assert RUNNER.invoke(app, [*args, "--out", str(reference_run)]).exit_code == 0
+    overrides = ["tasks.n=infinite", *SMALL[1:-1:2]]  # the values of the --set options
+    assert len(overrides) == 5 and all("=" in item for item in overrides)
 
-    def interrupted(setup, stop_at=None):
-        def batch(t):
-            if t == stop_at:
-                raise KeyboardInterrupt
-            return original(setup)(t)
-        return batch
+    def interrupt(trajectory):
+        if trajectory.step == 40:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup, 45))
-    assert RUNNER.invoke(app, [*args, "--out", str(out)]).exit_code != 0
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config("quick", overrides), out, progress=False,
+                       on_record=interrupt, checkpoint_seconds=0.0)
     with np.load(out / "checkpoint.npz") as data:
         assert int(data["step"]) == 40
-    monkeypatch.setattr(experiments, "batch_source", lambda setup: interrupted(setup))
+    assert not (out / "params.npz").exists()
     result = RUNNER.invoke(app, [*args, "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
-    with np.load(out / "params.npz") as resumed, np.load(reference / "params.npz") as straight:
+    with np.load(out / "params.npz") as resumed, \
+            np.load(reference_run / "params.npz") as straight:
         np.testing.assert_allclose(resumed["B"], straight["B"], rtol=1e-9, atol=1e-12)
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"),
-                                  pd.read_csv(reference / "metrics.csv"), rtol=1e-9)
+                                  pd.read_csv(reference_run / "metrics.csv"), rtol=1e-9)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from metarep.config import key_table
+from metarep.run.schema import key_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,31 +26,26 @@ from scipy import stats
 from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
-from metarep import experiments, sweeps
 from metarep.cli import app
-from metarep.config import ConfigError, from_dict, iter_keys
-from metarep.executors import (
-    ERROR_FILE,
+from metarep.errors import ConfigError
+from metarep.run import experiment
+from metarep.run.experiment import BATCH_KEYS
+from metarep.run.loop import Diverged
+from metarep.run.rundir import ERROR as ERROR_FILE
+from metarep.run.rundir import RunDirectory
+from metarep.run.schema import from_dict, iter_keys
+from metarep.sweeps import execution
+from metarep.sweeps.collect import collect, collect_table, seed_intervals
+from metarep.sweeps.execution import TEMP_DIR, SweepOptions, batch_jobs, run_sweep
+from metarep.sweeps.executors import (
     LocalExecutor,
     RunTask,
     is_this_machine,
     one_thread,
     use_local_token,
 )
-from metarep.experiments import BATCH_KEYS
-from metarep.sweeps import (
-    MANIFEST,
-    TEMP_DIR,
-    batch_jobs,
-    collect,
-    collect_table,
-    load_sweep,
-    plan_runs,
-    run_sweep,
-    seed_intervals,
-    value_token,
-)
-from metarep.training import Diverged
+from metarep.sweeps.manifest import MANIFEST
+from metarep.sweeps.spec import load_sweep, plan_runs, value_token
 
 METAREP = [str(Path(sys.executable).with_name("metarep"))]
 RUN_FILES = {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz",
@@ -210,16 +205,16 @@ def test_one_thread_limits_blas_and_torch_and_restores_them(monkeypatch):
 
 
 def run_directly(tree: dict, overrides: dict, out: Path) -> None:
-    """The reference: ``experiments.run`` of one run, in this process."""
+    """The reference: ``metarep.run.experiment.run`` of one run, in this process."""
     with threadpool_limits(limits=1):
-        experiments.run(from_dict(tree, overrides, name="base"), out, progress=False)
+        experiment.run(from_dict(tree, overrides, name="base"), out, progress=False)
 
 
 def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
     grid = {"model.width": [2, 0], "method.outer_lr": [0.2, 1000.0]}
     sweep = write_sweep(tmp_path, grid=grid)
     out = tmp_path / "out"
-    report = run_sweep(sweep, out, workers=2, progress=False)
+    report = run_sweep(sweep, out, SweepOptions(workers=2, progress=False))
     assert (report.total, report.done, report.failed, report.ran) == (4, 1, 3, 4)
     plans = plan_runs(load_sweep(sweep))
     assert [p.name for p in finished_runs(out)] == sorted(p.name for p in plans)
@@ -243,9 +238,9 @@ def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
     assert not [p for p in out.iterdir() if TEMP_DIR.match(p.name)]
     stamps = {p.name: (p / ERROR_FILE if (p / ERROR_FILE).exists() else p / "summary.json"
                        ).stat().st_mtime_ns for p in finished_runs(out)}
-    again = run_sweep(sweep, out, workers=1, progress=False)
+    again = run_sweep(sweep, out, SweepOptions(workers=1, progress=False))
     assert (again.ran, again.done, again.failed) == (0, 1, 3)
-    retried = run_sweep(sweep, out, workers=1, retry_failed=True, progress=False)
+    retried = run_sweep(sweep, out, SweepOptions(workers=1, retry_failed=True, progress=False))
     assert (retried.ran, retried.done, retried.failed) == (3, 1, 3)
     for path in finished_runs(out):
         newer = (path / ERROR_FILE).exists()
@@ -281,15 +276,11 @@ INFINITE = {"tasks.n": "infinite", "train.steps": 300, "train.record_every": 50}
 def skip_drawing(monkeypatch) -> None:
     """In this process, build the figures but do not draw them (the slow part; figures are
     not compared): each is written as a placeholder file."""
-    import matplotlib.pyplot as plt
 
-    from metarep import plotting
+    def write_figure(self, name, figure):
+        self.file(name).write_bytes(b"figure")
 
-    def save(figure, path):
-        Path(path).write_bytes(b"figure")
-        plt.close(figure)
-
-    monkeypatch.setattr(plotting, "_save", save)
+    monkeypatch.setattr(RunDirectory, "write_figure", write_figure)
 
 
 def assert_close_json(a, b, where: str = "summary") -> None:
@@ -352,7 +343,7 @@ def test_batch_jobs_group_infinite_runs_that_differ_only_in_batch_keys(tmp_path,
 
     for workers, max_batch, sizes in ((1, 64, [6]), (2, 64, [3, 3]), (3, 64, [2, 2, 2]),
                                       (16, 64, [2, 2, 2]), (1, 4, [3, 3])):
-        monkeypatch.setattr(sweeps, "MAX_BATCH", max_batch)
+        monkeypatch.setattr(execution, "MAX_BATCH", max_batch)
         jobs = batch_jobs(tasks, workers)
         assert [task.name for job in jobs for task in job] == [task.name for task in tasks]
         batched = [job for job in jobs if len(job) > 1]
@@ -369,14 +360,14 @@ def test_batch_jobs_group_infinite_runs_that_differ_only_in_batch_keys(tmp_path,
         ["outer_lr=0.1,seed=0", "outer_lr=0.2,seed=0"],
         ["outer_lr=0.1,seed=1", "outer_lr=0.2,seed=1"]]
     with pytest.raises(ValueError, match="differ only in"):
-        experiments.run_infinite_batch(
+        experiment.run_batch(
             [from_dict(BASE, INFINITE), from_dict(BASE, {**INFINITE, "model.width": 3})],
             [tmp_path / "x", tmp_path / "y"])
 
 
 def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeypatch):
     skip_drawing(monkeypatch)
-    batches = spy_on(monkeypatch, experiments, "run_infinite_batch")
+    batches = spy_on(monkeypatch, experiment, "run_batch")
     grid = {"method.inner_lr": [0.3, 0.5], "method.outer_lr": [0.1, 0.2],
             "tasks.m_in": [5, math.inf]}
     sweep = write_sweep(tmp_path, set=INFINITE, grid=grid, seeds=[0, 1],
@@ -401,13 +392,13 @@ def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeyp
 
 
 def test_a_diverging_run_fails_alone_in_its_batch(tmp_path, monkeypatch):
-    batches = spy_on(monkeypatch, sweeps, "batch_jobs")
+    batches = spy_on(monkeypatch, execution, "batch_jobs")
     # two batches of two on a pool of 2 workers, each with a run that diverges at step 1:
     # the loss explodes (outer_lr 1e4) or is nan (1e100)
     sweep = write_sweep(tmp_path, set=INFINITE,
                         grid={"method.outer_lr": [0.1, 1e4, 1e100, 0.2]})
     out = tmp_path / "out"
-    report = run_sweep(sweep, out, workers=2, progress=False)
+    report = run_sweep(sweep, out, SweepOptions(workers=2, progress=False))
     assert (report.done, report.failed) == (2, 2)
     assert [[len(job) for job in jobs] for jobs in batches] == [[2, 2]]
     skip_drawing(monkeypatch)
@@ -429,7 +420,7 @@ def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
     sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]},
                         zip={"problem.d": [6, 8], "tasks.m_in": [5, 6]}, seeds=[0, 1])
     out = tmp_path / "out"
-    run_sweep(sweep, out, workers=1, progress=False)
+    run_sweep(sweep, out, SweepOptions(workers=1, progress=False))
     result = collect(out, x="model.width", y="subspace_dist")
     table = result.table
     plans = plan_runs(load_sweep(sweep))
@@ -469,15 +460,15 @@ def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
 def test_out_dir_must_hold_the_same_sweep(tmp_path):
     sweep = write_sweep(tmp_path, grid={"model.width": [2, 3]})
     out = tmp_path / "out"
-    run_sweep(sweep, out, workers=1, progress=False)
+    run_sweep(sweep, out, SweepOptions(workers=1, progress=False))
     other = write_sweep(tmp_path, "other.yaml", grid={"model.width": [2, 4]})
     with pytest.raises(ConfigError, match="different sweep") as error:
-        run_sweep(other, out, workers=1, progress=False)
+        run_sweep(other, out, SweepOptions(workers=1, progress=False))
     assert error.value.key == "--out"
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a sweep directory"):
-        run_sweep(sweep, tmp_path / "plain", workers=1, progress=False)
+        run_sweep(sweep, tmp_path / "plain", SweepOptions(workers=1, progress=False))
     with pytest.raises(ConfigError, match="not a sweep directory"):
         collect_table(tmp_path / "plain")
 
@@ -594,11 +585,11 @@ def test_ray_executor_gives_the_local_executor_table(tmp_path, ray_env):
 
     sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]},
                         zip={"method.outer_lr": [0.2, 1000.0]}, seeds=[0, 1])
-    local = run_sweep(sweep, tmp_path / "local", workers=2, progress=False)
+    local = run_sweep(sweep, tmp_path / "local", SweepOptions(workers=2, progress=False))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=ray_env)
     try:
-        remote = run_sweep(sweep, tmp_path / "ray", executor="ray", progress=False)
+        remote = run_sweep(sweep, tmp_path / "ray", SweepOptions(executor="ray", progress=False))
         assert ray.is_initialized(), "a connection made by the caller is left open"
     finally:
         ray.shutdown()
@@ -616,18 +607,18 @@ def test_ray_executor_gives_the_local_executor_table(tmp_path, ray_env):
 def test_ray_executor_runs_a_batch_of_infinite_task_runs(tmp_path, ray_env, monkeypatch):
     import ray
 
-    batches = spy_on(monkeypatch, sweeps, "batch_jobs")
+    batches = spy_on(monkeypatch, execution, "batch_jobs")
     sweep = write_sweep(tmp_path, set=INFINITE, grid={"method.outer_lr": [0.1, 1e4, 0.2]})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=ray_env)
     try:
-        remote = run_sweep(sweep, tmp_path / "ray", executor="ray", progress=False)
+        remote = run_sweep(sweep, tmp_path / "ray", SweepOptions(executor="ray", progress=False))
     finally:
         ray.shutdown()
     assert [[len(job) for job in jobs] for jobs in batches] == [[3]]  # >= 2 runs a batch
     skip_drawing(monkeypatch)
-    single = run_sweep(sweep, tmp_path / "single", workers=1, progress=False,
-                       batch_infinite=False)
+    single = run_sweep(sweep, tmp_path / "single",
+                       SweepOptions(workers=1, progress=False, batch_infinite=False))
     assert len(batches) == 1, "batch_infinite=False batches nothing"
     assert (remote.done, remote.failed) == (single.done, single.failed) == (2, 1)
     pd.testing.assert_frame_equal(collect_table(tmp_path / "ray"),
@@ -665,7 +656,7 @@ def test_ray_cluster_at_an_address_runs_the_sweep_from_the_cli(tmp_path, ray_env
         finally:
             with contextlib.suppress(ProcessLookupError):  # any process left behind
                 os.killpg(head.pid, signal.SIGKILL)
-    run_sweep(sweep, tmp_path / "local", workers=1, progress=False)
+    run_sweep(sweep, tmp_path / "local", SweepOptions(workers=1, progress=False))
     pd.testing.assert_frame_equal(collect_table(tmp_path / "ray"),
                                   collect_table(tmp_path / "local"), check_exact=True)
 

@@ -1,4 +1,5 @@
-"""metarep.tasks: the ground truth, sampled tasks (moments by z-tests) and task files.
+"""metarep.core.problem and metarep.core.tasks: the ground truth, sampled tasks (moments by
+z-tests) and task files (metarep.run.inputs.load_pool).
 
 Every Monte Carlo check compares an estimate with its exact value in units of the estimate's
 own standard error (known in closed form for Gaussian data) and allows ``Z_MAX`` of them; the
@@ -10,18 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metarep.config import ConfigError
-from metarep.tasks import (
-    LoadedPool,
-    Problem,
-    TaskBatch,
-    head_covariance,
-    load_pool,
-    make_problem,
-    random_orthonormal,
-    sample_heads,
-    sample_tasks,
-)
+from metarep.core.problem import Problem, head_covariance, make_problem, random_orthonormal
+from metarep.core.tasks import TaskBatch, TaskPool, sample_heads, sample_tasks
+from metarep.errors import ArgumentError, ConfigError
+from metarep.run.inputs import load_pool
 
 Z_MAX = 5.0  # |z| bound of every z-test (two-sided p ~ 6e-7 per test under the null)
 
@@ -52,9 +45,9 @@ def test_head_covariance_variants():
 @pytest.mark.parametrize(("spec", "k"), [("diagonal", 2), ((1.0, 2.0), 3), ((1.0, -1.0), 2),
                                          ((1.0, np.inf), 2)])
 def test_head_covariance_rejects(spec, k):
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(ArgumentError) as info:
         head_covariance(spec, k)
-    assert info.value.key == "problem.head_cov"
+    assert info.value.argument == "spec"
 
 
 @pytest.mark.parametrize(("d", "k"), [(1, 1), (5, 5), (50, 5), (7, 3)])
@@ -205,7 +198,7 @@ def pool_arrays():
 
 def test_load_pool_round_trip(tmp_path, pool_arrays):
     pool = load_pool(write_pool(tmp_path / "pool.npz", **pool_arrays))
-    assert isinstance(pool, LoadedPool)
+    assert isinstance(pool, TaskPool)
     for name in ("X", "y", "B_star", "heads"):
         np.testing.assert_array_equal(getattr(pool, name), pool_arrays[name])
     batch = pool.split(3)

@@ -11,12 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # two test workers share two cores
 
-from metarep import algorithms  # noqa: E402
-from metarep.config import ConfigError  # noqa: E402
-from metarep.models import LinearParams  # noqa: E402
-from metarep.networks import LinearNet, ReLUNet, init_relu  # noqa: E402
-from metarep.tasks import TaskBatch, make_problem, sample_tasks  # noqa: E402
-from metarep.torch_engine import MetaLearner, split_method_name  # noqa: E402
+from metarep.core import methods, reference  # noqa: E402
+from metarep.core.methods import MTLState  # noqa: E402
+from metarep.core.model import LinearParams  # noqa: E402
+from metarep.core.problem import make_problem  # noqa: E402
+from metarep.core.tasks import TaskBatch, sample_tasks  # noqa: E402
+from metarep.engine.learner import MetaLearner, split_method_name  # noqa: E402
+from metarep.engine.networks import LinearNet, ReLUNet, init_relu  # noqa: E402
+from metarep.errors import ArgumentError  # noqa: E402
 
 METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
 ALPHA, BETA = 0.3, 0.2
@@ -42,53 +44,20 @@ def learner_for(name: str, module: torch.nn.Module, inner_steps: int, n_tasks: i
 # ----------------------------------------------------------------- the independent reference
 
 
-def task_loss(B: np.ndarray, w: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
-    return 0.5 * float(np.mean((X @ B @ w - y) ** 2))
-
-
-def adapt_one(B: np.ndarray, w: np.ndarray, X: np.ndarray, y: np.ndarray, steps: int,
-              adapt_body: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The inner loop of one task, written out plainly."""
-    for _ in range(steps):
-        residual = X @ B @ w - y
-        grad_B = np.outer(X.T @ residual, w) / len(y)
-        grad_w = B.T @ X.T @ residual / len(y)
-        B, w = (B - ALPHA * grad_B if adapt_body else B), w - ALPHA * grad_w
-    return B, w
-
-
 def outer_objective(name: str, params: LinearParams, batch: TaskBatch, steps: int):
-    """The method's outer objective as a function of a flat vector ``theta``, the point at which
-    its gradient is the method's update direction, and how to map that gradient to (dB, dw)."""
-    B0, w0 = params
-    d, width = B0.shape
-    tasks = range(batch.n_tasks)
-    adapt_body = "maml" in name
-    if name in ("anil", "maml"):
-        def objective(theta):
-            B, w = theta[: d * width].reshape(d, width), theta[d * width:]
-            return np.mean([task_loss(*adapt_one(B, w, batch.X_in[i], batch.y_in[i], steps,
-                                                 adapt_body), batch.X_out[i], batch.y_out[i])
-                            for i in tasks])
-        return objective, np.concatenate([B0.ravel(), w0]), lambda g: g
-    if name in ("fo-anil", "fo-maml"):
-        adapted = [adapt_one(B0, w0, batch.X_in[i], batch.y_in[i], steps, adapt_body)
-                   for i in tasks]
-
-        def objective(theta):  # the adapted parameters shifted by theta, held otherwise
-            dB, dw = theta[: d * width].reshape(d, width), theta[d * width:]
-            return np.mean([task_loss(Bi + dB, wi + dw, batch.X_out[i], batch.y_out[i])
-                            for i, (Bi, wi) in enumerate(adapted)])
-        return objective, np.zeros(d * width + width), lambda g: g
-    X, y = batch.full()
+    """The method's outer objective as a function of a flat vector ``theta``
+    (:func:`metarep.core.reference.outer_objective`, :func:`~metarep.core.reference.mtl_objective`),
+    the point at which its gradient is the method's update direction, and how to map that
+    gradient to the update of (B, w) (mtl: of (B, w_1 .. w_N))."""
+    if name != "mtl":
+        objective, theta = reference.outer_objective(name, params, batch, ALPHA, steps)
+        return objective, theta, lambda g: g
+    d, width = params.B.shape
     n = batch.n_tasks
-
-    def objective(theta):  # mtl: mean_i L(B, w_i; X_i, y_i) over (B, w_1 .. w_N)
-        B, W = theta[: d * width].reshape(d, width), theta[d * width:].reshape(n, width)
-        return np.mean([task_loss(B, W[i], X[i], y[i]) for i in tasks])
-    start = np.concatenate([B0.ravel(), np.tile(w0, n)])
+    state = MTLState(*params, np.tile(params.w, (n, 1)))
+    objective, theta = reference.mtl_objective(state, batch)  # mean_i L(B, w_i; X_i, y_i)
     # B steps on the mean loss; head i steps on its own loss, n times its share of the mean
-    return objective, start, lambda g: np.concatenate([g[: d * width], n * g[d * width:]])
+    return objective, theta, lambda g: np.concatenate([g[: d * width], n * g[d * width:]])
 
 
 def central_differences(objective, theta: np.ndarray, h: float = 1e-5) -> np.ndarray:
@@ -107,7 +76,7 @@ def central_differences(objective, theta: np.ndarray, h: float = 1e-5) -> np.nda
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_engine_equals_linear_fast_path(name, inner_steps):
     params, batch = small_problem()
-    method = algorithms.make_method(name, ALPHA, BETA, inner_steps)
+    method = methods.make_method(name, ALPHA, BETA, inner_steps)
     state = method.init_state(params, batch.n_tasks)
     learner = learner_for(name, LinearNet(*params), inner_steps, batch.n_tasks)
     for _ in range(3):
@@ -124,7 +93,7 @@ def test_engine_equals_linear_fast_path(name, inner_steps):
 
 def test_mtl_sampled_tasks_equal_linear_fast_path():
     params, pool = small_problem(n=8)
-    method = algorithms.MTL(BETA)
+    method = methods.MTL(BETA)
     state = method.init_state(params, pool.n_tasks)
     learner = learner_for("mtl", LinearNet(*params), 1, pool.n_tasks)
     rng = np.random.default_rng(5)
@@ -213,7 +182,10 @@ def test_adapt_heads_matches_fast_path_adaptation():
     params, batch = small_problem()
     learner = learner_for("fo-anil", LinearNet(*params), 1, batch.n_tasks)
     heads = learner.adapt_heads(learner.state.params, batch.X_in, batch.y_in, 2, ALPHA)
-    expected = algorithms.adapt_head(params.B, params.w, batch.X_in, batch.y_in, ALPHA, 2)
+    expected = methods.adapt_head(params.B, params.w, batch.X_in, batch.y_in, ALPHA, 2)
+    for i in range(batch.n_tasks):
+        np.testing.assert_allclose(expected[i], reference.adapt_head(
+            params.B, params.w, batch.X_in[i], batch.y_in[i], ALPHA, 2), atol=1e-12)
     np.testing.assert_allclose(heads["w"].numpy(), expected, atol=1e-12)
     predictions = learner.predict_adapted(learner.state.params, heads, batch.X_out)
     np.testing.assert_allclose(predictions.numpy(),
@@ -224,36 +196,48 @@ def test_adapt_heads_matches_fast_path_adaptation():
 # ----------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize(("kwargs", "key"), [
-    ({"method": "reptile"}, "method.name"),
-    ({"inner_lr": -1.0}, "method.inner_lr"),
-    ({"outer_lr": float("nan")}, "method.outer_lr"),
-    ({"inner_steps": 0}, "method.inner_steps"),
-    ({"method": "mtl"}, "tasks.n"),
+@pytest.mark.parametrize(("kwargs", "argument"), [
+    ({"method": "reptile"}, "method"),
+    ({"inner_lr": -1.0}, "inner_lr"),
+    ({"inner_lr": True}, "inner_lr"),
+    ({"outer_lr": float("nan")}, "outer_lr"),
+    ({"inner_steps": 0}, "inner_steps"),
+    ({"method": "mtl"}, "n_tasks"),
+    ({"method": "mtl", "n_tasks": 0}, "n_tasks"),
     ({"head": "nothing"}, "head"),
     ({"head": ["W1", "w"]}, "head"),
-    ({"dtype": "float16"}, "train.dtype"),
-    ({"device": "tpu"}, "train.device"),
+    ({"dtype": "float16"}, "dtype"),
+    ({"device": "tpu"}, "device"),
 ])
-def test_bad_arguments_name_the_field(kwargs, key):
+def test_bad_arguments_name_the_argument(kwargs, argument):
     arguments = {"head": "w", "inner_lr": 0.1, "outer_lr": 0.1, **kwargs}
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(ArgumentError) as error:
         MetaLearner(ReLUNet([np.ones((3, 2))], np.zeros(2)), **arguments)
-    assert error.value.key == key
+    assert error.value.argument == argument
+
+
+def test_bad_task_indices_name_the_argument():
+    params, batch = small_problem(n=4)
+    learner = learner_for("mtl", LinearNet(*params), 1, batch.n_tasks)
+    with pytest.raises(ArgumentError) as error:
+        learner.step(batch.X_in, batch.y_in, batch.X_out, batch.y_out, tasks=[0, 1, 2, 4])
+    assert error.value.argument == "tasks"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_cuda_requested_without_cuda_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"train\.device"):
+def test_cuda_requested_without_cuda_is_an_argument_error():
+    with pytest.raises(ArgumentError, match="cuda") as error:
         MetaLearner(ReLUNet([np.ones((3, 2))], np.zeros(2)), "w", inner_lr=0.1, outer_lr=0.1,
                     device="cuda")
+    assert error.value.argument == "device"
 
 
 def test_method_names_split_into_method_and_order():
     assert split_method_name("fo-anil") == ("anil", True)
     assert split_method_name("maml") == ("maml", False)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ArgumentError) as error:
         split_method_name("fo-mtl")
+    assert error.value.argument == "name"
 
 
 def test_readme_example_meta_trains_a_user_module():

@@ -1,43 +1,71 @@
 """metarep: gradient-based meta-learning of shared representations.
 
-The public API: configs (:func:`load_config`, :class:`Config`), tasks (:func:`make_problem`,
-:func:`sample_tasks`), the linear model (:class:`LinearParams`), algorithms (:class:`FOANIL`,
-:class:`ANIL`, :class:`FOMAML`, :class:`MAML`, :class:`MTL`),
-measures, evaluation, theory, exact infinite-task dynamics (:func:`simulate_batch`,
-:class:`ExactFOANIL`, :func:`monte_carlo_update` in :mod:`metarep.population`),
-:func:`run` for a whole experiment, and sweeps of many runs (:func:`run_sweep`, :func:`collect`
-in :mod:`metarep.sweeps`).
+The package is layered; each layer imports only those below it:
+
+- :mod:`metarep.errors`: the two errors of bad input;
+- :mod:`metarep.core`: the paper in numpy (problem and tasks, the linear model, the methods,
+  exact infinite-task dynamics, Monte Carlo, theory, measures, evaluation, seeding, and the
+  plain per-task reference every kernel is tested against);
+- :mod:`metarep.engine`: the torch engine (any ``torch.nn.Module``) and the networks;
+- :mod:`metarep.run`: the config schema, input files, one backend per kind of run, the one
+  training loop, the run directory, the experiment and its figures;
+- :mod:`metarep.sweeps`: sweep files, execution and resume, executors, collect;
+- :mod:`metarep.study`: the paper's study as data, its claims, the report, ``reproduce``;
+- :mod:`metarep.cli`: the ``metarep`` command.
+
+``import metarep`` is light and has no side effects: the names below are imported from their
+modules on first use (``metarep.run`` imports the run layer, ``metarep.FOANIL`` the methods),
+and nothing touches matplotlib's backend. ``metarep.run`` is the run layer; one experiment is
+``metarep.run.run(config, out_dir)`` (:func:`metarep.run.experiment.run`).
 """
 
-from metarep.algorithms import (
-    ANIL,
-    FOANIL,
-    FOMAML,
-    MAML,
-    MTL,
-    Method,
-    MTLState,
-    adapt_head,
-    make_method,
-    meta_gradient,
-)
-from metarep.config import Config, ConfigError, load_config
-from metarep.evaluation import EvalRow, evaluate
-from metarep.experiments import RunResult, prepare, run
-from metarep.metrics import measure, subspace_distance
-from metarep.models import LinearParams, init_linear, load_params
-from metarep.population import ExactFOANIL, grid, monte_carlo_update, simulate_batch
-from metarep.sweeps import collect, run_sweep
-from metarep.tasks import Problem, TaskBatch, load_pool, make_problem, sample_tasks
-from metarep.theory import lambda_star, one_step_risk, predicted_limits
-from metarep.training import Diverged
+from __future__ import annotations
 
-__all__ = [
-    "ANIL", "FOANIL", "FOMAML", "MAML", "MTL", "Config", "ConfigError", "Diverged", "EvalRow",
-    "ExactFOANIL", "LinearParams", "MTLState", "Method", "Problem", "RunResult", "TaskBatch",
-    "adapt_head", "collect", "evaluate", "grid", "init_linear", "lambda_star", "load_config",
-    "load_params", "load_pool", "make_method", "make_problem", "measure", "meta_gradient",
-    "monte_carlo_update", "one_step_risk", "predicted_limits", "prepare", "run", "run_sweep",
-    "sample_tasks", "simulate_batch", "subspace_distance",
-]
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_PUBLIC: dict[str, str] = {
+    "ArgumentError": "metarep.errors", "ConfigError": "metarep.errors",
+    "Problem": "metarep.core.problem", "make_problem": "metarep.core.problem",
+    "TaskBatch": "metarep.core.tasks", "sample_tasks": "metarep.core.tasks",
+    "LinearParams": "metarep.core.model", "init_linear": "metarep.core.model",
+    "ANIL": "metarep.core.methods", "FOANIL": "metarep.core.methods",
+    "FOMAML": "metarep.core.methods", "MAML": "metarep.core.methods",
+    "MTL": "metarep.core.methods", "MTLState": "metarep.core.methods",
+    "Method": "metarep.core.methods", "adapt_head": "metarep.core.methods",
+    "make_method": "metarep.core.methods", "meta_gradient": "metarep.core.methods",
+    "measure": "metarep.core.measures", "subspace_distance": "metarep.core.measures",
+    "EvalRow": "metarep.core.evaluation", "evaluate": "metarep.core.evaluation",
+    "ExactFOANIL": "metarep.core.infinite", "expected_update": "metarep.core.infinite",
+    "monte_carlo_update": "metarep.core.monte_carlo",
+    "lambda_star": "metarep.core.theory", "one_step_risk": "metarep.core.theory",
+    "predicted_limits": "metarep.core.theory",
+    "Config": "metarep.run.schema", "load_config": "metarep.run.schema",
+    "Diverged": "metarep.run.loop",
+    "RunResult": "metarep.run.experiment", "prepare": "metarep.run.experiment",
+    "grid": "metarep.run.simulate", "simulate_batch": "metarep.run.simulate",
+    "SweepOptions": "metarep.sweeps.execution", "run_sweep": "metarep.sweeps.execution",
+    "collect": "metarep.sweeps.collect",
+    "reproduce": "metarep.study.reproduce",
+}
+SUBPACKAGES = ("core", "engine", "run", "sweeps", "study", "cli", "errors")
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a subpackage) on first use (PEP 562)."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    elif name in SUBPACKAGES:
+        value = importlib.import_module(f"metarep.{name}")
+    else:
+        raise AttributeError(f"module 'metarep' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC, *SUBPACKAGES])

@@ -1,4 +1,5 @@
-"""Command-line interface: a thin layer over :mod:`metarep.experiments`.
+"""Command-line interface: a thin layer over :mod:`metarep.run`, :mod:`metarep.sweeps` and
+:mod:`metarep.study`. Each command imports what it needs when it runs, so ``--help`` is fast.
 
 Exit codes: 0 success, 2 bad input (one line naming the field), 3 training diverged.
 """
@@ -11,9 +12,7 @@ from typing import Annotated
 
 import typer
 
-from metarep import config as config_module
-from metarep.config import ConfigError, load_config
-from metarep.training import Diverged
+from metarep.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -48,7 +47,9 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one configuration and write metrics, evaluation, summary, params and figures."""
-    from metarep.experiments import run as run_experiment
+    from metarep.run.experiment import run as run_experiment
+    from metarep.run.loop import Diverged
+    from metarep.run.schema import load_config
 
     try:
         cfg = load_config(config, overrides or [])
@@ -69,8 +70,10 @@ def run(
 @app.command()
 def show(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Print the resolved configuration as YAML."""
+    from metarep.run.schema import dump_yaml, load_config
+
     try:
-        typer.echo(config_module.dump_yaml(load_config(config, overrides or [])), nl=False)
+        typer.echo(dump_yaml(load_config(config, overrides or [])), nl=False)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
 
@@ -78,7 +81,9 @@ def show(config: ConfigArg, overrides: SetOpt = None) -> None:
 @app.command()
 def keys() -> None:
     """Print every config key with its default and meaning (Markdown)."""
-    typer.echo(config_module.key_table())
+    from metarep.run.schema import key_table
+
+    typer.echo(key_table())
 
 
 @app.command()
@@ -94,12 +99,13 @@ def sweep(
                                         "in step sizes, m_in, noise and seeds.")] = True,
 ) -> None:
     """Run every run of a sweep (resuming: finished runs are skipped), one directory each."""
-    from metarep.sweeps import run_sweep
+    from metarep.sweeps.execution import SweepOptions, run_sweep
 
-    try:
-        report = run_sweep(sweep_file, out, executor=executor, workers=workers, address=address,
+    options = SweepOptions(executor=executor, workers=workers, address=address,
                            retry_failed=retry_failed, progress=progress and sys.stderr.isatty(),
                            batch_infinite=batch)
+    try:
+        report = run_sweep(sweep_file, out, options)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     typer.echo(f"sweep {report.out_dir}: {report.total} runs, {report.done} done, "
@@ -113,7 +119,7 @@ def collect(
     y: Annotated[str | None, typer.Option(help="Measure [default: perp_norm].")] = None,
 ) -> None:
     """Write DIR/collected.parquet and .csv (one row per run) and a plot of y against x."""
-    from metarep.sweeps import collect as collect_sweep
+    from metarep.sweeps.collect import collect as collect_sweep
 
     try:
         result = collect_sweep(sweep_dir, x, y)
@@ -134,7 +140,7 @@ def reproduce(
 ) -> None:
     """Run the paper's study and write report.html, figures, tables and claims.csv
     (finished runs are reused when re-run)."""
-    from metarep.reproduce import reproduce as run_study
+    from metarep.study.reproduce import reproduce as run_study
 
     try:
         result = run_study(scale, out, workers=workers, progress=progress and sys.stderr.isatty())

@@ -42,10 +42,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from metarep.config import DEVICES, ConfigError
-from metarep.tasks import TaskBatch
+from metarep.errors import ArgumentError
 
 METHODS = ("anil", "maml", "mtl")
+DEVICES = ("cpu", "cuda", "auto")
 
 Params = dict[str, Tensor]
 ArrayLike = np.ndarray | Tensor
@@ -56,22 +56,22 @@ def split_method_name(name: str) -> tuple[str, bool]:
     ``maml`` -> ``("maml", False)``, ``mtl`` -> ``("mtl", False)``."""
     base = name.removeprefix("fo-")
     if base not in METHODS or (base == "mtl" and base != name):
-        raise ConfigError("method.name", f"must be one of anil, fo-anil, maml, fo-maml, mtl; "
-                          f"got {name!r}")
+        raise ArgumentError("name", f"must be one of anil, fo-anil, maml, fo-maml, mtl; "
+                            f"got {name!r}")
     return base, base != name
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``cpu``, ``cuda`` (a ConfigError when no CUDA device is present) or ``auto`` (CUDA when
+    """``cpu``, ``cuda`` (an ArgumentError when no CUDA device is present) or ``auto`` (CUDA when
     present, else CPU)."""
     if isinstance(name, torch.device):
         name = name.type
     if name not in DEVICES:
-        raise ConfigError("train.device", f"must be one of {', '.join(DEVICES)}; got {name!r}")
+        raise ArgumentError("device", f"must be one of {', '.join(DEVICES)}; got {name!r}")
     has_cuda = torch.cuda.is_available()
     if name == "cuda" and not has_cuda:
-        raise ConfigError("train.device", "cuda requested but no CUDA device is available; "
-                          "use cpu or auto")
+        raise ArgumentError("device", "cuda requested but no CUDA device is available; "
+                            "use cpu or auto")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and has_cuda) else "cpu")
 
 
@@ -81,7 +81,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in table.values():
         return dtype
     if dtype not in table:
-        raise ConfigError("train.dtype", f"must be float64 or float32; got {dtype!r}")
+        raise ArgumentError("dtype", f"must be float64 or float32; got {dtype!r}")
     return table[dtype]
 
 
@@ -93,9 +93,11 @@ def head_names(module: nn.Module, head: str | Sequence[str]) -> tuple[str, ...]:
                   if any(n == e or n.startswith(e + ".") for e in entries))
     if not names:
         found = ", ".join(n for n, _ in module.named_parameters())
-        raise ConfigError("head", f"{entries} names no parameter of the module (found: {found})")
+        raise ArgumentError("head", f"{entries} names no parameter of the module (found: "
+                            f"{found})")
     if len(names) == len(list(module.parameters())):
-        raise ConfigError("head", "the head may not hold every parameter: the body must keep one")
+        raise ArgumentError("head", "the head may not hold every parameter: the body must "
+                            "keep one")
     return names
 
 
@@ -174,13 +176,14 @@ class MetaLearner:
         dtype: str | torch.dtype = torch.float64,
     ):
         if method not in METHODS:
-            raise ConfigError("method.name", f"must be one of {', '.join(METHODS)} (with "
-                              f"first_order for fo-anil / fo-maml); got {method!r}")
-        for key, value in (("method.inner_lr", inner_lr), ("method.outer_lr", outer_lr)):
-            if not (isinstance(value, int | float) and np.isfinite(value) and value > 0):
-                raise ConfigError(key, f"must be a finite number > 0, got {value!r}")
-        if not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ConfigError("method.inner_steps", f"must be an integer >= 1, got {inner_steps!r}")
+            raise ArgumentError("method", f"must be one of {', '.join(METHODS)} (with "
+                                f"first_order for fo-anil / fo-maml); got {method!r}")
+        for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
+            if isinstance(value, bool) or not (isinstance(value, int | float)
+                                               and np.isfinite(value) and value > 0):
+                raise ArgumentError(name, f"must be a finite number > 0, got {value!r}")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
+            raise ArgumentError("inner_steps", f"must be an integer >= 1, got {inner_steps!r}")
         self.module = module
         self.method, self.first_order = method, bool(first_order)
         self.inner_lr, self.outer_lr = float(inner_lr), float(outer_lr)
@@ -198,8 +201,8 @@ class MetaLearner:
         if self.method != "mtl":
             return EngineState(params)
         if not isinstance(n_tasks, int) or n_tasks < 1:
-            raise ConfigError("tasks.n", f"mtl needs the number of tasks n_tasks >= 1, got "
-                              f"{n_tasks!r}")
+            raise ArgumentError("n_tasks", f"mtl needs the number of tasks n_tasks >= 1, got "
+                                f"{n_tasks!r}")
         return EngineState(params, {name: params[name].expand(n_tasks, *params[name].shape)
                                     .clone() for name in self.head})
 
@@ -297,7 +300,8 @@ class MetaLearner:
         n_total = next(iter(state.heads.values())).shape[0]
         index = torch.arange(X.shape[0]) if tasks is None else torch.as_tensor(tasks).long()
         if index.shape != (X.shape[0],) or int(index.min()) < 0 or int(index.max()) >= n_total:
-            raise ConfigError("tasks", f"need one index in [0, {n_total}) per task of the batch")
+            raise ArgumentError("tasks", f"need one index in [0, {n_total}) per task of the "
+                                "batch")
         index = index.to(self.device)
         body, _ = self.split(state.params)
         heads = {n: h[index] for n, h in state.heads.items()}
@@ -354,7 +358,7 @@ class MetaLearner:
     def test_predictor(self, params: Mapping[str, Tensor], steps: int, lr: float,
                        from_zero: bool = False) -> Callable[[np.ndarray, np.ndarray, np.ndarray],
                                                             np.ndarray]:
-        """The numpy predictor of :func:`metarep.evaluation.evaluate_predictors`:
+        """The numpy predictor of :func:`metarep.core.evaluation.evaluate_predictors`:
         ``(X (n, m, d), y (n, m), X_test (n, m', d)) -> f(X_test; theta_B, w_i')`` (n, m') with
         ``w_i'`` from :meth:`adapt_heads` on each task's ``(X, y)``."""
 
@@ -366,7 +370,7 @@ class MetaLearner:
 
     def feature_map(self, params: Mapping[str, Tensor]) -> Callable[[np.ndarray], np.ndarray]:
         """``X (..., d) -> phi(X) (..., k')`` in numpy, for modules with a
-        ``features(x, params)`` method (the networks of :mod:`metarep.networks`)."""
+        ``features(x, params)`` method (the networks of :mod:`metarep.engine.networks`)."""
         features = self.module.features
 
         def phi(X: np.ndarray) -> np.ndarray:
@@ -374,23 +378,3 @@ class MetaLearner:
                 return _numpy(features(self.tensor(X), params))
 
         return phi
-
-
-class EngineMethod:
-    """A :class:`MetaLearner` behind the method protocol of :mod:`metarep.algorithms`:
-    ``init_state(module, n_tasks)`` and ``step(state, batch)`` on a
-    :class:`metarep.tasks.TaskBatch` (mtl updates the heads at ``batch.indices``). The tensors
-    of the last batch are kept, so a whole pool used at every step moves to the device once."""
-
-    def __init__(self, learner: MetaLearner, name: str):
-        self.learner, self.name = learner, name
-        self._last: tuple[TaskBatch, tuple[Tensor, ...]] | None = None
-
-    def init_state(self, module: nn.Module, n_tasks: int) -> EngineState:
-        return self.learner.init_state(module, n_tasks)
-
-    def step(self, state: EngineState, batch: TaskBatch) -> tuple[EngineState, float]:
-        if self._last is None or self._last[0] is not batch:
-            self._last = batch, tuple(self.learner.tensor(a) for a in
-                                      (batch.X_in, batch.y_in, batch.X_out, batch.y_out))
-        return self.learner.outer_step(state, *self._last[1], batch.indices)

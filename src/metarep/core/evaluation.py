@@ -11,11 +11,11 @@ row fitting the head by least squares on the learned features ``X B``
 Two reference rows: the **oracle** knows ``B_star`` and fits the head by least squares in k
 dimensions; **regression** ignores any representation and fits ``beta`` in d dimensions. Both
 use plain least squares when ``m >= dim + 2`` and otherwise ridge with the penalty of
-:func:`metarep.theory.ridge_penalty`.
+:func:`metarep.core.theory.ridge_penalty`.
 
 The ``theory`` column holds closed forms where known: for the method,
-:func:`metarep.theory.adapted_risk` of ``(B, w)`` (0 or 1 head step, any ``B`` and ``w``); for
-the baselines, :func:`metarep.theory.baseline_risk` (least squares, or noiseless
+:func:`metarep.core.theory.adapted_risk` of ``(B, w)`` (0 or 1 head step, any ``B`` and ``w``); for
+the baselines, :func:`metarep.core.theory.baseline_risk` (least squares, or noiseless
 interpolation).
 
 The representation methods and the oracle only see ``X`` through ``X B`` and ``X B_star``, so
@@ -36,11 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metarep.algorithms import adapt_head
-from metarep.models import LinearParams
-from metarep.seeding import Purpose, seed_sequence
-from metarep.tasks import Problem, TaskBatch, sample_heads
-from metarep.theory import adapted_risk, baseline_risk, ridge_penalty, uses_least_squares
+from metarep.core.methods.gradients import adapt_head
+from metarep.core.model import LinearParams
+from metarep.core.problem import Problem
+from metarep.core.seeding import Purpose, seed_sequence
+from metarep.core.tasks import TaskBatch, sample_heads
+from metarep.core.theory import adapted_risk, baseline_risk, ridge_penalty, uses_least_squares
 
 REGRESSION_BUDGET = 200_000_000  # Gaussian entries drawn for the regression row per m_test
 CHUNK_ENTRIES = 4_000_000
@@ -99,7 +100,7 @@ def baseline_penalty(m: int, dim: int, problem: Problem) -> float:
     """0 (least squares) when ``m >= dim + 2``, else the documented ridge penalty."""
     if uses_least_squares(m, dim):
         return 0.0
-    return ridge_penalty(dim, problem.Sigma_star, problem.noise_var)
+    return ridge_penalty(dim, problem)
 
 
 def _reduced_tasks(
@@ -213,17 +214,16 @@ def evaluate(
         method_risk = np.concatenate([piece[0] for piece in pieces])
         oracle_risk = np.concatenate([piece[1] for piece in pieces])
         rows.append(_summary(method, m, method_risk, adapted_risk(
-            params.B.astype(np.float64), params.w.astype(np.float64), problem.B_star,
-            problem.Sigma_star, problem.noise_var, m, alpha, adapt_steps)))
+            params.astype(np.float64), problem, m, alpha, adapt_steps)))
         if features_row is not None:
             rows.append(_summary(features_row, m, np.concatenate([
                 feature_least_squares_risks(params.B, problem, m, min(chunk, n_tasks - start),
                                             features_rng)
                 for start in range(0, n_tasks, chunk)])))
         rows.append(_summary("oracle", m, oracle_risk,
-                             baseline_risk(m, problem.k, problem.Sigma_star, problem.noise_var)))
+                             baseline_risk(m, problem.k, problem)))
         rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
-                             baseline_risk(m, problem.d, problem.Sigma_star, problem.noise_var)))
+                             baseline_risk(m, problem.d, problem)))
     return rows
 
 
@@ -297,9 +297,9 @@ def evaluate_predictors(
         for name in predictors:
             rows.append(_summary(name, m, np.concatenate([piece[0][name] for piece in pieces])))
         rows.append(_summary("oracle", m, np.concatenate([piece[1] for piece in pieces]),
-                             baseline_risk(m, problem.k, problem.Sigma_star, problem.noise_var)))
+                             baseline_risk(m, problem.k, problem)))
         rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
-                             baseline_risk(m, problem.d, problem.Sigma_star, problem.noise_var)))
+                             baseline_risk(m, problem.d, problem)))
     return rows
 
 

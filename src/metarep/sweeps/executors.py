@@ -5,7 +5,7 @@ order. A :data:`Job` is a tuple of :class:`RunTask` (the base config tree plus a
 overrides: plain data, so it pickles to any process or node): one run, which the worker
 function :func:`execute` runs, or a batch of ``tasks.n: infinite`` runs that differ only in
 step sizes, ``m_in``, noise and seeds, which :func:`execute_group` runs as one vectorised
-computation (:func:`metarep.experiments.run_infinite_batch`, with the same results).
+computation (:func:`metarep.run.experiment.run_batch`, with the same results).
 
 - :class:`LocalExecutor` with one worker runs in this process (the sequential baseline);
   with ``n`` workers it uses a ``spawn`` process pool. Its workers write straight into the
@@ -36,11 +36,11 @@ from typing import Any, Protocol
 
 from threadpoolctl import threadpool_limits
 
-from metarep import storage
-from metarep.config import ConfigError, from_dict
-from metarep.training import Diverged
+from metarep.errors import ConfigError
+from metarep.run.loop import Diverged
+from metarep.run.rundir import RunDirectory
+from metarep.run.schema import from_dict
 
-ERROR_FILE = "error.json"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 EXECUTORS = ("local", "ray")
 
@@ -112,7 +112,7 @@ def execute(task: RunTask, workdir: str | Path) -> Outcome:
     config key at fault, the run's overrides and the traceback) next to whatever the run
     wrote before failing (a diverged run keeps its recorded measures).
     """
-    from metarep.experiments import run  # heavy import, deferred to the worker
+    from metarep.run.experiment import run  # heavy import, deferred to the worker
 
     try:
         with one_thread():
@@ -127,7 +127,7 @@ def failed(task: RunTask, workdir: str | Path, exc: Exception) -> Outcome:
     """Record ``exc`` as the failure of ``task`` in ``workdir/error.json`` (see :func:`execute`)."""
     error = str(exc) if isinstance(exc, ConfigError | Diverged) else (
         f"{type(exc).__name__}: {exc}")
-    storage.write_json(Path(workdir) / ERROR_FILE, {
+    RunDirectory(workdir).write_error({
         "status": "failed",
         "error": error,
         "type": type(exc).__name__,
@@ -140,17 +140,17 @@ def failed(task: RunTask, workdir: str | Path, exc: Exception) -> Outcome:
 
 def execute_group(tasks: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
     """Run ``tasks``, ``tasks.n: infinite`` runs that differ only in
-    :data:`metarep.experiments.BATCH_KEYS`, into ``workdirs`` as one batched computation on one
-    thread (:func:`metarep.experiments.run_infinite_batch`: the same files and numbers as
+    :data:`metarep.run.experiment.BATCH_KEYS`, into ``workdirs`` as one batched computation on one
+    thread (:func:`metarep.run.experiment.run_batch`: the same files and numbers as
     :func:`execute` of each). Each run succeeds or fails on its own and is recorded as
     :func:`execute` records it; should the shared computation itself fail, every run fails
     with its error."""
-    from metarep.experiments import run_infinite_batch
+    from metarep.run.experiment import run_batch
 
     try:
         configs = [from_dict(task.tree, task.overrides, name=task.config_name) for task in tasks]
         with one_thread():
-            results = run_infinite_batch(configs, workdirs)
+            results = run_batch(configs, workdirs)
     except Exception as error:
         results = [error] * len(tasks)
     return [failed(task, workdir, result) if isinstance(result, Exception)
@@ -186,7 +186,7 @@ def execute_packed(job: Job) -> list[Outcome]:
 def worker_died(task: RunTask, reason: str) -> Outcome:
     """The outcome of a run whose worker process died (the driver records it as failed)."""
     error = f"worker died: {reason}"
-    storage.write_json(Path(task.workdir) / ERROR_FILE, {
+    RunDirectory(task.workdir).write_error({
         "status": "failed", "error": error, "type": "WorkerDied", "key": None,
         "overrides": task.overrides, "traceback": None,
     })

@@ -1,85 +1,18 @@
-"""Multi-task linear regression with a shared representation (spec section 1).
+"""Regression tasks drawn from a :class:`~metarep.core.problem.Problem` (spec section 1).
 
-A :class:`Problem` fixes the ground truth: ``B_star`` (d x k, orthonormal columns), the head
-covariance ``Sigma_star`` (k x k) and the noise variance ``sigma^2``. Task ``i`` draws a head
-``w_star_i ~ N(0, Sigma_star)``, inputs ``x ~ N(0, I_d)`` and labels
-``y = x^T B_star w_star_i + eps`` with ``eps ~ N(0, sigma^2)``. A :class:`TaskBatch` holds
-``N`` tasks, each split into ``m_in`` inner (support) rows and ``m_out`` outer (query) rows.
+A :class:`TaskBatch` holds ``N`` tasks, each split into ``m_in`` inner (support) rows and
+``m_out`` outer (query) rows; :func:`sample_tasks` draws fresh ones and :func:`task_pool`
+checks a user's arrays (``X`` (N, m, d), ``y`` (N, m), optional ``B_star`` and heads).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from metarep.config import ConfigError
-from metarep.storage import read_npz
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Ground truth of the task distribution.
-
-    **Attributes:**
-    - ``B_star``: (d, k) with ``B_star^T B_star = I_k``.
-    - ``Sigma_star``: (k, k) symmetric positive definite head covariance.
-    - ``noise_var``: label noise variance ``sigma^2 >= 0``.
-    """
-
-    B_star: np.ndarray
-    Sigma_star: np.ndarray
-    noise_var: float
-
-    @property
-    def d(self) -> int:
-        return self.B_star.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.B_star.shape[1]
-
-    def perp(self, M: np.ndarray) -> np.ndarray:
-        """``B_perp B_perp^T M = (I - B_star B_star^T) M`` without forming the d x d projector."""
-        return M - self.B_star @ (self.B_star.T @ M)
-
-
-def head_covariance(spec: str | tuple[float, ...] | list[float], k: int) -> np.ndarray:
-    """``Sigma_star`` from its config spelling.
-
-    ``isotropic``: ``I_k``. ``linear``: ``diag(1, ..., k)`` scaled to trace ``k`` (the paper's
-    experiments). A sequence: ``diag(values)`` exactly as given.
-    """
-    if isinstance(spec, str):
-        if spec == "isotropic":
-            return np.eye(k)
-        if spec == "linear":
-            diagonal = np.arange(1, k + 1, dtype=float)
-            return np.diag(diagonal * k / diagonal.sum())
-        raise ConfigError("problem.head_cov", f"must be isotropic, linear or a list; got {spec!r}")
-    values = np.asarray(spec, dtype=float)
-    if values.shape != (k,) or np.any(values <= 0) or not np.all(np.isfinite(values)):
-        raise ConfigError("problem.head_cov", f"needs k = {k} positive eigenvalues")
-    return np.diag(values)
-
-
-def random_orthonormal(d: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """A Haar-random d x k matrix with orthonormal columns (QR of a Gaussian, signs fixed)."""
-    gaussian = rng.standard_normal((d, k))
-    q, r = np.linalg.qr(gaussian)
-    return q * np.sign(np.diag(r))
-
-
-def make_problem(
-    d: int,
-    k: int,
-    noise_var: float,
-    head_cov: str | tuple[float, ...],
-    rng: np.random.Generator,
-) -> Problem:
-    """Draw ``B_star`` uniformly among d x k orthonormal frames."""
-    return Problem(random_orthonormal(d, k, rng), head_covariance(head_cov, k), float(noise_var))
+from metarep.core.problem import Problem
+from metarep.errors import ArgumentError
 
 
 @dataclass(frozen=True)
@@ -167,8 +100,11 @@ def sample_tasks(
 
 
 @dataclass(frozen=True)
-class LoadedPool:
-    """A task pool read from a file, with the ground truth when the file has it."""
+class TaskPool:
+    """A task pool given as arrays (e.g. a user's file), with the ground truth where known.
+
+    ``X`` (N, m, d), ``y`` (N, m); ``B_star`` (d, k) or ``None``; ``heads`` (N, k) or ``None``.
+    """
 
     X: np.ndarray
     y: np.ndarray
@@ -184,32 +120,27 @@ class LoadedPool:
         )
 
 
-def load_pool(path: str | Path) -> LoadedPool:
-    """Read ``X`` (N, m, d), ``y`` (N, m) and optional ``B_star`` (d, k), ``heads`` (N, k).
-
-    Raises :class:`ConfigError` (key ``tasks.from``) for a missing file, missing arrays or
-    shapes that do not match, or a ``B_star`` without orthonormal columns.
-    """
-    key = "tasks.from"
-    data = read_npz(path, key, required=("X", "y"))
-    X, y = data["X"], data["y"]
+def task_pool(
+    X: np.ndarray, y: np.ndarray, B_star: np.ndarray | None = None,
+    heads: np.ndarray | None = None,
+) -> TaskPool:
+    """Check the arrays of a task pool: ``X`` (N, m, d) with N, m, d >= 1, ``y`` (N, m),
+    optional ``B_star`` (d, k) with ``k <= d`` and orthonormal columns, optional ``heads``
+    (N, k). Raises :class:`~metarep.errors.ArgumentError` naming the array at fault."""
     if X.ndim != 3 or min(X.shape) < 1:
-        raise ConfigError(key, f"X must have shape (N, m, d) with N, m, d >= 1, got {X.shape}")
+        raise ArgumentError("X", f"must have shape (N, m, d) with N, m, d >= 1, got {X.shape}")
     n, m, d = X.shape
     if y.shape != (n, m):
-        raise ConfigError(key, f"y must have shape (N, m) = {(n, m)}, got {y.shape}")
-    B_star = heads = None
-    if "B_star" in data:
-        B_star = data["B_star"]
+        raise ArgumentError("y", f"must have shape (N, m) = {(n, m)}, got {y.shape}")
+    if B_star is not None:
         if B_star.ndim != 2 or B_star.shape[0] != d or not 1 <= B_star.shape[1] <= d:
-            raise ConfigError(key, f"B_star must have shape (d, k) with d = {d}, k <= d; "
-                              f"got {B_star.shape}")
+            raise ArgumentError("B_star", f"must have shape (d, k) with d = {d}, k <= d; "
+                                f"got {B_star.shape}")
         if not np.allclose(B_star.T @ B_star, np.eye(B_star.shape[1]), atol=1e-8):
-            raise ConfigError(key, "B_star must have orthonormal columns (B_star^T B_star = I)")
-    if "heads" in data:
-        heads = data["heads"]
+            raise ArgumentError("B_star", "must have orthonormal columns (B_star^T B_star = I)")
+    if heads is not None:
         k = None if B_star is None else B_star.shape[1]
         if heads.ndim != 2 or heads.shape[0] != n or (k is not None and heads.shape[1] != k):
-            raise ConfigError(key, f"heads must have shape (N, k) = ({n}, {k or 'k'}), "
-                              f"got {heads.shape}")
-    return LoadedPool(X, y, B_star, heads)
+            raise ArgumentError("heads", f"must have shape (N, k) = ({n}, {k or 'k'}), "
+                                f"got {heads.shape}")
+    return TaskPool(X, y, B_star, heads)

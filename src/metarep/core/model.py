@@ -6,13 +6,11 @@ may be below, at or above ``k`` (and above ``d``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from metarep.config import ConfigError
-from metarep.storage import read_npz
+from metarep.errors import ArgumentError
 
 
 class LinearParams(NamedTuple):
@@ -52,17 +50,11 @@ def predict(params: LinearParams, X: np.ndarray) -> np.ndarray:
     return X @ (params.B @ params.w)
 
 
-def load_params(path: str | Path, d: int) -> LinearParams:
-    """Read ``B`` (d, k') and ``w`` (k',) from a ``.npz`` file, checking shapes against ``d``.
-
-    Raises :class:`ConfigError` (key ``model.init_from``) for a missing file, missing arrays,
-    non-finite values or mismatched shapes.
-    """
-    key = "model.init_from"
-    arrays = read_npz(path, key, required=("B", "w"))
-    B, w = arrays["B"], arrays["w"]
+def linear_params(B: np.ndarray, w: np.ndarray, d: int) -> LinearParams:
+    """Check ``B`` (d, k') with k' >= 1 and ``w`` (k',) against ``d``; raises
+    :class:`~metarep.errors.ArgumentError` naming the array at fault."""
     if B.ndim != 2 or B.shape[0] != d or B.shape[1] < 1:
-        raise ConfigError(key, f"B must have shape (d, k') with d = {d}, k' >= 1, got {B.shape}")
+        raise ArgumentError("B", f"must have shape (d, k') with d = {d}, k' >= 1, got {B.shape}")
     if w.shape != (B.shape[1],):
-        raise ConfigError(key, f"w must have shape (k',) = ({B.shape[1]},), got {w.shape}")
+        raise ArgumentError("w", f"must have shape (k',) = ({B.shape[1]},), got {w.shape}")
     return LinearParams(B, w)

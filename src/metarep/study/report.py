@@ -14,20 +14,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from metarep import storage
-from metarep.reproduce import (
-    MODEL_AGNOSTIC,
-    POOL_METHODS,
-    Claim,
-    RunData,
-)
+from metarep.run import atomic
+from metarep.run.rundir import RunData
+from metarep.study.claims import Claim
+from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
 
 COLORS = {"fo-anil": "C0", "anil": "C1", "fo-maml": "C2", "maml": "C3", "mtl": "C4",
           "mtl-lsq": "C5", "oracle": "k", "regression": "C7"}
@@ -54,7 +50,7 @@ def _long(runs: dict[str, RunData], names: list[str], columns: list[str]) -> pd.
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _loglog(axis: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+def _loglog(axis: Axes, xlabel: str, ylabel: str, title: str) -> None:
     """Log-log axes with labels, a light grid and a legend."""
     axis.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     axis.grid(alpha=0.3, which="both")
@@ -64,22 +60,23 @@ def _loglog(axis: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
 # ----------------------------------------------------------------------------- figures
 
 
-def figure_unlearning(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
+def figure_unlearning(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     """(a) ``||B_perp^T B_t||`` against t, log-log, every method on the pool, with the exact
     infinite-task FO-ANIL curve and the finite-pool floor."""
-    names = [f"pool-{m}" for m in POOL_METHODS] + ["infinite-fo-anil"]
+    names = [Runs.pool(m) for m in POOL_METHODS] + [Runs.INFINITE]
     table = _long(runs, names, ["perp_norm"])
-    figure, axis = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    figure = Figure(figsize=(7.5, 5), layout="constrained")
+    axis = figure.subplots()
     for method in POOL_METHODS:
-        run = runs.get(f"pool-{method}")
+        run = runs.get(Runs.pool(method))
         if run is not None:
             axis.plot(_steps(run.metrics), run.metrics["perp_norm"], color=COLORS[method],
                       linestyle=STYLES[method], label=f"{LABELS[method]} (N-task pool)")
-    infinite = runs.get("infinite-fo-anil")
+    infinite = runs.get(Runs.INFINITE)
     if infinite is not None:
         axis.plot(_steps(infinite.metrics), infinite.metrics["perp_norm"], "k--", linewidth=2,
                   label="FO-ANIL, infinitely many tasks (exact)")
-    pool = runs.get("pool-fo-anil")
+    pool = runs.get(Runs.pool("fo-anil"))
     if pool is not None:
         axis.axhline(pool.metrics["perp_norm"].iloc[-1], color=COLORS["fo-anil"], linestyle=":",
                      label="finite-pool floor (FO-ANIL at T)")
@@ -88,17 +85,17 @@ def figure_unlearning(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFram
     return figure, table
 
 
-def figure_singular_values(runs: dict[str, RunData], k: int) -> tuple[plt.Figure, pd.DataFrame]:
+def figure_singular_values(runs: dict[str, RunData], k: int) -> tuple[Figure, pd.DataFrame]:
     """(b) The singular values of ``B_t`` over t for each method on the pool: the top k in
     colour, the rest in grey."""
-    names = [f"pool-{m}" for m in POOL_METHODS]
+    names = [Runs.pool(m) for m in POOL_METHODS]
     columns = sorted({c for n in names if n in runs for c in runs[n].metrics
                       if c.startswith("sv_")}, key=lambda c: int(c[3:]))
     table = _long(runs, names, columns)
-    figure, axes = plt.subplots(1, len(POOL_METHODS), figsize=(18, 4), sharey=True,
-                                constrained_layout=True)
+    figure = Figure(figsize=(18, 4), layout="constrained")
+    axes = figure.subplots(1, len(POOL_METHODS), sharey=True)
     for axis, method in zip(axes, POOL_METHODS, strict=True):
-        run = runs.get(f"pool-{method}")
+        run = runs.get(Runs.pool(method))
         axis.set(title=LABELS[method], xscale="log", yscale="log", xlabel="outer step t + 1")
         axis.grid(alpha=0.3, which="both")
         if run is None:
@@ -113,12 +110,13 @@ def figure_singular_values(runs: dict[str, RunData], k: int) -> tuple[plt.Figure
     return figure, table
 
 
-def figure_lambda(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
+def figure_lambda(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     """(c) ``||B*^T B_t B_t^T B* - Lambda*||`` against t, and the final eigenvalues of
     ``B*^T B_T B_T^T B*`` next to those of ``Lambda*``."""
-    names = [f"pool-{m}" for m in MODEL_AGNOSTIC] + ["infinite-fo-anil"]
+    names = [Runs.pool(m) for m in MODEL_AGNOSTIC] + [Runs.INFINITE]
     table = _long(runs, names, ["lambda_err"])
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    figure = Figure(figsize=(13, 4.8), layout="constrained")
+    left, right = figure.subplots(1, 2)
     for name in names:
         run = runs.get(name)
         if run is None:
@@ -131,7 +129,7 @@ def figure_lambda(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
     _loglog(left, "outer step t + 1", r"$\|B_*^\top B_t B_t^\top B_* - \Lambda_*\|_2$",
             r"(c) $B_*^\top B_t B_t^\top B_*$ approaches $\Lambda_*$")
     rows = []
-    for name in ("pool-fo-anil", "infinite-fo-anil"):
+    for name in (Runs.pool("fo-anil"), Runs.INFINITE):
         run = runs.get(name)
         if run is None:
             continue
@@ -142,7 +140,7 @@ def figure_lambda(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
                  for i, (f, t) in enumerate(zip(final, target, strict=True))]
     eigen = pd.DataFrame(rows)
     if len(eigen):
-        for name, marker in (("pool-fo-anil", "o"), ("infinite-fo-anil", "x")):
+        for name, marker in ((Runs.pool("fo-anil"), "o"), (Runs.INFINITE, "x")):
             part = eigen[eigen["run"] == name]
             right.plot(part["index"], part["final"], marker, markersize=8,
                        label=f"eigenvalues at T, {name}")
@@ -157,19 +155,20 @@ def figure_lambda(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
     return figure, table
 
 
-def figure_test_risk(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
+def figure_test_risk(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     """(d) Test excess risk against m_test after one head step, every method, the oracle and
     plain regression, with 95% error bars and closed-form curves where known."""
     frames = []
     for method in POOL_METHODS:
-        run = runs.get(f"pool-{method}")
+        run = runs.get(Runs.pool(method))
         if run is None or run.eval is None:
             continue
         keep = run.eval["method"].isin([method, "mtl-lsq"]) | (
             (method == "fo-anil") & run.eval["method"].isin(["oracle", "regression"]))
-        frames.append(run.eval[keep].assign(run=f"pool-{method}"))
+        frames.append(run.eval[keep].assign(run=Runs.pool(method)))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    figure, axis = plt.subplots(figsize=(7.5, 5.2), constrained_layout=True)
+    figure = Figure(figsize=(7.5, 5.2), layout="constrained")
+    axis = figure.subplots()
     for method, rows in (table.groupby("method", sort=False) if len(table) else []):
         rows = rows.sort_values("shots")
         color = COLORS.get(str(method), None)
@@ -184,14 +183,15 @@ def figure_test_risk(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame
     return figure, table
 
 
-def figure_m_in(runs: dict[str, RunData], base_m_in: int) -> tuple[plt.Figure, pd.DataFrame]:
+def figure_m_in(runs: dict[str, RunData], base_m_in: int) -> tuple[Figure, pd.DataFrame]:
     """(e) ``||B_perp^T B_t||`` under the exact infinite-task FO-ANIL dynamics for several
     inner sample counts m_in, infinity included."""
-    names = sorted([n for n in runs if n.startswith("infinite-m_in-")] + ["infinite-fo-anil"],
+    names = sorted([n for n in runs if n.startswith(Runs.m_in(""))] + [Runs.INFINITE],
                    key=lambda n: _m_in_of(n, base_m_in))
     table = _long(runs, names, ["perp_norm"])
-    figure, axis = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(names), 1)))
+    figure = Figure(figsize=(7.5, 5), layout="constrained")
+    axis = figure.subplots()
+    colors = colormaps["viridis"](np.linspace(0, 0.9, max(len(names), 1)))
     for color, name in zip(colors, names, strict=True):
         run = runs.get(name)
         if run is None:
@@ -206,22 +206,23 @@ def figure_m_in(runs: dict[str, RunData], base_m_in: int) -> tuple[plt.Figure, p
 
 
 def _m_in_of(name: str, base_m_in: int) -> float:
-    if name == "infinite-fo-anil":
+    if name == Runs.INFINITE:
         return float(base_m_in)
     return float(name.rsplit("-", 1)[1])
 
 
-def figure_relu(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
+def figure_relu(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     """(f) The appendix study: ReLU bodies with 1 and 2 hidden layers (two- and three-layer
     networks): the share of W1's energy outside span(B*) over t, and the test risk."""
-    names = [f"relu{layers}-{m}" for layers in (1, 2) for m in POOL_METHODS]
+    names = [Runs.relu(layers, m) for layers in RELU_LAYERS for m in POOL_METHODS]
     table = _long(runs, names, ["w1_perp_share", "train_loss"])
     risk_frames = []
-    figure, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
+    figure = Figure(figsize=(13, 9), layout="constrained")
+    axes = figure.subplots(2, 2)
     for row, layers in enumerate((1, 2)):
         share_axis, risk_axis = axes[row]
         for method in POOL_METHODS:
-            run = runs.get(f"relu{layers}-{method}")
+            run = runs.get(Runs.relu(layers, method))
             if run is None:
                 continue
             if "w1_perp_share" in run.metrics:
@@ -234,8 +235,8 @@ def figure_relu(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
                     risk_axis.errorbar(mine["shots"], mine["excess_risk"],
                                        yerr=1.96 * mine["stderr"], marker="o", markersize=4,
                                        capsize=3, color=COLORS[row], label=LABELS[row])
-                risk_frames.append(run.eval.assign(run=f"relu{layers}-{method}"))
-        reference = runs.get(f"relu{layers}-fo-anil")
+                risk_frames.append(run.eval.assign(run=Runs.relu(layers, method)))
+        reference = runs.get(Runs.relu(layers, "fo-anil"))
         if reference is not None and reference.eval is not None:
             for baseline in ("oracle", "regression"):
                 rows = reference.eval[reference.eval["method"] == baseline].sort_values("shots")
@@ -259,11 +260,10 @@ def figure_relu(runs: dict[str, RunData]) -> tuple[plt.Figure, pd.DataFrame]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _save_figure(figure: plt.Figure, stem: Path) -> None:
+def _save_figure(figure: Figure, stem: Path) -> None:
     for suffix in ("png", "pdf"):
         path = stem.with_suffix(f".{suffix}")
-        storage.atomic_write(path, lambda tmp, s=suffix: figure.savefig(tmp, format=s, dpi=110))
-    plt.close(figure)
+        atomic.write_figure(path, figure, dpi=110)
 
 
 FIGURES: tuple[tuple[str, str], ...] = (
@@ -290,7 +290,7 @@ def write_report(out: Path, runs: dict[str, RunData], claims: list[Claim],
     """Draw the figures, write their tables, ``claims.csv`` and ``report.html``; returns the
     path of the report."""
     k, base_m_in = context["k"], context["m_in"]
-    makers: dict[str, Callable[[], tuple[plt.Figure, pd.DataFrame]]] = {
+    makers: dict[str, Callable[[], tuple[Figure, pd.DataFrame]]] = {
         "a_unlearning": lambda: figure_unlearning(runs),
         "b_singular_values": lambda: figure_singular_values(runs, k),
         "c_lambda": lambda: figure_lambda(runs),
@@ -302,7 +302,7 @@ def write_report(out: Path, runs: dict[str, RunData], claims: list[Claim],
     for stem, caption in FIGURES:
         figure, table = makers[stem]()
         _save_figure(figure, out / "figures" / stem)
-        storage.write_text(out / "tables" / f"{stem}.csv", table.to_csv(index=False))
+        atomic.write_text(out / "tables" / f"{stem}.csv", table.to_csv(index=False))
         encoded = base64.b64encode((out / "figures" / f"{stem}.png").read_bytes()).decode()
         sections.append(
             f'<figure><img alt="{stem}" src="data:image/png;base64,{encoded}">'
@@ -311,11 +311,11 @@ def write_report(out: Path, runs: dict[str, RunData], claims: list[Claim],
             "</figcaption></figure>")
     claims_frame = pd.DataFrame([asdict(c) for c in claims],
                                 columns=["claim", "measure", "criterion", "value", "passed"])
-    storage.write_text(out / "claims.csv", claims_frame.to_csv(index=False))
+    atomic.write_text(out / "claims.csv", claims_frame.to_csv(index=False))
     key_numbers = key_numbers_table(runs)
-    storage.write_text(out / "tables" / "key_numbers.csv", key_numbers.to_csv(index=False))
+    atomic.write_text(out / "tables" / "key_numbers.csv", key_numbers.to_csv(index=False))
     page = _html_page(context, claims_frame, key_numbers, sections)
-    storage.write_text(out / "report.html", page)
+    atomic.write_text(out / "report.html", page)
     return out / "report.html"
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from metarep.config import ConfigError
+from metarep.errors import ArgumentError
 
 HEAD = ("w",)
 
@@ -77,7 +77,7 @@ class ReLUNet(RepresentationNet):
     def __init__(self, layers: list[np.ndarray], w: np.ndarray):
         super().__init__()
         if len(layers) not in (1, 2):
-            raise ConfigError("model.hidden_layers", f"must be 1 or 2, got {len(layers)}")
+            raise ArgumentError("layers", f"must hold 1 or 2 weight matrices, got {len(layers)}")
         self.W1 = _parameter(layers[0])
         if len(layers) == 2:
             self.W2 = _parameter(layers[1])
@@ -124,26 +124,24 @@ def init_relu(
     return ReLUNet(layers, np.zeros(width))
 
 
-def relu_from_arrays(
-    arrays: Mapping[str, np.ndarray], d: int, hidden_layers: int, key: str = "model.init_from"
-) -> ReLUNet:
+def relu_from_arrays(arrays: Mapping[str, np.ndarray], d: int, hidden_layers: int) -> ReLUNet:
     """A :class:`ReLUNet` from named arrays ``W1`` (d, h1), [``W2`` (h1, k')], ``w`` (k').
 
-    Raises :class:`ConfigError` (naming ``key``) for missing arrays or shapes that do not chain.
+    Raises :class:`~metarep.errors.ArgumentError` naming the array at fault (``arrays`` for
+    a missing one) when arrays are missing or their shapes do not chain.
     """
     names = [*("W1", "W2")[:hidden_layers], "w"]
     missing = [name for name in names if name not in arrays]
     if missing:
-        raise ConfigError(key, f"a ReLU network with model.hidden_layers = {hidden_layers} needs "
-                          f"arrays {', '.join(names)}; missing {', '.join(missing)}")
+        raise ArgumentError("arrays", f"must hold {', '.join(names)} for a ReLU network with "
+                            f"{hidden_layers} hidden layer(s); missing {', '.join(missing)}")
     layers = [np.asarray(arrays[name]) for name in names[:-1]]
     w = np.asarray(arrays["w"])
     rows = d
     for name, layer in zip(names, layers, strict=False):
         if layer.ndim != 2 or layer.shape[0] != rows:
-            raise ConfigError(key, f"{name} must have shape ({rows}, width), got {layer.shape}")
+            raise ArgumentError(name, f"must have shape ({rows}, width), got {layer.shape}")
         rows = layer.shape[1]
     if w.shape != (rows,):
-        raise ConfigError(key, f"w must have shape ({rows},), got {w.shape}")
+        raise ArgumentError("w", f"must have shape ({rows},), got {w.shape}")
     return ReLUNet(layers, w)
-

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from metarep.models import LinearParams
-from metarep.tasks import Problem
+from metarep.core.model import LinearParams
+from metarep.core.problem import Problem
 
 BASE_MEASURES = (
     "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err", "head_norm"

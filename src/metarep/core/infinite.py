@@ -25,7 +25,7 @@ orthonormal basis ``V`` (k', p) of that span, ``p <= min(k + r + 1, k')``,
 and the dynamics of ``(H, omega)`` (H: (k + r, p), omega: (p,)) are the formulas above with
 ``G, w`` replaced by ``H, omega`` and ``C`` by the first k rows of ``H``. One step costs
 ``O(p^2 (k + r))``, i.e. ``O(k'^3 + k k'^2)`` whatever ``d`` is; ``B`` is reconstructed only
-when asked (:meth:`Frame.params`). Every measure of :mod:`metarep.metrics` is invariant under
+when asked (:meth:`Frame.params`). Every measure of :mod:`metarep.core.measures` is invariant under
 these orthonormal changes of basis, so it is computed from ``H`` with ``B_star = [I_k; 0]``.
 
 **Batches.** All arrays carry a leading configuration axis ``b``: each configuration has its
@@ -35,38 +35,28 @@ own ``alpha``, ``beta``, ``m_in`` (finite or inf), ``sigma^2`` and initial state
 - :func:`coordinates` -> (:class:`Frame`, :class:`PopulationState`) from ``B_0``, ``w_0``;
 - :class:`ExactFOANIL`: the batched expected step (``step(state) -> (state, loss)``);
 - :func:`measures`, :func:`undriven_perp_norm`, :meth:`Frame.params` (reconstruct B, w);
-- :class:`InfiniteTaskMethod` and :class:`RunState`: one configuration as a method of a run
-  (``tasks.n: infinite`` in :mod:`metarep.experiments`);
-- :func:`grid` and :func:`simulate_batch`: many configurations in one vectorised computation,
-  returning a DataFrame with a ``config`` column, e.g.
-  ``simulate_batch(problem, grid(inner_lr=[0.1, 0.2], m_in=[10, inf], seed=[0, 1]),
-  width=50, init_scale=0.1, steps=10_000, record_every=100)``;
-- :func:`expected_update` (the exact update of ``(B, w)`` in R^d) and
-  :func:`monte_carlo_update`: mean and standard error of the update of *any* finite-pool
-  method (``step(params, batch)``) over many batches of fresh tasks, for methods whose
-  expectation has no closed form here.
+- :func:`expected_update`: the exact update of ``(B, w)`` in R^d (tested against
+  :func:`metarep.core.monte_carlo.monte_carlo_update` of :class:`~metarep.core.methods.FOANIL`
+  with a z-test, and against the plain loop :func:`metarep.core.reference.expected_fo_anil_step`).
+
+Runs of these dynamics (``tasks.n: infinite``) are
+:class:`metarep.run.backends.InfiniteTaskBackend`; many configurations at once, as a table,
+are :func:`metarep.run.simulate.simulate_batch`.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 
-from metarep.algorithms import Method
-from metarep.metrics import measure
-from metarep.models import LinearParams, init_linear
-from metarep.seeding import Purpose, seed_rng
-from metarep.tasks import Problem, sample_tasks
-from metarep.theory import lambda_star
-from metarep.training import EXPLOSION_FACTOR, record_steps
-
-GRID_COLUMNS = ("inner_lr", "outer_lr", "m_in", "noise_var", "seed")
+from metarep.core.measures import measure
+from metarep.core.model import LinearParams
+from metarep.core.problem import Problem
+from metarep.core.theory import lambda_star
+from metarep.errors import ArgumentError
 
 
 class PopulationState(NamedTuple):
@@ -89,6 +79,17 @@ class PopulationState(NamedTuple):
         """Whether every entry of every configuration is finite (:meth:`finite`)."""
         return bool(self.finite().all())
 
+    def take(self, index: int) -> PopulationState:
+        """Configuration ``index`` alone, as a batch of one (a copy)."""
+        return PopulationState(self.H[index:index + 1].copy(),
+                               self.omega[index:index + 1].copy())
+
+    @staticmethod
+    def stack(states: Sequence[PopulationState]) -> PopulationState:
+        """The configurations of ``states`` as one batch, in order."""
+        return PopulationState(np.concatenate([s.H for s in states]),
+                               np.concatenate([s.omega for s in states]))
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -105,7 +106,8 @@ class Frame:
     def params(self, state: PopulationState, index: int = 0) -> LinearParams:
         """``(B, w)`` of configuration ``index``: ``B = B_star C V^T + Q_perp R V^T``."""
         if self.Q_perp is None:
-            raise ValueError("this frame was built without Q_perp (keep_basis=False)")
+            raise ArgumentError("keep_basis", "this frame was built without Q_perp "
+                                "(keep_basis=False)")
         k = self.B_star.shape[1]
         H, V = state.H[index], self.V[index]
         B = (self.B_star @ H[:k] + self.Q_perp[index] @ H[k:]) @ V.T
@@ -115,7 +117,8 @@ class Frame:
         """The coordinates of ``(B, w)`` for each configuration (the inverse of
         :meth:`params` for parameters on this frame's trajectories)."""
         if self.Q_perp is None:
-            raise ValueError("this frame was built without Q_perp (keep_basis=False)")
+            raise ArgumentError("keep_basis", "this frame was built without Q_perp "
+                                "(keep_basis=False)")
         H = np.stack([
             np.concatenate([self.B_star.T @ p.B, self.Q_perp[i].T @ p.B]) @ self.V[i]
             for i, p in enumerate(params)])
@@ -184,7 +187,7 @@ def _per_config(value: float | Sequence[float] | np.ndarray, b: int, key: str,
     array = np.broadcast_to(np.asarray(value, dtype=np.float64), (b,)).copy()
     bad = np.isnan(array) | ((array <= lo) if strict else (array < lo))
     if np.any(bad):
-        raise ValueError(f"{key} must be {'>' if strict else '>='} {lo}, got {array[bad][0]}")
+        raise ArgumentError(key, f"must be {'>' if strict else '>='} {lo}, got {array[bad][0]}")
     return array
 
 
@@ -237,6 +240,7 @@ class ExactFOANIL:
     ``M = I - beta Q = I - Y Y^T - beta alpha^2 ((w^T n + tr Sigma + sigma^2)/m) N``, the step
     is ``H <- H M + [alpha beta Sigma C; 0]`` and ``omega <- omega - beta N u``: two
     ``(k + r) p^2`` matrix products and about twenty small array operations.
+    Tested against :func:`metarep.core.reference.expected_fo_anil_step`.
     """
 
     def __init__(
@@ -282,8 +286,8 @@ class ExactFOANIL:
                 return buffer
         b, _, p = self.shape
         if state.H.shape != self.shape or state.omega.shape != (b, p):
-            raise ValueError(f"state of shapes {state.H.shape}, {state.omega.shape} does not "
-                             f"match {self.shape}")
+            raise ArgumentError("state", f"shapes {state.H.shape}, {state.omega.shape} do not "
+                                f"match {self.shape}")
         return _StateViews(np.ascontiguousarray(state.H, dtype=self.dtype),
                            np.ascontiguousarray(state.omega, dtype=self.dtype), self.k)
 
@@ -338,9 +342,11 @@ class ExactFOANIL:
 
 
 def lambda_stars(dynamics: ExactFOANIL) -> np.ndarray:
-    """``Lambda_star`` of each configuration, (b, k, k) (:func:`metarep.theory.lambda_star`)."""
+    """``Lambda_star`` of each configuration, (b, k, k) (:func:`metarep.core.theory.lambda_star`
+    with the configuration's ``sigma^2``, ``m_in`` and ``alpha``)."""
+    k = dynamics.Sigma_star.shape[0]
     return np.stack([
-        lambda_star(dynamics.Sigma_star, float(s2), float(m), float(a))
+        lambda_star(Problem(np.eye(k), dynamics.Sigma_star, float(s2)), float(m), float(a))
         for a, m, s2 in zip(dynamics.alpha, dynamics.m_in, dynamics.noise_var, strict=True)])
 
 
@@ -348,7 +354,7 @@ def measures(
     state: PopulationState, Sigma_star: np.ndarray, Lambda_star: np.ndarray,
     index: int | None = None,
 ) -> list[dict[str, float]]:
-    """The measures of :func:`metarep.metrics.measure` (``head_norm``, ``perp_norm``,
+    """The measures of :func:`metarep.core.measures.measure` (``head_norm``, ``perp_norm``,
     ``perp_norm_fro``, ``subspace_dist``, ``lambda_err``, ``sv_*``) of each configuration,
     computed from the coordinates (no d-sized work). ``Lambda_star`` (b, k, k); ``index``
     restricts to one configuration."""
@@ -376,237 +382,15 @@ def undriven_perp_norm(state: PopulationState, k: int) -> np.ndarray:
     return np.array(out)
 
 
-class RunState:
-    """The training state of one configuration in a run (:mod:`metarep.experiments`): its
-    coordinates and the frame that maps them back to ``(B, w)``.
-
-    ``B`` and ``w`` are reconstructed on access (O(d k'^2)); :meth:`arrays` gives them by name
-    (``checkpoint.npz``, ``params.npz``) and :meth:`with_arrays` projects them back.
-    """
-
-    def __init__(self, coords: PopulationState, frame: Frame):
-        self.coords, self.frame = coords, frame
-
-    @property
-    def B(self) -> np.ndarray:
-        return self.frame.params(self.coords).B
-
-    @property
-    def w(self) -> np.ndarray:
-        return self.frame.params(self.coords).w
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        B, w = self.frame.params(self.coords)
-        return {"B": B, "w": w}
-
-    def with_arrays(self, arrays: Mapping[str, np.ndarray]) -> RunState:
-        params = LinearParams(np.asarray(arrays["B"], np.float64),
-                              np.asarray(arrays["w"], np.float64))
-        coords = self.frame.state([params])
-        return RunState(PopulationState(coords.H.astype(self.coords.H.dtype),
-                                        coords.omega.astype(self.coords.omega.dtype)), self.frame)
-
-    def is_finite(self) -> bool:
-        return self.coords.is_finite()
-
-
-class InfiniteTaskMethod:
-    """Exact infinite-task FO-ANIL as a method of a run (``tasks.n: infinite``).
-
-    Bound to the problem and the initialisation ``init = (B_0, w_0)``, whose frame it builds
-    once: :meth:`init_state` -> :class:`RunState`, :meth:`step` ``(state, batch)`` (``batch``
-    is ignored: every expectation is exact) and :meth:`measure` (coordinates only). ``name``
-    is the configured method (``fo-anil``, or ``fo-maml`` from ``w_0 = 0``, identical then).
-    """
-
-    def __init__(self, name: str, problem: Problem, init: LinearParams, inner_lr: float,
-                 outer_lr: float, m_in: float, dtype: np.dtype | str = np.float64):
-        self.name = name
-        self.frame, self.initial = coordinates(problem.B_star, init.B, init.w, dtype=dtype)
-        self.dynamics = ExactFOANIL(problem.Sigma_star, inner_lr, outer_lr, m_in,
-                                    problem.noise_var, self.initial.H.shape, dtype)
-        self.Lambda_star = lambda_stars(self.dynamics)
-        self.Sigma_star = problem.Sigma_star
-
-    def init_state(self, params: LinearParams, n_tasks: int = 0) -> RunState:
-        """The coordinates of ``params`` (the initialisation this method was built with)."""
-        return RunState(self.initial, self.frame).with_arrays({"B": params.B, "w": params.w})
-
-    def step(self, state: RunState, batch: object = None) -> tuple[RunState, float]:
-        new, loss = self.dynamics.step(state.coords)
-        return RunState(new, self.frame), float(loss[0])
-
-    def measure(self, state: RunState) -> dict[str, float]:
-        return measures(state.coords, self.Sigma_star, self.Lambda_star)[0]
-
-    def predicted_perp_limit(self) -> float | None:
-        """The limit of ``perp_norm`` predicted from the initialisation: 0 for finite
-        ``m_in``; for ``m_in = inf`` from ``w_0 = 0``, the conserved
-        :func:`undriven_perp_norm` of ``B_0``; otherwise unknown (``None``)."""
-        if np.isfinite(self.dynamics.m_in[0]):
-            return 0.0
-        if np.any(self.initial.omega != 0):
-            return None
-        return float(undriven_perp_norm(self.initial, self.Sigma_star.shape[0])[0])
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def grid(**axes: Iterable[float]) -> pd.DataFrame:
-    """The Cartesian product of the given axes as a DataFrame, one row per configuration
-    (e.g. ``grid(inner_lr=[0.1, 0.2], m_in=[10, math.inf], seed=[0, 1])``). Allowed axes:
-    ``inner_lr, outer_lr, m_in, noise_var, seed``."""
-    unknown = set(axes) - set(GRID_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown grid axes {sorted(unknown)}; allowed: {GRID_COLUMNS}")
-    names = list(axes)
-    rows = list(itertools.product(*(list(axes[name]) for name in names)))
-    return pd.DataFrame(rows, columns=names)
-
-
-def simulate_batch(
-    problem: Problem,
-    configs: pd.DataFrame,
-    *,
-    width: int,
-    init_scale: float,
-    steps: int,
-    record_every: int,
-    defaults: dict[str, float] | None = None,
-    dtype: np.dtype | str = np.float64,
-) -> pd.DataFrame:
-    """Exact infinite-task FO-ANIL for every row of ``configs``, in one batched computation.
-
-    ``configs`` has columns among ``inner_lr, outer_lr, m_in, noise_var, seed`` (missing ones
-    come from ``defaults``, else ``noise_var`` from ``problem`` and ``seed`` 0). Configuration
-    ``i`` starts from ``init_linear(d, width, init_scale, seed_rng(seed_i, Purpose.MODEL))``
-    (the initialisation ``metarep run`` uses for ``model.seed``) and ``w_0 = 0``.
-
-    **Returns** one row per configuration and recorded step (0, every ``record_every``, and
-    ``steps``): ``config`` (row of ``configs``), the configuration's columns, ``step``,
-    ``train_loss``, the measures of :func:`measures` and ``diverged``. A configuration whose
-    loss becomes non-finite or grows ``EXPLOSION_FACTOR``-fold is frozen at zero and reported
-    with ``diverged = True`` and ``nan`` measures from then on.
-    """
-    table = configs.reset_index(drop=True).copy()
-    fill = {"noise_var": problem.noise_var, "seed": 0, **(defaults or {})}
-    for column in GRID_COLUMNS:
-        if column not in table:
-            if column not in fill:
-                raise ValueError(f"configs needs a column {column!r} (or a default)")
-            table[column] = fill[column]
-    b = len(table)
-    B0 = np.stack([init_linear(problem.d, width, init_scale,
-                               seed_rng(int(seed), Purpose.MODEL)).B for seed in table["seed"]])
-    _, state = coordinates(problem.B_star, B0, keep_basis=False, dtype=dtype)
-    dynamics = ExactFOANIL(problem.Sigma_star, table["inner_lr"], table["outer_lr"],
-                           table["m_in"], table["noise_var"], state.H.shape, dtype)
-    Lambda = lambda_stars(dynamics)
-    when = record_steps(steps, record_every)
-    alive = np.ones(b, dtype=bool)
-    rows, reference, records, t = table.to_dict("records"), None, [], 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        while True:
-            recording = t in when
-            new, loss = dynamics.step(state, with_loss=recording)
-            if recording:
-                reference = loss.copy() if reference is None else reference
-                blown = alive & (~np.isfinite(loss)
-                                 | (loss > EXPLOSION_FACTOR * np.maximum(reference, 1e-12)))
-                alive &= ~blown
-                new.H[~alive], new.omega[~alive] = 0.0, 0.0
-                for i in range(b):
-                    row = {"config": i, **rows[i], "step": t,
-                           "train_loss": float(loss[i]) if alive[i] else math.nan}
-                    if alive[i]:
-                        row.update(measures(state, problem.Sigma_star, Lambda, i)[0])
-                    records.append({**row, "diverged": not alive[i]})
-            if t >= steps:
-                break
-            state, t = new, t + 1
-    return pd.DataFrame(records)
-
-
-# ----------------------------------------------------------------------------- updates in R^d
-
-
 def expected_update(
     params: LinearParams, problem: Problem, inner_lr: float, outer_lr: float, m_in: float
 ) -> tuple[LinearParams, float]:
     """The exact expected FO-ANIL update ``(E[B+] - B, E[w+] - w)`` in R^d from ``params``
-    (one configuration), and the expected meta-training loss at ``params``."""
+    (one configuration), and the expected meta-training loss at ``params``. Tested against
+    :func:`metarep.core.reference.expected_fo_anil_step`."""
     frame, state = coordinates(problem.B_star, params.B, params.w)
     dynamics = ExactFOANIL(problem.Sigma_star, inner_lr, outer_lr, m_in, problem.noise_var,
                            state.H.shape)
     new, loss = dynamics.step(state)
     after = frame.params(new)
     return LinearParams(after.B - params.B, after.w - params.w), float(loss[0])
-
-
-@dataclass(frozen=True)
-class MonteCarloUpdate:
-    """Monte Carlo estimate of the expected one-step update of a method.
-
-    ``mean`` and ``stderr`` of ``(B+ - B, w+ - w)`` (as :class:`LinearParams`), ``loss`` and
-    ``loss_stderr`` of the meta-training loss, over ``n_batches`` independent steps on
-    ``tasks_per_batch`` fresh tasks each.
-    """
-
-    mean: LinearParams
-    stderr: LinearParams
-    loss: float
-    loss_stderr: float
-    n_batches: int
-    tasks_per_batch: int
-
-
-def monte_carlo_update(
-    method: Method,
-    params: LinearParams,
-    problem: Problem,
-    m_in: int,
-    m_out: int,
-    n_tasks: int,
-    rng: np.random.Generator,
-    tasks_per_batch: int = 100,
-) -> MonteCarloUpdate:
-    """Estimate ``E[step(params, fresh tasks)] - params`` for any method with the
-    ``step(params, batch) -> (params, loss)`` protocol (FO-ANIL, ANIL, FO-MAML, MAML, ...).
-
-    Runs ``n_tasks // tasks_per_batch`` steps from ``params``, each on ``tasks_per_batch``
-    fresh tasks (:func:`metarep.tasks.sample_tasks`, float64), and returns the mean update and
-    its standard error (batch means are i.i.d., so ``stderr = std / sqrt(n_batches)``). For
-    methods whose update is a task average (all of the above) the expectation does not depend
-    on ``tasks_per_batch``, which only sets the memory used (``tasks_per_batch m d`` floats).
-    Sums are shifted by the first batch's update for accuracy.
-    """
-    n_batches = n_tasks // tasks_per_batch
-    if n_batches < 2:
-        raise ValueError(f"need at least 2 batches: n_tasks = {n_tasks} < 2 * {tasks_per_batch}")
-    params = LinearParams(np.asarray(params.B, np.float64), np.asarray(params.w, np.float64))
-    flat = np.concatenate([params.B.ravel(), params.w.ravel()])
-    shift = None
-    total = squares = None
-    losses = np.empty(n_batches)
-    for j in range(n_batches):
-        batch = sample_tasks(problem, tasks_per_batch, m_in, m_out, rng)
-        new, losses[j] = method.step(params, batch)
-        update = np.concatenate([new.B.ravel(), new.w.ravel()]) - flat
-        if shift is None:
-            shift, total, squares = update, np.zeros_like(update), np.zeros_like(update)
-        centred = update - shift
-        total += centred
-        squares += centred**2
-    mean_centred = total / n_batches
-    variance = (squares - n_batches * mean_centred**2) / (n_batches - 1)
-    mean = shift + mean_centred
-    stderr = np.sqrt(np.clip(variance, 0.0, None) / n_batches)
-    size = params.B.size
-
-    def split(vector: np.ndarray) -> LinearParams:
-        return LinearParams(vector[:size].reshape(params.B.shape), vector[size:])
-
-    return MonteCarloUpdate(split(mean), split(stderr), float(losses.mean()),
-                            float(losses.std(ddof=1) / np.sqrt(n_batches)), n_batches,
-                            tasks_per_batch)

@@ -1,4 +1,4 @@
-"""Run configuration: one typed, validated, documented schema.
+"""The run configuration: one typed, validated, documented schema.
 
 A configuration is a tree of frozen dataclasses (``Config.problem``, ``Config.tasks``, ...).
 Every leaf is declared once with :func:`param`, which carries its default, its one-line
@@ -23,26 +23,17 @@ from typing import Any
 
 import yaml
 
+from metarep.core.methods import METHOD_NAMES
+from metarep.errors import ConfigError
+
 Checker = Callable[[str, Any], Any]
 
 BUILTIN_CONFIGS = ("paper", "quick")
-METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
-INFINITE_METHODS = ("fo-anil", "fo-maml")  # exact infinite-task dynamics (metarep.population)
+INFINITE_METHODS = ("fo-anil", "fo-maml")  # exact infinite-task dynamics (metarep.core.infinite)
 DTYPES = ("float64", "float32")
 MODEL_KINDS = ("linear", "relu")
 DEVICES = ("cpu", "cuda", "auto")
 HEAD_COV_NAMES = ("isotropic", "linear")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range.
-
-    ``key`` is the dotted name of the offending field (e.g. ``"problem.k"``).
-    """
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 # ----------------------------------------------------------------------------- checkers
@@ -264,7 +255,7 @@ class TasksConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: two-layer linear x -> x^T B w, or a ReLU body with a linear head
-    (spec section 2; see :mod:`metarep.networks`)."""
+    (spec section 2; see :mod:`metarep.engine.networks`)."""
 
     width: int = param(50, "width k' of the representation B (d x k'), >= 1", integer(1))
     init_scale: float = param(
@@ -496,7 +487,7 @@ def validate(config: Config) -> None:
 
 
 def _validate_infinite(config: Config) -> None:
-    """``tasks.n: infinite`` runs the exact expected dynamics (:mod:`metarep.population`),
+    """``tasks.n: infinite`` runs the exact expected dynamics (:mod:`metarep.core.infinite`),
     which exist for one inner step of FO-ANIL (and FO-MAML from w_0 = 0, checked on loading
     ``model.init_from``); ``tasks.m_in: inf`` only makes sense there."""
     t, tr, method = config.tasks, config.train, config.method

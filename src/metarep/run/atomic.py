@@ -1,4 +1,4 @@
-"""Reading user files and writing results atomically.
+"""Writing result files atomically.
 
 Every result file is written to a temporary sibling and moved into place with
 ``os.replace``, so a reader (or a resumed run) never sees a half-written file.
@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from metarep.config import ConfigError
 
 
 def _file_mode() -> int:
@@ -80,25 +78,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Read every array of a user-supplied ``.npz`` file as finite float64.
-
-    Raises :class:`ConfigError` naming the config ``key`` for a missing or unreadable file, a
-    missing ``required`` array, or an array that is not all finite numbers.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(key, f"file not found: {str(path)!r}")
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name]) for name in data.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
-    for name in required:
-        if name not in arrays:
-            raise ConfigError(key, f"{path} has no array {name!r} (found: {sorted(arrays)})")
-    for name, array in arrays.items():
-        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-        if not real or not np.all(np.isfinite(array)):
-            raise ConfigError(key, f"array {name!r} in {path} must hold finite real numbers")
-    return {name: array.astype(np.float64) for name, array in arrays.items()}
+def write_figure(path: str | Path, figure: Any, dpi: int) -> None:
+    """Atomically save a matplotlib ``figure`` in the format of ``path``'s suffix."""
+    target = Path(path)
+    atomic_write(target, lambda tmp: figure.savefig(tmp, format=target.suffix[1:], dpi=dpi))

@@ -1,0 +1,100 @@
+"""One backend per kind of run, built once from the config (:func:`build_backend`):
+
+- ``linear``: the linear model on a task pool or online tasks, trained by a numpy method
+  (:class:`~metarep.run.backends.linear.LinearPoolBackend`);
+- ``infinite``: the exact infinite-task dynamics (``tasks.n: infinite``,
+  :class:`~metarep.run.backends.infinite.InfiniteTaskBackend`);
+- ``torch``: ReLU networks trained by the torch engine (``model.kind: relu``,
+  :class:`~metarep.run.backends.network.TorchBackend`).
+
+Every backend is a :class:`Backend`: the experiment runs init -> loop(step) -> measure /
+evaluate / theory through it and never asks which kind of run it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from metarep.core.evaluation import EvalRow
+from metarep.run.backends.infinite import InfiniteTaskBackend
+from metarep.run.backends.inputs import RunInputs, resolve_inputs
+from metarep.run.backends.linear import LinearPoolBackend
+from metarep.run.backends.network import TorchBackend
+from metarep.run.schema import Config
+
+
+class Backend(Protocol):
+    """A run of one configuration: its inputs, its states and what is measured of them.
+
+    It is also the training loop's :class:`~metarep.run.loop.Stepper` for a batch of one.
+    """
+
+    inputs: RunInputs
+    config: Config
+    method_name: str
+
+    def initial_state(self) -> Any:
+        """The training state at step 0."""
+        ...
+
+    def arrays(self, state: Any) -> dict[str, np.ndarray]:
+        """Named arrays of a state (``checkpoint.npz``, ``params.npz``)."""
+        ...
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> Any:
+        """The state holding ``arrays`` (the inverse of :meth:`arrays`)."""
+        ...
+
+    def params(self, state: Any) -> Any:
+        """The model's parameters at ``state`` (``(B, w)``, or the engine state)."""
+        ...
+
+    def step(self, state: Any, t: int) -> tuple[Any, np.ndarray]: ...
+
+    def finite(self, state: Any) -> np.ndarray: ...
+
+    def measure(self, state: Any, index: int = 0) -> dict[str, float]: ...
+
+    def take(self, state: Any, index: int) -> Any: ...
+
+    def park(self, state: Any, stopped: np.ndarray) -> None: ...
+
+    def evaluate(self, state: Any) -> list[EvalRow]:
+        """The test-time evaluation of the learned model (``eval.csv``)."""
+        ...
+
+    def theory(self, final: Mapping[str, float], rows: list[EvalRow]) -> dict[str, Any] | None:
+        """The theory's predictions next to the final measures (``summary.json``)."""
+        ...
+
+    def projected_gram(self, state: Any) -> np.ndarray | None:
+        """``B_star^T B B^T B_star`` where it means something."""
+        ...
+
+
+BACKENDS: dict[str, type] = {"linear": LinearPoolBackend, "infinite": InfiniteTaskBackend,
+                             "torch": TorchBackend}
+
+
+def run_kind(config: Config) -> str:
+    """The kind of run of ``config``: ``torch`` for ``model.kind: relu``, ``infinite`` for
+    ``tasks.n: infinite``, else ``linear``."""
+    if config.model.kind == "relu":
+        return "torch"
+    return "infinite" if config.tasks.n == "infinite" else "linear"
+
+
+def build_backend(config: Config) -> Backend:
+    """The backend of ``config``, with its inputs resolved (files read, sizes checked).
+
+    Raises :class:`~metarep.errors.ConfigError` for anything wrong with the input; writes
+    nothing.
+    """
+    return BACKENDS[run_kind(config)](resolve_inputs(config))
+
+
+__all__ = ["BACKENDS", "Backend", "InfiniteTaskBackend", "LinearPoolBackend", "RunInputs",
+           "TorchBackend", "build_backend", "run_kind"]

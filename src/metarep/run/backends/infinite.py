@@ -1,0 +1,130 @@
+"""Exact infinite-task dynamics as a run (``tasks.n: infinite``), alone or many at once.
+
+:class:`ExactStepper` steps ``b`` configurations of :class:`metarep.core.infinite.ExactFOANIL`
+through the training loop; :class:`InfiniteTaskBackend` is one run of them (a stepper of one,
+with the frame that maps its coordinates back to ``(B, w)``), and :func:`stack` joins runs
+that share everything but their per-run parameters into one stepper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from metarep.core.infinite import (
+    ExactFOANIL,
+    PopulationState,
+    coordinates,
+    lambda_stars,
+    measures,
+    undriven_perp_norm,
+)
+from metarep.core.model import LinearParams
+from metarep.errors import ConfigError
+from metarep.run.backends.inputs import RunInputs
+from metarep.run.backends.linear import LinearModelBackend, initial_params
+
+
+class ExactStepper:
+    """``b`` configurations of the exact dynamics as the loop's
+    :class:`~metarep.run.loop.Stepper`: ``dynamics`` steps them, ``Lambda_star`` (b, k, k)
+    enters their ``lambda_err``, and the measures come from the coordinates alone (no d-sized
+    work)."""
+
+    def __init__(self, dynamics: ExactFOANIL, Lambda_star: np.ndarray):
+        self.dynamics, self.Lambda_star = dynamics, Lambda_star
+
+    def step(self, state: PopulationState, t: int) -> tuple[PopulationState, np.ndarray]:
+        return self.dynamics.step(state)
+
+    def finite(self, state: PopulationState) -> np.ndarray:
+        return state.finite()
+
+    def measure(self, state: PopulationState, index: int) -> dict[str, float]:
+        return measures(state, self.dynamics.Sigma_star, self.Lambda_star, index)[0]
+
+    def take(self, state: PopulationState, index: int) -> PopulationState:
+        """A copy: the dynamics reuse their output buffers."""
+        return state.take(index)
+
+    def park(self, state: PopulationState, stopped: np.ndarray) -> None:
+        state.H[stopped], state.omega[stopped] = 0.0, 0.0
+
+
+class InfiniteTaskBackend(LinearModelBackend):
+    """Exact infinite-task FO-ANIL from ``(B_0, w_0)`` as a run; states are coordinates
+    (:class:`~metarep.core.infinite.PopulationState` of one configuration) on the frame built
+    once from ``B_0``. ``fo-maml`` is exact here only from ``w_0 = 0``, where it coincides with
+    FO-ANIL."""
+
+    def __init__(self, inputs: RunInputs):
+        inputs, init = initial_params(inputs)
+        config = inputs.config
+        if config.method.name == "fo-maml" and np.any(init.w != 0):
+            raise ConfigError("model.init_from", "fo-maml with tasks.n: infinite needs w = 0 "
+                              "(its exact dynamics are FO-ANIL's there); use fo-anil or a zero "
+                              "head")
+        super().__init__(inputs, config.method.name)
+        dtype = config.train.dtype
+        self.init = init
+        self.frame, self.initial = coordinates(self.problem.B_star, init.B, init.w, dtype=dtype)
+        dynamics = ExactFOANIL(self.problem.Sigma_star, self.alpha, config.method.outer_lr,
+                               config.tasks.m_in, self.problem.noise_var, self.initial.H.shape,
+                               dtype)
+        self.stepper = ExactStepper(dynamics, lambda_stars(dynamics))
+
+    def params(self, state: PopulationState) -> LinearParams:
+        return self.frame.params(state)
+
+    def initial_state(self) -> PopulationState:
+        return self.restore({"B": self.init.B, "w": self.init.w})
+
+    def arrays(self, state: PopulationState) -> dict[str, np.ndarray]:
+        B, w = self.frame.params(state)
+        return {"B": B, "w": w}
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> PopulationState:
+        """The coordinates of ``B``, ``w`` (on this run's frame), in the run's dtype."""
+        params = LinearParams(np.asarray(arrays["B"], np.float64),
+                              np.asarray(arrays["w"], np.float64))
+        coords = self.frame.state([params])
+        return PopulationState(coords.H.astype(self.initial.H.dtype),
+                               coords.omega.astype(self.initial.omega.dtype))
+
+    def step(self, state: PopulationState, t: int) -> tuple[PopulationState, np.ndarray]:
+        return self.stepper.step(state, t)
+
+    def finite(self, state: PopulationState) -> np.ndarray:
+        return self.stepper.finite(state)
+
+    def measure(self, state: PopulationState, index: int = 0) -> dict[str, float]:
+        return self.stepper.measure(state, index)
+
+    def take(self, state: PopulationState, index: int) -> PopulationState:
+        return self.stepper.take(state, index)
+
+    def predicted_perp_limit(self) -> float | None:
+        """The limit of ``perp_norm`` predicted from the initialisation: 0 for finite
+        ``m_in``; for ``m_in = inf`` from ``w_0 = 0``, the conserved
+        :func:`~metarep.core.infinite.undriven_perp_norm` of ``B_0``; otherwise unknown
+        (``None``)."""
+        dynamics = self.stepper.dynamics
+        if np.isfinite(dynamics.m_in[0]):
+            return 0.0
+        if np.any(self.initial.omega != 0):
+            return None
+        return float(undriven_perp_norm(self.initial, self.problem.k)[0])
+
+
+def stack(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
+    """One stepper for the runs ``backends``, which share ``Sigma_star``, the shapes and the
+    dtype: each keeps its own ``alpha``, ``beta``, ``m_in``, ``sigma^2`` and ``Lambda_star``,
+    and each configuration's slice is computed with the same operations as in a run alone."""
+    first = backends[0].stepper.dynamics
+    parts = [backend.stepper.dynamics for backend in backends]
+    b = len(backends)
+    dynamics = ExactFOANIL(first.Sigma_star, [d.alpha[0] for d in parts],
+                           [d.beta[0] for d in parts], [d.m_in[0] for d in parts],
+                           [d.noise_var[0] for d in parts], (b, *first.shape[1:]), first.dtype)
+    return ExactStepper(dynamics, np.concatenate([bk.stepper.Lambda_star for bk in backends]))

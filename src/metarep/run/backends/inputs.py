@@ -1,0 +1,112 @@
+"""What every kind of run starts from: the resolved config, the problem, the task pool, and
+the tasks of each outer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from metarep.core.problem import Problem, make_problem
+from metarep.core.seeding import Purpose, seed_rng
+from metarep.core.tasks import TaskBatch, sample_tasks
+from metarep.errors import ConfigError
+from metarep.run.inputs import check_memory, config_key, load_pool
+from metarep.run.schema import Config
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """A run's config and data, built without touching the output directory.
+
+    ``config`` is the resolved config (N, d, k taken from a loaded pool where given);
+    ``has_truth`` is False when a loaded pool carries no ``B_star`` (then the measures that
+    compare with the ground truth are ``nan`` and there is no test-time evaluation); ``pool``
+    is the task pool, or ``None`` for online and infinitely many tasks.
+    """
+
+    config: Config
+    problem: Problem
+    has_truth: bool
+    pool: TaskBatch | None
+
+
+def _problem(config: Config) -> Problem:
+    p = config.problem
+    with config_key("problem.head_cov"):
+        return make_problem(p.d, p.k, p.noise_var, p.head_cov, seed_rng(p.seed, Purpose.PROBLEM))
+
+
+def resolve_inputs(config: Config) -> RunInputs:
+    """Draw the problem and the pool of ``config`` (or read the pool of ``tasks.from``, whose
+    N and d replace the configured ones), refusing sizes that cannot fit in memory.
+
+    Raises :class:`~metarep.errors.ConfigError` for anything wrong with the input.
+    """
+    inputs = _generated(config) if config.tasks.from_ is None else _loaded(config)
+    # Evaluation draws two or more test tasks at once, each in at most d dimensions per method.
+    shots = max(inputs.config.eval.shots)
+    check_memory("eval.shots", 64.0 * shots * inputs.problem.d,
+                 f"test tasks of m_test = {shots} samples in d = {inputs.problem.d}")
+    return inputs
+
+
+def _generated(config: Config) -> RunInputs:
+    p, t = config.problem, config.tasks
+    m = t.m_in + t.m_out
+    n, key = ((config.train.tasks_per_step, "train.tasks_per_step") if t.n == "online"
+              else (t.n, "tasks.n"))
+    if isinstance(n, int):  # sampled in float64, then split: two copies of X
+        check_memory(key, 16.0 * n * m * p.d, f"the task data, {key} x (tasks.m_in + "
+                     f"tasks.m_out) x problem.d = {n} x {m} x {p.d} numbers,")
+    problem = _problem(config)
+    if t.n in ("online", "infinite"):
+        return RunInputs(config, problem, True, None)
+    pool = sample_tasks(problem, t.n, t.m_in, t.m_out, seed_rng(t.seed, Purpose.TASKS),
+                        config.train.dtype)
+    return RunInputs(config, problem, True, pool)
+
+
+def _loaded(config: Config) -> RunInputs:
+    p, t = config.problem, config.tasks
+    loaded = load_pool(t.from_)
+    n, m, d = loaded.X.shape
+    if t.m_in + t.m_out != m:
+        raise ConfigError("tasks.m_in", f"tasks.m_in + tasks.m_out = {t.m_in + t.m_out} must "
+                          f"equal the {m} samples per task in {t.from_}")
+    k = p.k if loaded.B_star is None else loaded.B_star.shape[1]
+    if config.train.tasks_per_step is not None and config.train.tasks_per_step > n:
+        raise ConfigError("train.tasks_per_step", f"must be <= the {n} tasks in {t.from_}, got "
+                          f"{config.train.tasks_per_step}")
+    config = config.replace(**{"problem.d": d, "problem.k": min(k, d), "tasks.n": n})
+    problem = _problem(config)
+    if loaded.B_star is not None:
+        problem = Problem(loaded.B_star, problem.Sigma_star, problem.noise_var)
+    pool = loaded.split(t.m_in).astype(config.train.dtype)
+    return RunInputs(config, problem, loaded.B_star is not None, pool)
+
+
+def task_source(inputs: RunInputs) -> Callable[[int], TaskBatch]:
+    """The tasks used at outer step ``t`` of a run on a pool or on online tasks.
+
+    Whole pool; or ``train.tasks_per_step`` tasks of the pool drawn without replacement; or,
+    for ``tasks.n: online``, that many fresh tasks. Step ``t`` draws from its own seeded
+    stream (``tasks.seed``, sub-stream ``(1, t)``), so a resumed run draws the same tasks.
+    """
+    config, pool = inputs.config, inputs.pool
+    size, seed, dtype = config.train.tasks_per_step, config.tasks.seed, config.train.dtype
+    if pool is None:
+        m_in, m_out = config.tasks.m_in, config.tasks.m_out
+        return lambda t: sample_tasks(inputs.problem, size, m_in, m_out,
+                                      seed_rng(seed, Purpose.TASKS, 1, t), dtype)
+    if size is None or size == pool.n_tasks:
+        return lambda t: pool
+    return lambda t: pool.take(
+        seed_rng(seed, Purpose.TASKS, 1, t).choice(pool.n_tasks, size, replace=False))
+
+
+def divergence_advice(config: Config) -> str:
+    """What to change when a run diverges."""
+    method = config.method
+    return (f"Lower method.outer_lr (now {method.outer_lr:g}) and/or method.inner_lr "
+            f"(now {method.inner_lr:g}), or model.init_scale (now {config.model.init_scale:g}).")

@@ -1,0 +1,151 @@
+"""The linear model ``x -> x^T B w`` as a run: on a task pool or online tasks
+(:class:`LinearPoolBackend`, the numpy methods of :mod:`metarep.core.methods`), and what it
+shares with the exact infinite-task runs (:class:`LinearModelBackend`): the test-time
+evaluation, the theory's predictions and ``B_star^T B B^T B_star``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from metarep.core.evaluation import EvalRow, evaluate
+from metarep.core.measures import measure
+from metarep.core.methods import MTLState, State, make_method
+from metarep.core.model import LinearParams, init_linear
+from metarep.core.seeding import Purpose, seed_rng
+from metarep.core.theory import lambda_star, predicted_limits
+from metarep.run.backends.inputs import RunInputs, task_source
+from metarep.run.inputs import check_memory, load_params
+
+LIMIT_MEASURES = ("train_loss", "perp_norm", "subspace_dist", "lambda_err", "head_norm")
+REGIMES = {"infinite": "infinitely many tasks (exact expected dynamics)",
+           "online": "fresh tasks every step"}
+
+
+def initial_params(inputs: RunInputs) -> tuple[RunInputs, LinearParams]:
+    """``(B_0, w_0)``: drawn (:func:`metarep.core.model.init_linear` with ``model.seed``), or
+    read from ``model.init_from`` (whose k' replaces ``model.width`` in the config)."""
+    config, d = inputs.config, inputs.problem.d
+    model, dtype = config.model, config.train.dtype
+    if model.init_from is not None:
+        params = load_params(model.init_from, d).astype(dtype)
+        config = config.replace(**{"model.width": params.width})
+        return RunInputs(config, inputs.problem, inputs.has_truth, inputs.pool), params
+    check_memory("model.width", 32.0 * d * model.width,
+                 f"B, problem.d x model.width = {d} x {model.width}, with its updates")
+    return inputs, init_linear(d, model.width, model.init_scale,
+                               seed_rng(model.seed, Purpose.MODEL), dtype)
+
+
+class LinearModelBackend:
+    """What the runs of the linear model share, given the run's inputs, its method's name and
+    the map from a training state to ``(B, w)`` (:meth:`params`).
+
+    ``alpha`` (``method.inner_lr``, also the test-time head step size) and ``Lambda_star``
+    (:func:`metarep.core.theory.lambda_star` with the run's ``m_in`` and ``alpha``) are read
+    once here.
+    """
+
+    def __init__(self, inputs: RunInputs, method_name: str):
+        self.inputs, self.method_name = inputs, method_name
+        self.config, self.problem = inputs.config, inputs.problem
+        self.alpha = self.config.method.inner_lr
+        self.Lambda_star = lambda_star(self.problem, self.config.tasks.m_in, self.alpha)
+
+    def params(self, state: Any) -> LinearParams:
+        """``(B, w)`` of a training state."""
+        return LinearParams(state.B, state.w)
+
+    def take(self, state: Any, index: int) -> Any:
+        return state
+
+    def park(self, state: Any, stopped: np.ndarray) -> None:
+        """Nothing to do: a run of one stops the loop."""
+
+    def evaluate(self, state: Any) -> list[EvalRow]:
+        """Test-time evaluation, the same for every method: ``eval.adapt_steps`` head steps of
+        size ``alpha`` from the learned head. ``mtl`` has no meta-learned head (its heads
+        belong to the training tasks), so it starts from ``w = 0`` and adds the row
+        ``mtl-lsq``: least squares on the learned features ``X B``."""
+        e, per_task = self.config.eval, isinstance(state, MTLState)
+        params = self.params(state)
+        if per_task:
+            params = LinearParams(params.B, np.zeros_like(params.w))
+        return evaluate(params, self.problem, self.method_name, e.shots, e.n_tasks, self.alpha,
+                        e.adapt_steps, e.seed,
+                        features_row=f"{self.method_name}-lsq" if per_task else None)
+
+    def predicted_perp_limit(self) -> float | None:
+        """The limit of ``perp_norm`` the theory predicts for this run (0 by default)."""
+        return 0.0
+
+    def theory(self, final: Mapping[str, float], rows: list[EvalRow]) -> dict[str, Any]:
+        """Final measures next to their predicted limits (infinite tasks, t -> inf,
+        :func:`metarep.core.theory.predicted_limits`), and the test risk of the method next
+        to its closed form at the learned ``(B, w)`` and at the predicted limit."""
+        c = self.config
+        limits = predicted_limits(self.problem, c.tasks.m_in, self.alpha, c.eval.shots)
+        limits["perp_norm"] = self.predicted_perp_limit()
+        regime = REGIMES.get(str(c.tasks.n), f"a pool of {c.tasks.n} tasks")
+        return {
+            "lambda_star": self.Lambda_star,
+            "limits": {name: {"final": final.get(name), "theory": limits[name]}
+                       for name in LIMIT_MEASURES},
+            "test_risk": [{"shots": row.shots, "simulated": row.excess_risk,
+                           "stderr": row.stderr, "closed_form": row.theory,
+                           "limit": limits["test_risk"].get(row.shots)}
+                          for row in rows if row.method == self.method_name],
+            "regime": regime,
+            "note": "limits as t -> infinity for infinitely many tasks from w_0 = 0 (spec "
+            "section 4); a finite pool stops at a floor set by N, m and the noise. "
+            "closed_form: the expected one-step test risk at the learned (B, w) "
+            "(metarep.core.theory.adapted_risk)",
+        }
+
+    def projected_gram(self, state: Any) -> np.ndarray | None:
+        """``B_star^T B B^T B_star`` (``None`` without the ground truth)."""
+        if not self.inputs.has_truth:
+            return None
+        projected = self.problem.B_star.T @ self.params(state).B.astype(np.float64)
+        return projected @ projected.T
+
+
+class LinearPoolBackend(LinearModelBackend):
+    """The linear model trained by a numpy method (:func:`metarep.core.methods.make_method`)
+    on a task pool or on online tasks. States: :class:`~metarep.core.model.LinearParams`, or
+    :class:`~metarep.core.methods.MTLState` for ``mtl``."""
+
+    def __init__(self, inputs: RunInputs):
+        inputs, self.init = initial_params(inputs)
+        method = inputs.config.method
+        self.method = make_method(method.name, method.inner_lr, method.outer_lr,
+                                  method.inner_steps)
+        super().__init__(inputs, self.method.name)
+        self.batches = task_source(inputs)
+        self.truth = self.problem if inputs.has_truth else None
+
+    def initial_state(self) -> State:
+        """``(B_0, w_0)``, with one head per pool task for ``mtl`` (which the schema keeps off
+        ``tasks.n: online``)."""
+        pool = self.inputs.pool
+        return self.method.init_state(self.init, 0 if pool is None else pool.n_tasks)
+
+    def arrays(self, state: State) -> dict[str, np.ndarray]:
+        return state._asdict()
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> State:
+        initial, dtype = self.initial_state(), self.config.train.dtype
+        return initial._make(arrays[name].astype(dtype) for name in initial._fields)
+
+    def step(self, state: State, t: int) -> tuple[State, np.ndarray]:
+        new, loss = self.method.step(state, self.batches(t))
+        return new, np.array([loss])
+
+    def finite(self, state: State) -> np.ndarray:
+        return np.array([state.is_finite()])
+
+    def measure(self, state: State, index: int = 0) -> dict[str, float]:
+        return measure(state, self.truth, self.Lambda_star)

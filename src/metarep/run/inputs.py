@@ -1,0 +1,138 @@
+"""The user's input files and sizes, checked before anything is computed or written.
+
+Every problem found here is a :class:`~metarep.errors.ConfigError` naming the config key at
+fault: a ``.npz`` file given as ``tasks.from`` (a task pool) or ``model.init_from`` (an
+initialisation), a size that cannot fit in memory, a missing optional dependency. The arrays
+themselves are checked by the maths (:func:`metarep.core.tasks.task_pool`,
+:func:`metarep.core.model.linear_params`, :func:`metarep.engine.networks.relu_from_arrays`),
+whose :class:`~metarep.errors.ArgumentError` is turned into the key's error here.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from metarep.core.model import LinearParams, linear_params
+from metarep.core.tasks import TaskPool, task_pool
+from metarep.errors import ArgumentError, ConfigError
+
+Result = TypeVar("Result")
+
+
+@contextmanager
+def config_key(key: str) -> Iterator[None]:
+    """Turn an :class:`~metarep.errors.ArgumentError` of the maths inside the block into a
+    :class:`~metarep.errors.ConfigError` naming the config ``key`` (the message keeps the
+    argument's name, e.g. ``tasks.from: y must have shape ...``)."""
+    try:
+        yield
+    except ArgumentError as error:
+        raise ConfigError(key, f"{error.argument} {error.message}") from None
+
+
+def config_keys(keys: dict[str, str], call: Callable[[], Result]) -> Result:
+    """``call()``, with an :class:`~metarep.errors.ArgumentError` about argument ``a`` turned
+    into a :class:`~metarep.errors.ConfigError` naming the config key ``keys[a]``."""
+    try:
+        return call()
+    except ArgumentError as error:
+        if error.argument not in keys:
+            raise
+        raise ConfigError(keys[error.argument], error.message) from None
+
+
+def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Read every array of a user-supplied ``.npz`` file as finite float64.
+
+    Raises :class:`ConfigError` naming the config ``key`` for a missing or unreadable file, a
+    missing ``required`` array, or an array that is not all finite numbers.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(key, f"file not found: {str(path)!r}")
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ConfigError(key, f"{str(path)!r} is a single array (.npy), not an .npz file of "
+                          "named arrays")
+    try:
+        with loaded as data:
+            arrays = {name: np.asarray(data[name]) for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
+    for name in required:
+        if name not in arrays:
+            raise ConfigError(key, f"{path} has no array {name!r} (found: {sorted(arrays)})")
+    for name, array in arrays.items():
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        if not real or not np.all(np.isfinite(array)):
+            raise ConfigError(key, f"array {name!r} in {path} must hold finite real numbers")
+    return {name: array.astype(np.float64) for name, array in arrays.items()}
+
+
+def load_pool(path: str | Path) -> TaskPool:
+    """Read ``X`` (N, m, d), ``y`` (N, m) and optional ``B_star`` (d, k), ``heads`` (N, k) from
+    a ``.npz`` file (:func:`metarep.core.tasks.task_pool` checks them). Raises
+    :class:`ConfigError` (key ``tasks.from``) for a missing or unreadable file, missing arrays,
+    non-finite values, shapes that do not match, or a ``B_star`` without orthonormal columns.
+    """
+    key = "tasks.from"
+    data = read_npz(path, key, required=("X", "y"))
+    with config_key(key):
+        return task_pool(data["X"], data["y"], data.get("B_star"), data.get("heads"))
+
+
+def load_params(path: str | Path, d: int) -> LinearParams:
+    """Read ``B`` (d, k') and ``w`` (k',) from a ``.npz`` file, checking shapes against ``d``.
+
+    Raises :class:`ConfigError` (key ``model.init_from``) for a missing file, missing arrays,
+    non-finite values or mismatched shapes.
+    """
+    key = "model.init_from"
+    arrays = read_npz(path, key, required=("B", "w"))
+    with config_key(key):
+        return linear_params(arrays["B"], arrays["w"], d)
+
+
+def load_network(path: str | Path, d: int, hidden_layers: int) -> Any:
+    """A ReLU network (:class:`metarep.engine.networks.ReLUNet`) from the arrays ``W1``,
+    [``W2``], ``w`` of a ``.npz`` file; :class:`ConfigError` (key ``model.init_from``)."""
+    key = "model.init_from"
+    arrays = read_npz(path, key, required=())
+    networks = torch_module("networks")
+    with config_key(key):
+        return networks.relu_from_arrays(arrays, d, hidden_layers)
+
+
+def torch_module(name: str) -> Any:
+    """``metarep.engine.NAME``, imported on demand, or a :class:`ConfigError` naming
+    ``model.kind`` when PyTorch is not installed."""
+    try:
+        module = __import__(f"metarep.engine.{name}", fromlist=[name])
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        raise ConfigError("model.kind", "relu runs need PyTorch: install metarep[torch] "
+                          "(pip install 'metarep[torch]')") from None
+    return module
+
+
+def check_memory(key: str, n_bytes: float, what: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``what`` needs more than the machine's
+    memory (instead of failing later with a ``MemoryError``)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf: nothing to check against
+        return
+    if n_bytes > memory:
+        raise ConfigError(key, f"{what} needs about {n_bytes / 1e9:.3g} GB, more than the "
+                          f"{memory / 1e9:.3g} GB of memory of this machine")

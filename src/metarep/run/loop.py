@@ -1,0 +1,173 @@
+"""The one training loop: ``b >= 1`` runs stepped together, one divergence rule at every step.
+
+A single run is a batch of one; the batched infinite-task runs of a sweep and
+:func:`metarep.run.simulate.simulate_batch` are batches of many. The loop only needs a
+:class:`Stepper` for the batch: ``step(state, t) -> (state, losses)``, where ``losses`` (b,) is
+the meta-training loss of each run at the state *before* the step, and the measures of one
+run.
+
+**The divergence rule**, the same for every run at every step ``t``: the run stops with
+:class:`Diverged` at step ``t`` when its loss is non-finite or more than
+:data:`EXPLOSION_FACTOR` times its reference loss (the loss at the first step it trained), and
+at step ``t + 1`` when the new state has a non-finite entry. A stopped run keeps every record
+and its last finite state; the other runs of the batch go on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+State = TypeVar("State")
+
+EXPLOSION_FACTOR = 1e8  # a loss this many times the initial loss counts as divergence
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite or exploding loss; ``step`` is where it happened."""
+
+    def __init__(self, step: int, loss: float, advice: str):
+        super().__init__(f"training diverged at step {step} (train_loss = {loss:.4g}). {advice}")
+        self.step = step
+        self.loss = loss
+
+
+@dataclass
+class Trajectory(Generic[State]):
+    """What training produced so far for one run: its state at ``step`` and the recorded rows
+    (``{"step": t, "train_loss": loss_t, **measures_t}``)."""
+
+    state: State
+    step: int
+    records: list[dict[str, float]] = field(default_factory=list)
+
+
+class Stepper(Protocol[State]):
+    """The ``b`` runs of a batch, as the loop sees them."""
+
+    def step(self, state: State, t: int) -> tuple[State, np.ndarray]:
+        """The state after outer step ``t``, and each run's loss at ``state``, shape (b,)."""
+        ...
+
+    def finite(self, state: State) -> np.ndarray:
+        """Per run, shape (b,), whether its part of ``state`` is all finite."""
+        ...
+
+    def measure(self, state: State, index: int) -> dict[str, float]:
+        """The measures recorded for run ``index`` at ``state``."""
+        ...
+
+    def take(self, state: State, index: int) -> Any:
+        """Run ``index``'s own state, valid whatever the batch computes next."""
+        ...
+
+    def park(self, state: State, stopped: np.ndarray) -> None:
+        """Overwrite the ``stopped`` runs (mask (b,)) of ``state`` with harmless values, so
+        the batch goes on computing with finite numbers."""
+        ...
+
+
+def is_record_step(t: int, steps: int, record_every: int) -> bool:
+    """Whether measures are recorded at step ``t``: 0, every ``record_every``, and ``steps``."""
+    return t % record_every == 0 or t == steps
+
+
+def record_steps(steps: int, record_every: int) -> list[int]:
+    """Every step ``t <= steps`` of :func:`is_record_step`, in order."""
+    return [*range(0, steps + 1, record_every), *([steps] if steps % record_every else [])]
+
+
+def is_diverging(loss: float | np.ndarray, reference: float | np.ndarray) -> bool | np.ndarray:
+    """Whether ``loss`` means divergence: non-finite, or more than ``EXPLOSION_FACTOR`` times
+    the ``reference`` loss (the loss at the first step trained); elementwise for arrays."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ~np.isfinite(loss) | (loss > EXPLOSION_FACTOR * np.maximum(reference, 1e-12))
+
+
+def _references(trajectories: Sequence[Trajectory[Any]]) -> np.ndarray:
+    """Each run's reference loss: its first recorded loss, ``nan`` when it has no record yet
+    (then the loss of its first step trained here)."""
+    return np.array([t.records[0]["train_loss"] if t.records else math.nan
+                     for t in trajectories], dtype=float)
+
+
+def train(
+    stepper: Stepper[State],
+    state: State,
+    trajectories: Sequence[Trajectory[Any]],
+    *,
+    steps: int,
+    record_every: int,
+    advice: Sequence[str],
+    on_record: Callable[[int, Trajectory[Any]], None] | None = None,
+    progress: bool = True,
+) -> list[Diverged | None]:
+    """Step the ``b`` runs of ``state`` (one :class:`Trajectory` each, all at the same step)
+    up to ``steps``, recording as they go.
+
+    At every step ``t`` each run still training is tested by the divergence rule (module
+    docstring); at record steps (:func:`is_record_step`) its record is appended to its
+    trajectory, whose state is set to ``take(state, i)``, and ``on_record(i, trajectory)`` is
+    called (e.g. to write a checkpoint). A run that ends (diverged, or at ``steps``) keeps its
+    state at that step. Floating-point overflow inside ``step`` is not an error (numpy's
+    warnings are silenced there): it shows as a non-finite or exploding loss or state.
+
+    **Returns** per run its :class:`Diverged` (``advice[i]`` says what to change), or ``None``
+    when it reached ``steps``; the trajectories hold everything recorded either way.
+    """
+    b = len(trajectories)
+    start = {trajectory.step for trajectory in trajectories}
+    if len(start) != 1:
+        raise ValueError(f"the runs of a batch must start at one step, got {sorted(start)}")
+    t = start.pop()
+    reference = _references(trajectories)
+    active = np.ones(b, dtype=bool)
+    outcome: list[Diverged | None] = [None] * b
+    bar = tqdm(total=steps, initial=t, disable=not progress, unit="step", dynamic_ncols=True,
+               leave=False)
+    try:
+        while True:
+            with np.errstate(over="ignore", invalid="ignore"):
+                new, losses = stepper.step(state, t)
+            reference = np.where(np.isnan(reference), losses, reference)
+            exploded = active & is_diverging(losses, reference)
+            if is_record_step(t, steps, record_every):
+                for i in np.flatnonzero(active & ~exploded):
+                    _record(stepper, state, t, i, float(losses[i]), trajectories[i], on_record)
+                if b == 1:
+                    bar.set_postfix(loss=f"{losses[0]:.4g}", refresh=False)
+            last = t >= steps
+            with np.errstate(over="ignore", invalid="ignore"):  # inf - inf is a diverged state
+                blown = (np.zeros(b, dtype=bool) if last
+                         else active & ~exploded & ~stepper.finite(new))
+            ending = exploded | blown | (active & last)
+            for i in np.flatnonzero(ending):
+                outcome[i] = (Diverged(t, float(losses[i]), advice[i]) if exploded[i] else
+                              Diverged(t + 1, math.nan, advice[i]) if blown[i] else None)
+                trajectories[i].state, trajectories[i].step = stepper.take(state, i), t
+            active &= ~ending
+            if not active.any():
+                return outcome
+            if ending.any():
+                stepper.park(new, ending)
+            state, t = new, t + 1
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _record(stepper: Stepper[State], state: State, t: int, i: int, loss: float,
+            trajectory: Trajectory[Any],
+            on_record: Callable[[int, Trajectory[Any]], None] | None) -> None:
+    """Append run ``i``'s record at step ``t`` (unless a resumed run has it already)."""
+    if trajectory.records and trajectory.records[-1]["step"] == t:
+        return
+    trajectory.records.append({"step": t, "train_loss": loss, **stepper.measure(state, i)})
+    trajectory.state, trajectory.step = stepper.take(state, i), t
+    if on_record is not None:
+        on_record(i, trajectory)

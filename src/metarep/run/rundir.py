@@ -1,0 +1,164 @@
+"""The run directory: the one owner of its format, for writing and for reading.
+
+A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
+
+- ``config.yaml``: the fully resolved config (values read from files filled in);
+- ``metrics.csv``: one row per recorded step (``step`` first, then the measures);
+- ``eval.csv``: ``method, shots, excess_risk, stderr, n_tasks, theory``;
+- ``summary.json``: status, final measures next to the theory's predictions;
+- ``params.npz``: the final state's arrays (``B, w`` and, for ``mtl``, the per-task ``heads``;
+  a ReLU network's ``W1``, [``W2``], ``w``), ``B_star`` where known, and ``Sigma_star``;
+- ``training.png`` and ``eval.png``: the training curves and the test risk against m_test;
+- ``checkpoint.npz`` while it trains: the latest recorded state, step and records;
+- ``error.json`` when it failed in a sweep: the error, its config key and traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from metarep.core.evaluation import EvalRow
+from metarep.errors import ConfigError
+from metarep.run import atomic
+from metarep.run.schema import flatten
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+CONFIG, METRICS, EVAL, SUMMARY = "config.yaml", "metrics.csv", "eval.csv", "summary.json"
+PARAMS, CHECKPOINT, ERROR = "params.npz", "checkpoint.npz", "error.json"
+TRAINING_FIGURE, EVAL_FIGURE = "training.png", "eval.png"
+EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state of an interrupted run: its arrays, its step and its records so far."""
+
+    arrays: dict[str, np.ndarray]
+    step: int
+    records: list[dict[str, float]]
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The outputs of one finished run, as read back: its name, its resolved config (the
+    nested tree of ``config.yaml``), metrics, evaluation (``None`` without one), summary and
+    final arrays."""
+
+    name: str
+    config: dict[str, Any]
+    metrics: pd.DataFrame
+    eval: pd.DataFrame | None
+    summary: dict[str, Any]
+    params: dict[str, np.ndarray]
+
+
+class RunDirectory:
+    """The files of one run at ``path`` (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ------------------------------------------------------------------ writing
+
+    def create(self) -> None:
+        """Create the directory (:class:`ConfigError` ``--out`` when a file is in the way)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError("--out", f"{self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, text: str) -> None:
+        atomic.write_text(self.file(CONFIG), text)
+
+    def write_metrics(self, records: list[dict[str, float]]) -> None:
+        atomic.write_text(self.file(METRICS), pd.DataFrame(records).to_csv(index=False))
+
+    def write_checkpoint(self, arrays: dict[str, np.ndarray], step: int,
+                         records: list[dict[str, float]]) -> None:
+        atomic.write_npz(self.file(CHECKPOINT), **arrays, step=np.array(step),
+                         records=np.array(json.dumps(records)))
+
+    def remove_checkpoint(self) -> None:
+        self.file(CHECKPOINT).unlink(missing_ok=True)
+
+    def write_eval(self, rows: list[EvalRow]) -> pd.DataFrame:
+        """Write ``eval.csv`` (or, with no rows, remove any stale ``eval.csv`` and
+        ``eval.png``); returns the table."""
+        frame = pd.DataFrame([asdict(row) for row in rows], columns=EVAL_COLUMNS)
+        if rows:
+            atomic.write_text(self.file(EVAL), frame.to_csv(index=False))
+        else:
+            for stale in (EVAL, EVAL_FIGURE):
+                self.file(stale).unlink(missing_ok=True)
+        return frame
+
+    def write_params(self, arrays: dict[str, np.ndarray]) -> None:
+        atomic.write_npz(self.file(PARAMS), **arrays)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic.write_json(self.file(SUMMARY), summary)
+
+    def write_figure(self, name: str, figure: Figure) -> None:
+        atomic.write_figure(self.file(name), figure, dpi=120)
+
+    def write_error(self, error: dict[str, Any]) -> None:
+        atomic.write_json(self.file(ERROR), error)
+
+    # ------------------------------------------------------------------ reading
+
+    def config_text(self) -> str | None:
+        file = self.file(CONFIG)
+        return file.read_text() if file.is_file() else None
+
+    def config(self) -> dict[str, Any] | None:
+        """The resolved config as flat dotted keys, or ``None`` when not written yet."""
+        text = self.config_text()
+        return None if text is None else flatten(yaml.safe_load(text))
+
+    def checkpoint(self) -> Checkpoint | None:
+        file = self.file(CHECKPOINT)
+        if not file.is_file():
+            return None
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files if name not in ("step", "records")}
+            return Checkpoint(arrays, int(data["step"]), json.loads(str(data["records"])))
+
+    def summary(self) -> dict[str, Any] | None:
+        file = self.file(SUMMARY)
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def error(self) -> dict[str, Any] | None:
+        file = self.file(ERROR)
+        return json.loads(file.read_text()) if file.is_file() else None
+
+    def eval_table(self) -> pd.DataFrame | None:
+        file = self.file(EVAL)
+        return pd.read_csv(file) if file.is_file() else None
+
+    def status(self) -> str | None:
+        """``done`` or ``failed`` for a finished run directory of a sweep, ``None`` if the
+        run is not there."""
+        if not self.path.is_dir():
+            return None
+        return "failed" if self.file(ERROR).is_file() else "done"
+
+    def read(self) -> RunData | None:
+        """A finished run's outputs, or ``None`` if it did not finish."""
+        summary = self.summary()
+        if summary is None or summary.get("status") != "done":
+            return None
+        with np.load(self.file(PARAMS)) as data:
+            params = {key: data[key] for key in data.files}
+        return RunData(self.path.name, yaml.safe_load(self.config_text() or "{}"),
+                       pd.read_csv(self.file(METRICS)), self.eval_table(), summary, params)

@@ -1,0 +1,166 @@
+"""The study's design (spec section 6) as data: the scales, their settings, and the runs.
+
+The study is a fixed list of runs (:func:`study_runs`), each an ordinary ``metarep run`` of a
+config derived from the scale's base setting:
+
+- ``pool-<method>``: every method (FO-ANIL, ANIL, FO-MAML, MAML, Burer-Monteiro) on one
+  finite task pool;
+- ``infinite-fo-anil``: the exact infinite-task FO-ANIL dynamics from the same ``B_0``;
+- ``infinite-m_in-<m>``: the same with other inner sample counts, ``inf`` included;
+- ``relu<L>-<method>``: the appendix study with ReLU bodies of ``L`` hidden layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from metarep.errors import ConfigError
+
+SCALES = ("quick", "default", "paper")
+POOL_METHODS = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
+MODEL_AGNOSTIC = ("fo-anil", "anil", "fo-maml", "maml")
+
+_PAPER_PROBLEM = {"d": 50, "k": 5, "noise_var": 4.0, "head_cov": "linear", "seed": 0}
+
+# Per scale: the base config tree, and the sizes of the other parts of the study.
+SCALE_SETTINGS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "base": {
+            "problem": {"d": 20, "k": 3, "noise_var": 1.0, "head_cov": "linear", "seed": 0},
+            "tasks": {"n": 1000, "m_in": 10, "m_out": 10, "seed": 1},
+            "model": {"width": 20, "init_scale": 1.0, "seed": 2},
+            "method": {"inner_lr": 0.5, "outer_lr": 0.2, "inner_steps": 1},
+            "train": {"steps": 300, "record_every": 5},
+            "eval": {"shots": [3, 5, 10, 20, 40], "n_tasks": 500, "adapt_steps": 1, "seed": 3},
+        },
+        "infinite_steps": 20_000,
+        "infinite_record_every": 20,
+        "m_in_values": (5, 10, 40, "inf"),
+        "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 400, "train.record_every": 5,
+                 "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 500},
+    },
+    "default": {
+        "base": {
+            "problem": _PAPER_PROBLEM,
+            "tasks": {"n": 5000, "m_in": 20, "m_out": 10, "seed": 1},
+            "model": {"width": 50, "init_scale": 1.0, "seed": 2},
+            "method": {"inner_lr": 0.5, "outer_lr": 0.2, "inner_steps": 1},
+            "train": {"steps": 2000, "record_every": 10},
+            "eval": {"shots": [5, 10, 20, 40, 80, 160], "n_tasks": 2000, "adapt_steps": 1,
+                     "seed": 3},
+        },
+        "infinite_steps": 200_000,
+        "infinite_record_every": 100,
+        "m_in_values": (5, 20, 80, "inf"),
+        "relu": {"problem.d": 60, "tasks.n": 1000, "train.steps": 600, "train.record_every": 10,
+                 "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40], "eval.n_tasks": 1000},
+    }
+}
+
+
+def _merged(tree: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``changes`` merged in, recursively (neither is modified)."""
+    out = dict(tree)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
+# The paper scale: the default scale's setting with long runs and more test tasks.
+SCALE_SETTINGS["paper"] = _merged(SCALE_SETTINGS["default"], {
+    "base": {"train": {"steps": 10_000, "record_every": 20}, "eval": {"n_tasks": 5000}},
+    "infinite_steps": 1_000_000,
+    "infinite_record_every": 500,
+    "relu": {"tasks.n": 5000, "train.steps": 2000, "train.record_every": 20,
+             "eval.n_tasks": 2000},
+})
+
+# The appendix study's setting (on top of the scale's base): ReLU bodies (width k' = 16) are
+# trained on tasks with k = 2 isotropic heads, less label noise, few inner samples and a
+# larger d (per scale), where a representation pays off against regression at small m_test:
+# ReLU features are non-negative, so one head step recovers only part of a linear signal.
+# alpha = 0.5, beta = 0.1 keeps FO-MAML stable on ReLU bodies (alpha = 1 diverges).
+RELU_SETTING: dict[str, Any] = {
+    "model.kind": "relu", "problem.k": 2, "problem.head_cov": "isotropic",
+    "problem.noise_var": 0.25, "tasks.m_in": 5, "tasks.m_out": 10, "model.width": 16,
+    "model.init_scale": 0.5, "method.inner_lr": 0.5, "method.outer_lr": 0.1,
+}
+
+
+class Runs:
+    """The names of the study's runs (each its directory under ``runs/``), in one place."""
+
+    INFINITE = "infinite-fo-anil"
+    """Exact infinite-task FO-ANIL from the pool runs' ``B_0`` (the scale's ``m_in``)."""
+
+    @staticmethod
+    def pool(method: str) -> str:
+        """``method`` on the scale's task pool."""
+        return f"pool-{method}"
+
+    @staticmethod
+    def m_in(m_in: int | str) -> str:
+        """Exact infinite-task FO-ANIL with ``m_in`` inner samples (``inf`` included)."""
+        return f"infinite-m_in-{m_in}"
+
+    @staticmethod
+    def relu(layers: int, method: str) -> str:
+        """``method`` on ReLU bodies with ``layers`` hidden layers (the appendix study)."""
+        return f"relu{layers}-{method}"
+
+
+RELU_LAYERS = (1, 2)
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One run of the study: its directory name, its role and its dotted overrides."""
+
+    name: str
+    group: str
+    overrides: dict[str, Any]
+
+
+def check_scale(scale: str) -> str:
+    """``scale`` if it is one of :data:`SCALES`, else :class:`ConfigError`."""
+    if scale not in SCALES:
+        raise ConfigError("--scale", f"must be one of {', '.join(SCALES)}; got {scale!r}")
+    return scale
+
+
+# Outer step sizes per method: alpha = 0.5, beta = 0.2 is stable for every model-agnostic
+# method at every scale (beta = 0.5 makes ANIL and MAML diverge); Burer-Monteiro starts at
+# the saddle w_i = 0 and takes beta = 0.3 to leave it within the study's steps (beta = 0.5
+# diverged from one of the initialisations tried).
+OUTER_LR = {"fo-anil": 0.2, "anil": 0.2, "fo-maml": 0.2, "maml": 0.2, "mtl": 0.3}
+
+
+def study_runs(scale: str) -> list[StudyRun]:
+    """The runs of the study at ``scale``, in the order they are reported."""
+    settings = SCALE_SETTINGS[check_scale(scale)]
+    runs = [StudyRun(Runs.pool(method), "pool",
+                     {"method.name": method, "method.outer_lr": OUTER_LR[method]})
+            for method in POOL_METHODS]
+    infinite = {"tasks.n": "infinite", "train.steps": settings["infinite_steps"],
+                "train.record_every": settings["infinite_record_every"]}
+    runs.append(StudyRun(Runs.INFINITE, "infinite", dict(infinite)))
+    base_m_in = settings["base"]["tasks"]["m_in"]
+    for m_in in settings["m_in_values"]:
+        if m_in != base_m_in:
+            runs.append(StudyRun(Runs.m_in(m_in), "m_in",
+                                 {**infinite, "tasks.m_in": m_in}))
+    for layers in RELU_LAYERS:
+        for method in POOL_METHODS:
+            runs.append(StudyRun(
+                Runs.relu(layers, method), f"relu{layers}",
+                {**RELU_SETTING, **settings["relu"], "method.name": method,
+                 "model.hidden_layers": layers},
+            ))
+    return runs
+
+
+def base_tree(scale: str) -> dict[str, Any]:
+    """The base config tree of ``scale`` (a fresh copy)."""
+    return copy.deepcopy(SCALE_SETTINGS[check_scale(scale)]["base"])

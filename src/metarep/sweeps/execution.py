@@ -1,0 +1,196 @@
+"""Running a sweep: resumable, failure-isolated, on the executors of
+:mod:`metarep.sweeps.executors`.
+
+Each run's directory holds exactly what ``metarep run`` writes; a failed run (bad config
+cell, divergence, crash) holds ``error.json`` (and whatever the run wrote before failing). A
+run directory is written under a temporary name and renamed into place when complete, so a
+directory with a run's name is always a finished run: re-running the sweep skips finished
+runs, deletes leftover temporary directories and redoes the rest.
+
+Runs with ``tasks.n: infinite`` that differ only in step sizes, ``m_in``, noise and seeds
+(:data:`metarep.run.experiment.BATCH_KEYS`) are batched: each batch is one job that steps the
+runs together, with the same results as the runs one by one (:func:`batch_jobs`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from metarep.errors import ConfigError
+from metarep.run.experiment import batch_key
+from metarep.run.rundir import RunDirectory
+from metarep.run.schema import from_dict
+from metarep.sweeps.executors import Executor, Job, Outcome, RunTask, make_executor
+from metarep.sweeps.manifest import LOCK, build_manifest, check_out_dir, write_manifest
+from metarep.sweeps.spec import RunPlan, SweepSpec, load_sweep, plan_runs
+
+TEMP_DIR = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep runs: ``executor`` (``local`` or ``ray``) with ``workers`` runs at once
+    (default: the CPUs) and a Ray ``address``; ``retry_failed`` redoes failed runs;
+    ``batch_infinite`` batches the infinite-task runs that can be batched; ``progress`` shows
+    a progress bar."""
+
+    executor: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    retry_failed: bool = False
+    progress: bool = True
+    batch_infinite: bool = True
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """Counts after a sweep: ``total`` runs, of which ``done`` and ``failed`` are finished;
+    ``ran`` of them ran now, the others were already finished."""
+
+    out_dir: Path
+    total: int
+    done: int
+    failed: int
+    ran: int
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out`` (released by the OS if this process dies)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError("--out", f"{out} is in use by another sweep") from None
+        yield
+
+
+def _clean_temporaries(out: Path) -> None:
+    for path in out.iterdir():
+        if path.is_dir() and TEMP_DIR.match(path.name):
+            shutil.rmtree(path)
+
+
+def _finalize(out: Path, task: RunTask, outcome: Outcome) -> None:
+    """Move a run's temporary directory into place (replacing a failed run being redone)."""
+    workdir, final = Path(task.workdir), out / task.name
+    if outcome.files is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        for name, data in outcome.files.items():
+            (workdir / name).write_bytes(data)
+    if final.exists():
+        old = out / f".{task.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(workdir, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(workdir, final)
+
+
+def run_sweep(sweep_file: str | Path, out_dir: str | Path | None = None,
+              options: SweepOptions = SweepOptions()) -> SweepReport:
+    """Run (or resume) the sweep of ``sweep_file`` into ``out_dir`` (default ``runs/STEM``).
+
+    Finished runs are skipped (failed ones too, unless ``options.retry_failed``); leftover
+    temporary directories are deleted; a failing run is recorded and the others go on.
+    ``options.batch_infinite`` batches the ``tasks.n: infinite`` runs that differ only in
+    :data:`metarep.run.experiment.BATCH_KEYS` (:func:`batch_jobs`; the same results, faster).
+    Raises :class:`ConfigError` for a bad sweep file or option, before writing anything.
+    """
+    spec = load_sweep(sweep_file)
+    out = Path(out_dir) if out_dir is not None else Path("runs") / Path(sweep_file).stem
+    return execute_plans(spec, plan_runs(spec), out, options)
+
+
+def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: Path,
+                  options: SweepOptions = SweepOptions()) -> SweepReport:
+    """Run (or resume) the runs ``plans`` of ``spec`` into ``out``: the engine behind
+    :func:`run_sweep`, also used for studies built in code (:mod:`metarep.study.reproduce`).
+    Same guarantees and options as :func:`run_sweep`. The directory is checked again once its
+    lock is held, so two different sweeps never finish into one directory."""
+    manifest = build_manifest(spec, plans)
+    check_out_dir(out, manifest)
+    pool = make_executor(options.executor, options.workers, options.address)
+    try:
+        with _locked(out):
+            check_out_dir(out, manifest)
+            write_manifest(out, manifest)
+            _clean_temporaries(out)
+            return _drive(spec, plans, out, pool, options)
+    finally:
+        pool.close()
+
+
+def _batch_key(task: RunTask) -> str | None:
+    """:func:`metarep.run.experiment.batch_key` of the run's config (``None`` for a config
+    that does not resolve: it fails as a run of its own)."""
+    try:
+        return batch_key(from_dict(task.tree, task.overrides, name=task.config_name))
+    except ConfigError:
+        return None
+
+
+def batch_jobs(tasks: list[RunTask], workers: int) -> list[Job]:
+    """The jobs that run ``tasks``: runs with equal :func:`_batch_key` (``tasks.n: infinite``
+    runs that differ only in :data:`metarep.run.experiment.BATCH_KEYS`) are batched, each batch
+    run as one vectorised computation with the same results as the runs one by one
+    (:func:`metarep.run.experiment.run_batch`); every other run is a job of its own.
+
+    A group of ``n`` runs is cut into ``max(ceil(n / MAX_BATCH), min(workers, n // 2))``
+    near-equal batches, so that a batch stays bounded and the batches spread over the workers,
+    each holding >= 2 runs. Jobs come in the order of their first run.
+    """
+    groups: dict[str | int, list[RunTask]] = {}
+    for i, task in enumerate(tasks):
+        key = _batch_key(task)
+        groups.setdefault(i if key is None else key, []).append(task)
+    jobs: list[Job] = []
+    for group in groups.values():
+        n = len(group)
+        parts = max(math.ceil(n / MAX_BATCH), min(workers, n // 2))
+        jobs += [tuple(group[j * n // parts:(j + 1) * n // parts]) for j in range(parts)]
+    return jobs
+
+
+def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
+           options: SweepOptions) -> SweepReport:
+    status = {plan.name: RunDirectory(out / plan.name).status() for plan in plans}
+    todo = [plan for plan in plans if status[plan.name] is None
+            or (options.retry_failed and status[plan.name] == "failed")]
+    redo = {plan.name for plan in todo}
+    counts = {"done": 0, "failed": 0}
+    for name, state in status.items():
+        if state is not None and name not in redo:
+            counts[state] += 1
+    cwd, where = os.getcwd(), out.resolve()
+    tasks = [RunTask(plan.name, spec.tree, plan.overrides, spec.config_name,
+                     str(where / f".{plan.name}.tmp-{uuid.uuid4().hex[:8]}"), cwd)
+             for plan in todo]
+    by_name = {task.name: task for task in tasks}
+    jobs = (batch_jobs(tasks, pool.workers) if options.batch_infinite
+            else [(task,) for task in tasks])
+    bar = tqdm(total=len(plans), initial=len(plans) - len(todo), disable=not options.progress,
+               unit="run", desc="sweep", dynamic_ncols=True)
+    bar.set_postfix(counts)
+    try:
+        for outcome in pool.map(jobs):
+            _finalize(out, by_name[outcome.name], outcome)
+            counts[outcome.status] += 1
+            bar.set_postfix(counts, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return SweepReport(out, len(plans), counts["done"], counts["failed"], len(tasks))
