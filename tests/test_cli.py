@@ -13,37 +13,28 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
+from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED
 from metarep.run import atomic, experiment
 from metarep.run.loop import record_steps
 from metarep.run.schema import from_dict, key_table, load_config
 
-RUNNER = CliRunner()
+pytestmark = pytest.mark.slow  # end to end: the full tier (README, Tests)
+
 MEASURES = ["step", "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err",
             "head_norm"]
 EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
 
 
-def invoke(*args: str):
-    return RUNNER.invoke(app, [str(a) for a in args])
-
-
-def single_error_line(result) -> str:
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- run quick
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> tuple[Path, object]:
+def quick_run(cli, tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("quick") / "run"
-    result = invoke("run", "quick", "--out", out, "--no-progress")
+    result = cli("run", "quick", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -148,21 +139,21 @@ def test_quick_figures_are_png(quick_run):
 # ----------------------------------------------------------------------------- show, keys
 
 
-def test_show_prints_the_resolved_config():
-    result = invoke("show", "quick", "--set", "problem.d=30", "-s", "eval.shots=[7]")
+def test_show_prints_the_resolved_config(cli):
+    result = cli("show", "quick", "--set", "problem.d=30", "-s", "eval.shots=[7]")
     assert result.exit_code == 0
     config = from_dict(yaml.safe_load(result.stdout), name="quick")
     assert config.problem.d == 30 and config.eval.shots == (7,)
 
 
-def test_show_bad_input():
-    result = invoke("show", "quick", "--set", "problem.d=0")
+def test_show_bad_input(cli, error_line):
+    result = cli("show", "quick", "--set", "problem.d=0")
     assert result.exit_code == EXIT_BAD_INPUT
-    assert "problem.d" in single_error_line(result)
+    assert "problem.d" in error_line(result)
 
 
-def test_keys_prints_the_key_table():
-    result = invoke("keys")
+def test_keys_prints_the_key_table(cli):
+    result = cli("keys")
     assert result.exit_code == 0
     assert result.stdout.strip() == key_table().strip()
 
@@ -253,35 +244,36 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_exit_2_one_line_naming_the_field_nothing_written(tmp_path, case):
+def test_bad_input_exit_2_one_line_naming_the_field_nothing_written(cli, error_line, tmp_path,
+                                                                   case):
     make_args, key = BAD_INPUTS[case]
     out = tmp_path / "out"
-    result = invoke("run", "quick", *make_args(tmp_path), "--out", out, "--no-progress")
+    result = cli("run", "quick", *make_args(tmp_path), "--out", out, "--no-progress")
     assert result.exit_code == EXIT_BAD_INPUT, result.output
-    line = single_error_line(result)
+    line = error_line(result)
     assert line.startswith(f"error: {key}") or f" {key}" in line, line
     assert result.stdout == ""
     assert not out.exists()
 
 
-def test_output_path_that_is_a_file(tmp_path):
+def test_output_path_that_is_a_file(cli, error_line, tmp_path):
     target = tmp_path / "taken"
     target.write_text("mine")
-    result = invoke("run", "quick", "--out", target)
+    result = cli("run", "quick", "--out", target)
     assert result.exit_code == EXIT_BAD_INPUT
-    assert single_error_line(result).startswith("error: --out")
+    assert error_line(result).startswith("error: --out")
     assert target.read_text() == "mine"
 
 
-def test_missing_config_file_and_bad_yaml(tmp_path):
-    result = invoke("run", tmp_path / "none.yaml", "--out", tmp_path / "out")
+def test_missing_config_file_and_bad_yaml(cli, error_line, tmp_path):
+    result = cli("run", tmp_path / "none.yaml", "--out", tmp_path / "out")
     assert result.exit_code == EXIT_BAD_INPUT
-    assert single_error_line(result).startswith("error: config")
+    assert error_line(result).startswith("error: config")
     bad = tmp_path / "bad.yaml"
     bad.write_text("problem: {d: 10, k: 2}\nmodel: {width: -3}\n")
-    result = invoke("run", bad, "--out", tmp_path / "out")
+    result = cli("run", bad, "--out", tmp_path / "out")
     assert result.exit_code == EXIT_BAD_INPUT
-    assert single_error_line(result).startswith("error: model.width")
+    assert error_line(result).startswith("error: model.width")
     assert not (tmp_path / "out").exists()
 
 
@@ -302,12 +294,12 @@ def test_bad_input_through_the_console_script(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_divergence_exit_3_names_step_sizes_and_keeps_results(tmp_path, dtype):
+def test_divergence_exit_3_names_step_sizes_and_keeps_results(cli, error_line, tmp_path, dtype):
     out = tmp_path / "out"
-    result = invoke("run", "quick", "--set", "method.outer_lr=1e6", "--set",
+    result = cli("run", "quick", "--set", "method.outer_lr=1e6", "--set",
                     f"train.dtype={dtype}", "--out", out, "--no-progress")
     assert result.exit_code == EXIT_DIVERGED, result.output
-    line = single_error_line(result)
+    line = error_line(result)
     assert "diverged" in line and "method.outer_lr" in line and str(out) in line
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and "method.outer_lr" in summary["error"]
@@ -360,14 +352,14 @@ class RunHooks:
             raise KeyboardInterrupt
 
 
-def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkeypatch):
+def test_resume_continues_an_interrupted_run_to_the_same_result(cli, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
-    assert invoke("run", "quick", *SHORT, "--out", reference).exit_code == 0
+    assert cli("run", "quick", *SHORT, "--out", reference).exit_code == 0
 
     hooks = RunHooks(monkeypatch)
     hooks.stop_at = 42
     out = tmp_path / "run"
-    result = invoke("run", "quick", *SHORT, "--out", out)
+    result = cli("run", "quick", *SHORT, "--out", out)
     assert result.exit_code != 0 and hooks.steps == [0, 7, 14, 21, 28, 35, 42]
     assert (out / "checkpoint.npz").is_file() and not (out / "summary.json").exists()
     with np.load(out / "checkpoint.npz") as data:
@@ -375,7 +367,7 @@ def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkey
 
     hooks.steps.clear()
     hooks.stop_at = None
-    result = invoke("run", "quick", *SHORT, "--out", out, "--resume")
+    result = cli("run", "quick", *SHORT, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     assert hooks.steps == [49, 56, 60]  # continued after step 42, not restarted
     with np.load(out / "params.npz") as resumed, np.load(reference / "params.npz") as straight:
@@ -386,17 +378,17 @@ def test_resume_continues_an_interrupted_run_to_the_same_result(tmp_path, monkey
     assert not (out / "checkpoint.npz").exists()
 
 
-def test_resume_refuses_a_different_config(tmp_path, monkeypatch):
+def test_resume_refuses_a_different_config(cli, error_line, tmp_path, monkeypatch):
     hooks = RunHooks(monkeypatch)
     hooks.stop_at = 20
     out = tmp_path / "run"
-    invoke("run", "quick", *SHORT, "--out", out)
+    cli("run", "quick", *SHORT, "--out", out)
     assert (out / "checkpoint.npz").is_file()
     hooks.stop_at = None
-    result = invoke("run", "quick", *SHORT, "--set", "method.outer_lr=0.01", "--out", out,
+    result = cli("run", "quick", *SHORT, "--set", "method.outer_lr=0.01", "--out", out,
                     "--resume")
     assert result.exit_code == EXIT_BAD_INPUT
-    assert single_error_line(result).startswith("error: --resume")
+    assert error_line(result).startswith("error: --resume")
 
 
 # ----------------------------------------------------------------------------- one given step
@@ -419,12 +411,12 @@ def numpy_fo_anil_step(B, w, X, y, m_in, alpha, beta, steps):
 
 @pytest.mark.parametrize("inner_steps", [1, 2])
 @pytest.mark.parametrize("with_truth", [True, False])
-def test_one_step_on_a_given_pool_and_init_matches_numpy(tmp_path, inner_steps, with_truth):
+def test_one_step_on_a_given_pool_and_init_matches_numpy(cli, tmp_path, inner_steps, with_truth):
     pool = pool_file(tmp_path, n=30, m=8, d=6, **({} if with_truth else {"B_star": None,
                                                                          "heads": None}))
     init = init_file(tmp_path, d=6, width=4)
     out = tmp_path / "out"
-    result = invoke("run", "quick", "--set", f"tasks.from={pool}", "--set",
+    result = cli("run", "quick", "--set", f"tasks.from={pool}", "--set",
                     f"model.init_from={init}", *POOL, "--set", "train.steps=1", "--set",
                     "method.inner_lr=0.3", "--set", "method.outer_lr=0.7", "--set",
                     f"method.inner_steps={inner_steps}", "--set", "eval.n_tasks=20",
@@ -449,13 +441,13 @@ def test_one_step_on_a_given_pool_and_init_matches_numpy(tmp_path, inner_steps, 
         assert ("B_star" in params.files) == with_truth
 
 
-def test_a_run_without_evaluation_leaves_no_stale_eval_files(tmp_path):
+def test_a_run_without_evaluation_leaves_no_stale_eval_files(cli, tmp_path):
     out = tmp_path / "out"
     args = ["run", "quick", *POOL, "--set", "train.steps=1", "--set", "eval.n_tasks=20",
             "--out", out, "--no-progress"]
-    assert invoke(*args).exit_code == 0
+    assert cli(*args).exit_code == 0
     assert (out / "eval.csv").is_file() and (out / "eval.png").is_file()
     pool = pool_file(tmp_path, n=30, m=8, d=6, B_star=None, heads=None)
-    result = invoke(*args, "--set", f"tasks.from={pool}")
+    result = cli(*args, "--set", f"tasks.from={pool}")
     assert result.exit_code == 0, result.output
     assert not (out / "eval.csv").exists() and not (out / "eval.png").exists()

@@ -79,6 +79,7 @@ def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- fast path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("name", INNER_METHODS)
 def test_inner_loop_methods_match_per_task_loop(name, steps):
@@ -319,6 +320,7 @@ def test_each_method_runs_end_to_end(tmp_path, name, dtype):
             assert saved["heads"].shape == (12, 4)
 
 
+@pytest.mark.slow
 def test_mtl_with_sampled_tasks_and_resume(tmp_path):
     """A run interrupted after a checkpoint and resumed ends where an uninterrupted one does
     (the per-task heads travel through the checkpoint)."""

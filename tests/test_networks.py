@@ -11,12 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.linalg import null_space
-from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # two test workers share two cores
 
-from metarep.cli import EXIT_BAD_INPUT, app  # noqa: E402
+from metarep.cli import EXIT_BAD_INPUT  # noqa: E402
 from metarep.core.evaluation import evaluate, evaluate_predictors  # noqa: E402
 from metarep.core.measures import perp_share  # noqa: E402
 from metarep.core.model import LinearParams  # noqa: E402
@@ -29,7 +28,6 @@ from metarep.run.experiment import prepare, run  # noqa: E402
 from metarep.run.schema import load_config  # noqa: E402
 
 METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
-RUNNER = CliRunner()
 TINY = {
     "problem": {"d": 6, "k": 2, "noise_var": 0.25, "head_cov": "isotropic"},
     "tasks": {"n": 12, "m_in": 5, "m_out": 5},
@@ -46,9 +44,6 @@ def write_config(path, tree) -> str:
     path.write_text(yaml.safe_dump(tree))
     return str(path)
 
-
-def invoke(*args):
-    return RUNNER.invoke(app, [str(a) for a in args])
 
 
 # ----------------------------------------------------------------- the modules
@@ -131,13 +126,14 @@ def test_predictor_evaluation_agrees_with_the_exact_linear_evaluation():
 # ----------------------------------------------------------------- runs through the CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 @pytest.mark.parametrize("name", METHOD_NAMES)
-def test_every_method_runs_a_relu_network_end_to_end(tmp_path, name, hidden_layers):
+def test_every_method_runs_a_relu_network_end_to_end(cli, tmp_path, name, hidden_layers):
     tree = {**TINY, "method": {**TINY["method"], "name": name},
             "model": {**TINY["model"], "hidden_layers": hidden_layers}}
     out = tmp_path / "run"
-    result = invoke("run", write_config(tmp_path / "relu.yaml", tree), "--out", out,
+    result = cli("run", write_config(tmp_path / "relu.yaml", tree), "--out", out,
                     "--no-progress")
     assert result.exit_code == 0, result.output
     assert "w1_perp_share" in result.stdout
@@ -176,6 +172,7 @@ def test_relu_test_risk_beats_plain_regression_at_small_m(name):
     assert ours.excess_risk + margin < regression.excess_risk, (ours, regression)
 
 
+@pytest.mark.slow
 def test_relu_run_resumes_to_the_same_result(tmp_path):
     config = load_config("quick", {"model.kind": "relu", "model.hidden_layers": 2,
                                    "model.width": 6, "model.hidden_width": 5,
@@ -201,7 +198,8 @@ def test_relu_run_resumes_to_the_same_result(tmp_path):
     assert resumed.metrics.equals(full.metrics)
 
 
-def test_relu_init_from_file_sets_the_widths(tmp_path):
+@pytest.mark.slow
+def test_relu_init_from_file_sets_the_widths(cli, tmp_path):
     rng = np.random.default_rng(7)
     arrays = {"W1": rng.standard_normal((6, 7)), "W2": rng.standard_normal((7, 3)),
               "w": rng.standard_normal(3)}
@@ -210,7 +208,7 @@ def test_relu_init_from_file_sets_the_widths(tmp_path):
                               "init_from": str(tmp_path / "init.npz")}}
     tree["train"] = {**TINY["train"], "steps": 0}
     out = tmp_path / "run"
-    result = invoke("run", write_config(tmp_path / "c.yaml", tree), "--out", out, "--no-progress")
+    result = cli("run", write_config(tmp_path / "c.yaml", tree), "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     resolved = load_config(str(out / "config.yaml"))
     assert (resolved.model.width, resolved.model.hidden_width) == (3, 7)
@@ -225,26 +223,27 @@ def test_relu_init_from_file_sets_the_widths(tmp_path):
     ({"model": {**TINY["model"], "kind": "tanh"}}, "model.kind"),
     ({"train": {**TINY["train"], "device": "tpu"}}, "train.device"),
 ])
-def test_bad_relu_input_exits_2_naming_the_field(tmp_path, overrides, key):
+def test_bad_relu_input_exits_2_naming_the_field(cli, tmp_path, overrides, key):
     out = tmp_path / "run"
-    result = invoke("run", write_config(tmp_path / "c.yaml", {**TINY, **overrides}),
+    result = cli("run", write_config(tmp_path / "c.yaml", {**TINY, **overrides}),
                     "--out", out, "--no-progress")
     assert result.exit_code == EXIT_BAD_INPUT
     assert result.stderr.startswith(f"error: {key}:") and not out.exists()
 
 
-def test_device_cuda_is_refused_for_linear_runs_and_when_absent(tmp_path):
+def test_device_cuda_is_refused_for_linear_runs_and_when_absent(cli, tmp_path):
     with pytest.raises(ConfigError) as error:
         load_config("quick", {"train.device": "cuda"})
     assert error.value.key == "train.device"
     if not torch.cuda.is_available():
         out = tmp_path / "run"
         tree = {**TINY, "train": {**TINY["train"], "device": "cuda"}}
-        result = invoke("run", write_config(tmp_path / "c.yaml", tree), "--out", out)
+        result = cli("run", write_config(tmp_path / "c.yaml", tree), "--out", out)
         assert result.exit_code == EXIT_BAD_INPUT and "train.device" in result.stderr
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_without_torch_linear_runs_work_and_relu_asks_for_the_extra(tmp_path):
     """In a process where ``import torch`` fails: ``import metarep`` and a linear run work;
     a relu run is a bad-input error naming ``pip install metarep[torch]``."""

@@ -12,10 +12,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 from zstats import assert_z, max_abs_z
 
-from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, app
+from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED
 from metarep.core import infinite as pop
 from metarep.core import reference
 from metarep.core.measures import measure
@@ -34,8 +33,6 @@ from metarep.run.experiment import run as run_experiment
 from metarep.run.loop import EXPLOSION_FACTOR, Diverged, Trajectory, train
 from metarep.run.schema import dump_yaml, load_config
 from metarep.run.simulate import grid, simulate_batch
-
-RUNNER = CliRunner()
 
 
 def problem_of(d: int, k: int, noise_var: float, seed: int = 0, full_cov: bool = False) -> Problem:
@@ -214,6 +211,7 @@ def test_step_never_writes_the_state_it_reads():
 # ----------------------------------------------------------------------------- finite pools
 
 
+@pytest.mark.slow
 def test_finite_pool_trajectory_approaches_the_infinite_one_like_inverse_sqrt_n():
     """||(B_T, w_T) - exact|| after 10 full-batch steps on a pool of N tasks, averaged over 16
     pools per N: the log-log slope in N is -1/2 within 3 standard errors (+ 0.05 for the
@@ -458,13 +456,14 @@ SMALL = ["--set", "train.steps=60", "--set", "train.record_every=20", "--set",
          "eval.n_tasks=200", "--set", "eval.shots=[5,20]", "--no-progress"]
 
 
-def test_cli_infinite_run_writes_the_usual_outputs_with_theory(tmp_path):
+@pytest.mark.slow
+def test_cli_infinite_run_writes_the_usual_outputs_with_theory(cli, tmp_path):
     infinite, pool = tmp_path / "infinite", tmp_path / "pool"
-    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--out",
-                                 str(infinite), *SMALL])
+    result = cli("run", "quick", "--set", "tasks.n=infinite", "--out",
+                                 str(infinite), *SMALL)
     assert result.exit_code == 0, result.output
-    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=50", "--out", str(pool),
-                                 *SMALL])
+    result = cli("run", "quick", "--set", "tasks.n=50", "--out", str(pool),
+                                 *SMALL)
     assert result.exit_code == 0, result.output
     metrics = pd.read_csv(infinite / "metrics.csv")
     assert list(metrics.columns) == list(pd.read_csv(pool / "metrics.csv").columns)
@@ -486,10 +485,11 @@ def test_cli_infinite_run_writes_the_usual_outputs_with_theory(tmp_path):
         assert recorded[key] == pytest.approx(metrics.iloc[-1][key], rel=1e-9, abs=1e-12)
 
 
-def test_cli_infinite_m_in_predicts_the_kept_perp_norm(tmp_path):
+@pytest.mark.slow
+def test_cli_infinite_m_in_predicts_the_kept_perp_norm(cli, tmp_path):
     out = tmp_path / "inf"
-    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--set",
-                                 "tasks.m_in=.inf", "--out", str(out), *SMALL])
+    result = cli("run", "quick", "--set", "tasks.n=infinite", "--set",
+                                 "tasks.m_in=.inf", "--out", str(out), *SMALL)
     assert result.exit_code == 0, result.output
     limits = json.loads((out / "summary.json").read_text())["theory"]["limits"]
     assert limits["perp_norm"]["theory"] > 0.1
@@ -505,21 +505,21 @@ def test_cli_infinite_m_in_predicts_the_kept_perp_norm(tmp_path):
     (["tasks.n=infinite", "tasks.from=pool.npz"], "tasks.from"),
     (["tasks.n=infinite", "model.kind=relu"], "tasks.n"),
 ])
-def test_cli_rejects_bad_infinite_configs(tmp_path, overrides, key):
+def test_cli_rejects_bad_infinite_configs(cli, tmp_path, overrides, key):
     out = tmp_path / "bad"
     args = [item for o in overrides for item in ("--set", o)]
-    result = RUNNER.invoke(app, ["run", "quick", *args, "--out", str(out), "--no-progress"])
+    result = cli("run", "quick", *args, "--out", str(out), "--no-progress")
     assert result.exit_code == EXIT_BAD_INPUT
     assert result.stderr.startswith(f"error: {key}") and not out.exists()
 
 
-def test_cli_fo_maml_infinite_needs_a_zero_head(tmp_path):
+def test_cli_fo_maml_infinite_needs_a_zero_head(cli, tmp_path):
     init = tmp_path / "init.npz"
     write_npz(init, B=np.ones((20, 4)), w=np.ones(4))
     out = tmp_path / "bad"
-    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--set",
+    result = cli("run", "quick", "--set", "tasks.n=infinite", "--set",
                                  "method.name=fo-maml", "--set", f"model.init_from={init}",
-                                 "--out", str(out), "--no-progress"])
+                                 "--out", str(out), "--no-progress")
     assert result.exit_code == EXIT_BAD_INPUT
     assert result.stderr.startswith("error: model.init_from") and not out.exists()
 
@@ -533,21 +533,23 @@ def test_infinite_m_in_spellings_and_yaml_round_trip(spelling):
     assert dump_yaml(config.replace()) == text  # what --resume compares
 
 
-def test_cli_infinite_divergence_keeps_the_records(tmp_path):
+@pytest.mark.slow
+def test_cli_infinite_divergence_keeps_the_records(cli, tmp_path):
     out = tmp_path / "diverged"
-    result = RUNNER.invoke(app, ["run", "quick", "--set", "tasks.n=infinite", "--set",
-                                 "method.outer_lr=50", "--out", str(out), "--no-progress"])
+    result = cli("run", "quick", "--set", "tasks.n=infinite", "--set",
+                                 "method.outer_lr=50", "--out", str(out), "--no-progress")
     assert result.exit_code == EXIT_DIVERGED and "diverged at step" in result.stderr
     assert json.loads((out / "summary.json").read_text())["status"] == "diverged"
     assert len(pd.read_csv(out / "metrics.csv")) >= 1
 
 
-def test_cli_infinite_resume_continues_to_the_same_result(tmp_path):
+@pytest.mark.slow
+def test_cli_infinite_resume_continues_to_the_same_result(cli, tmp_path):
     """Interrupted after the record (and checkpoint) of step 40, resumed by the CLI from the
     reconstructed B, w of the checkpoint: the same final state up to rounding."""
     args = ["run", "quick", "--set", "tasks.n=infinite", *SMALL]
     reference_run, out = tmp_path / "reference", tmp_path / "run"
-    assert RUNNER.invoke(app, [*args, "--out", str(reference_run)]).exit_code == 0
+    assert cli(*args, "--out", str(reference_run)).exit_code == 0
     overrides = ["tasks.n=infinite", *SMALL[1:-1:2]]  # the values of the --set options
     assert len(overrides) == 5 and all("=" in item for item in overrides)
 
@@ -561,7 +563,7 @@ def test_cli_infinite_resume_continues_to_the_same_result(tmp_path):
     with np.load(out / "checkpoint.npz") as data:
         assert int(data["step"]) == 40
     assert not (out / "params.npz").exists()
-    result = RUNNER.invoke(app, [*args, "--out", str(out), "--resume"])
+    result = cli(*args, "--out", str(out), "--resume")
     assert result.exit_code == 0, result.output
     with np.load(out / "params.npz") as resumed, \
             np.load(reference_run / "params.npz") as straight:

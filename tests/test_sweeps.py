@@ -210,6 +210,7 @@ def run_directly(tree: dict, overrides: dict, out: Path) -> None:
         experiment.run(from_dict(tree, overrides, name="base"), out, progress=False)
 
 
+@pytest.mark.slow
 def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
     grid = {"model.width": [2, 0], "method.outer_lr": [0.2, 1000.0]}
     sweep = write_sweep(tmp_path, grid=grid)
@@ -250,6 +251,7 @@ def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
     assert not [p for p in out.iterdir() if TEMP_DIR.match(p.name)]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_breaks_the_pool_and_its_runs_are_redone(tmp_path):
     import multiprocessing
 
@@ -365,6 +367,7 @@ def test_batch_jobs_group_infinite_runs_that_differ_only_in_batch_keys(tmp_path,
             [tmp_path / "x", tmp_path / "y"])
 
 
+@pytest.mark.slow
 def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeypatch):
     skip_drawing(monkeypatch)
     batches = spy_on(monkeypatch, experiment, "run_batch")
@@ -391,6 +394,7 @@ def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeyp
     assert len(batches) == 1
 
 
+@pytest.mark.slow
 def test_a_diverging_run_fails_alone_in_its_batch(tmp_path, monkeypatch):
     batches = spy_on(monkeypatch, execution, "batch_jobs")
     # two batches of two on a pool of 2 workers, each with a run that diverges at step 1:
@@ -416,6 +420,7 @@ def test_a_diverging_run_fails_alone_in_its_batch(tmp_path, monkeypatch):
         assert_same_run(out / plan.name, single)
 
 
+@pytest.mark.slow
 def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
     sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]},
                         zip={"problem.d": [6, 8], "tasks.m_in": [5, 6]}, seeds=[0, 1])
@@ -457,6 +462,7 @@ def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
         assert error.value.key == key and not result.parquet.exists()
 
 
+@pytest.mark.slow
 def test_out_dir_must_hold_the_same_sweep(tmp_path):
     sweep = write_sweep(tmp_path, grid={"model.width": [2, 3]})
     out = tmp_path / "out"
@@ -478,6 +484,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(tmp_path):
     bad = write_sweep(tmp_path, zip={"problem.d": [6, 8], "model.width": [2]})
     good = write_sweep(tmp_path, "good.yaml", grid={"model.width": [2, 3]})
