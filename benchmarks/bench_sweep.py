@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 
 from metarep.sweeps.collect import collect_table
-from metarep.sweeps.execution import SweepOptions, run_sweep
+from metarep.sweeps.driver import SweepOptions, run_sweep
 
 WORKERS = 2
 TARGET_SPEEDUP = 1.7

@@ -17,8 +17,8 @@ from metarep.core.methods import (
     head_gradient,
     loss,
     make_method,
-    runtime,
 )
+from metarep.core.methods import threads as kernel_threads
 from metarep.core.model import LinearParams
 from metarep.core.problem import make_problem
 from metarep.core.tasks import TaskBatch, sample_tasks
@@ -148,7 +148,7 @@ def test_fo_anil_step_does_not_depend_on_chunks_and_threads(monkeypatch, tasks_p
     batch, params = make_batch(n=57), make_params()
     per_task = (batch.m_in + batch.m_out) * batch.d * 8
     monkeypatch.setattr(fo_anil, "TASK_CHUNK_BYTES", tasks_per_chunk * per_task)
-    monkeypatch.setattr(runtime, "_blas_threads", lambda: threads)
+    monkeypatch.setattr(kernel_threads, "_blas_threads", lambda: threads)
     sizes = [s.stop - s.start if s.stop <= 57 else 57 - s.start
              for s in fo_anil._task_chunks(batch)]
     assert sizes[0] == min(tasks_per_chunk, 57) and sum(sizes) == 57
@@ -260,7 +260,7 @@ def test_bad_step_sizes_name_the_argument(kwargs, argument):
 def chunked_threaded(monkeypatch, threads=2):
     """Make FOANIL.step use ``threads`` threads on chunks of 4 tasks."""
     monkeypatch.setattr(fo_anil, "TASK_CHUNK_BYTES", 4 * (7 + 5) * 6 * 8)
-    monkeypatch.setattr(runtime, "_blas_threads", lambda: threads)
+    monkeypatch.setattr(kernel_threads, "_blas_threads", lambda: threads)
 
 
 def test_threaded_step_is_bit_identical_to_serial(monkeypatch):
@@ -291,9 +291,9 @@ def test_threads_keep_the_callers_floating_point_settings(monkeypatch):
 
 def test_threaded_step_restores_the_blas_thread_count(monkeypatch):
     chunked_threaded(monkeypatch)
-    before = [lib.num_threads for lib in runtime._blas().lib_controllers]
+    before = [lib.num_threads for lib in kernel_threads._blas().lib_controllers]
     FOANIL(0.3, 0.5, 1).step(make_params(), make_batch(n=40))
-    assert [lib.num_threads for lib in runtime._blas().lib_controllers] == before
+    assert [lib.num_threads for lib in kernel_threads._blas().lib_controllers] == before
 
 
 def test_one_blas_thread_means_no_worker_threads(monkeypatch):
@@ -304,7 +304,7 @@ def test_one_blas_thread_means_no_worker_threads(monkeypatch):
     def no_pool(workers):
         raise AssertionError("a thread pool was used")
 
-    monkeypatch.setattr(runtime, "_thread_pool", no_pool)
+    monkeypatch.setattr(kernel_threads, "_thread_pool", no_pool)
     batch, params = make_batch(n=40), make_params()
     with threadpool_limits(limits=1, user_api="blas"):
         new, _ = FOANIL(0.3, 0.5, 1).step(params, batch)

@@ -329,8 +329,8 @@ SHORT = ["--set", "train.steps=60", "--set", "train.record_every=7", "--set", "e
 
 
 class RunHooks:
-    """The public hooks of :func:`metarep.run.experiment.run` for the runs of ``metarep run``
-    (whose command line cannot pass them): a checkpoint at every record
+    """The public hooks of :func:`metarep.run.experiment.run_experiment` for the runs of
+    ``metarep run`` (whose command line cannot pass them): a checkpoint at every record
     (``checkpoint_seconds=0``), and an ``on_record`` that logs each record's step in ``steps``
     and interrupts the run (``KeyboardInterrupt``) at the first record at or after
     ``stop_at``."""
@@ -338,13 +338,13 @@ class RunHooks:
     def __init__(self, monkeypatch):
         self.stop_at: int | None = None
         self.steps: list[int] = []
-        real = experiment.run
+        real = experiment.run_experiment
 
         def run(config, out_dir, **options):
             return real(config, out_dir, **options, on_record=self.on_record,
                         checkpoint_seconds=0.0)
 
-        monkeypatch.setattr(experiment, "run", run)  # the CLI imports it when it runs
+        monkeypatch.setattr(experiment, "run_experiment", run)  # the CLI imports it when it runs
 
     def on_record(self, trajectory) -> None:
         self.steps.append(trajectory.step)

@@ -32,7 +32,7 @@ from metarep.core.methods import (
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
 from metarep.errors import ArgumentError, ConfigError
-from metarep.run.experiment import prepare, run
+from metarep.run.experiment import prepare, run_experiment
 from metarep.run.schema import load_config
 
 ALPHA, BETA = 0.3, 0.7
@@ -305,7 +305,7 @@ def _tiny(**overrides):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_each_method_runs_end_to_end(tmp_path, name, dtype):
-    result = run(_tiny(**{"method.name": name, "train.dtype": dtype,
+    result = run_experiment(_tiny(**{"method.name": name, "train.dtype": dtype,
                           "method.inner_steps": 2}), tmp_path, progress=False)
     assert result.status == "done"
     assert list(result.metrics["step"]) == [0, 2, 4, 6]
@@ -325,7 +325,7 @@ def test_mtl_with_sampled_tasks_and_resume(tmp_path):
     """A run interrupted after a checkpoint and resumed ends where an uninterrupted one does
     (the per-task heads travel through the checkpoint)."""
     config = _tiny(**{"method.name": "mtl", "train.tasks_per_step": 5, "train.record_every": 1})
-    full = run(config, tmp_path / "full", progress=False)
+    full = run_experiment(config, tmp_path / "full", progress=False)
 
     class Interrupted(Exception):
         pass
@@ -335,11 +335,11 @@ def test_mtl_with_sampled_tasks_and_resume(tmp_path):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run(config, tmp_path / "resumed", progress=False, on_record=interrupt,
+        run_experiment(config, tmp_path / "resumed", progress=False, on_record=interrupt,
             checkpoint_seconds=0.0)
     with np.load(tmp_path / "resumed" / "checkpoint.npz") as checkpoint:
         assert int(checkpoint["step"]) == 2 and checkpoint["heads"].shape == (12, 4)
-    resumed = run(config, tmp_path / "resumed", progress=False, resume=True)
+    resumed = run_experiment(config, tmp_path / "resumed", progress=False, resume=True)
     with np.load(tmp_path / "full" / "params.npz") as a, \
             np.load(tmp_path / "resumed" / "params.npz") as b:
         for key in ("B", "w", "heads"):

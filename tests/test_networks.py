@@ -24,7 +24,7 @@ from metarep.engine.learner import MetaLearner  # noqa: E402
 from metarep.engine.networks import LinearNet, ReLUNet, init_relu, relu_from_arrays  # noqa: E402
 from metarep.errors import ArgumentError, ConfigError  # noqa: E402
 from metarep.run import atomic  # noqa: E402
-from metarep.run.experiment import prepare, run  # noqa: E402
+from metarep.run.experiment import prepare, run_experiment  # noqa: E402
 from metarep.run.schema import load_config  # noqa: E402
 
 METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
@@ -180,17 +180,17 @@ def test_relu_run_resumes_to_the_same_result(tmp_path):
                                    "train.tasks_per_step": 10, "train.steps": 5,
                                    "train.record_every": 1, "eval.n_tasks": 10,
                                    "eval.shots": [4]})
-    full = run(config, tmp_path / "full", progress=False)
+    full = run_experiment(config, tmp_path / "full", progress=False)
 
     def interrupt(trajectory):
         if trajectory.step >= 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(config, tmp_path / "resumed", progress=False, on_record=interrupt,
+        run_experiment(config, tmp_path / "resumed", progress=False, on_record=interrupt,
             checkpoint_seconds=0.0)
     assert (tmp_path / "resumed" / "checkpoint.npz").is_file()
-    resumed = run(config, tmp_path / "resumed", progress=False, resume=True)
+    resumed = run_experiment(config, tmp_path / "resumed", progress=False, resume=True)
     with np.load(tmp_path / "full" / "params.npz") as a, \
             np.load(tmp_path / "resumed" / "params.npz") as b:
         for key in ("W1", "W2", "w", "heads"):

@@ -34,9 +34,9 @@ from metarep.run.loop import Diverged
 from metarep.run.rundir import ERROR as ERROR_FILE
 from metarep.run.rundir import RunDirectory
 from metarep.run.schema import from_dict, iter_keys
-from metarep.sweeps import execution
+from metarep.sweeps import driver
 from metarep.sweeps.collect import collect, collect_table, seed_intervals
-from metarep.sweeps.execution import TEMP_DIR, SweepOptions, batch_jobs, run_sweep
+from metarep.sweeps.driver import TEMP_DIR, SweepOptions, batch_jobs, run_sweep
 from metarep.sweeps.executors import (
     LocalExecutor,
     RunTask,
@@ -205,9 +205,9 @@ def test_one_thread_limits_blas_and_torch_and_restores_them(monkeypatch):
 
 
 def run_directly(tree: dict, overrides: dict, out: Path) -> None:
-    """The reference: ``metarep.run.experiment.run`` of one run, in this process."""
+    """The reference: ``metarep.run.experiment.run_experiment`` of one run, in this process."""
     with threadpool_limits(limits=1):
-        experiment.run(from_dict(tree, overrides, name="base"), out, progress=False)
+        experiment.run_experiment(from_dict(tree, overrides, name="base"), out, progress=False)
 
 
 @pytest.mark.slow
@@ -345,7 +345,7 @@ def test_batch_jobs_group_infinite_runs_that_differ_only_in_batch_keys(tmp_path,
 
     for workers, max_batch, sizes in ((1, 64, [6]), (2, 64, [3, 3]), (3, 64, [2, 2, 2]),
                                       (16, 64, [2, 2, 2]), (1, 4, [3, 3])):
-        monkeypatch.setattr(execution, "MAX_BATCH", max_batch)
+        monkeypatch.setattr(driver, "MAX_BATCH", max_batch)
         jobs = batch_jobs(tasks, workers)
         assert [task.name for job in jobs for task in job] == [task.name for task in tasks]
         batched = [job for job in jobs if len(job) > 1]
@@ -396,7 +396,7 @@ def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_a_diverging_run_fails_alone_in_its_batch(tmp_path, monkeypatch):
-    batches = spy_on(monkeypatch, execution, "batch_jobs")
+    batches = spy_on(monkeypatch, driver, "batch_jobs")
     # two batches of two on a pool of 2 workers, each with a run that diverges at step 1:
     # the loss explodes (outer_lr 1e4) or is nan (1e100)
     sweep = write_sweep(tmp_path, set=INFINITE,
@@ -614,7 +614,7 @@ def test_ray_executor_gives_the_local_executor_table(tmp_path, ray_env):
 def test_ray_executor_runs_a_batch_of_infinite_task_runs(tmp_path, ray_env, monkeypatch):
     import ray
 
-    batches = spy_on(monkeypatch, execution, "batch_jobs")
+    batches = spy_on(monkeypatch, driver, "batch_jobs")
     sweep = write_sweep(tmp_path, set=INFINITE, grid={"method.outer_lr": [0.1, 1e4, 0.2]})
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _temp_dir=ray_env)

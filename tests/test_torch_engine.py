@@ -12,15 +12,15 @@ torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # two test workers share two cores
 
 from metarep.core import methods, reference  # noqa: E402
-from metarep.core.methods import MTLState  # noqa: E402
+from metarep.core.methods import METHOD_NAMES, MTLState  # noqa: E402
 from metarep.core.model import LinearParams  # noqa: E402
 from metarep.core.problem import make_problem  # noqa: E402
 from metarep.core.tasks import TaskBatch, sample_tasks  # noqa: E402
-from metarep.engine.learner import MetaLearner, split_method_name  # noqa: E402
+from metarep.engine.learner import MetaLearner  # noqa: E402
 from metarep.engine.networks import LinearNet, ReLUNet, init_relu  # noqa: E402
 from metarep.errors import ArgumentError  # noqa: E402
+from metarep.run.backends.engine import engine_method  # noqa: E402
 
-METHOD_NAMES = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
 ALPHA, BETA = 0.3, 0.2
 
 
@@ -36,7 +36,7 @@ def small_problem(seed: int = 0, n: int = 6, d: int = 5, width: int = 4, m_in: i
 
 def learner_for(name: str, module: torch.nn.Module, inner_steps: int, n_tasks: int,
                 dtype: str = "float64") -> MetaLearner:
-    method, first_order = split_method_name(name)
+    method, first_order = engine_method(name)
     return MetaLearner(module, "w", method=method, first_order=first_order, inner_lr=ALPHA,
                        outer_lr=BETA, inner_steps=inner_steps, n_tasks=n_tasks, dtype=dtype)
 
@@ -232,12 +232,14 @@ def test_cuda_requested_without_cuda_is_an_argument_error():
     assert error.value.argument == "device"
 
 
-def test_method_names_split_into_method_and_order():
-    assert split_method_name("fo-anil") == ("anil", True)
-    assert split_method_name("maml") == ("maml", False)
-    with pytest.raises(ArgumentError) as error:
-        split_method_name("fo-mtl")
-    assert error.value.argument == "name"
+def test_config_method_names_map_to_the_engine_method_and_order():
+    assert engine_method("fo-anil") == ("anil", True)
+    assert engine_method("maml") == ("maml", False)
+    assert engine_method("mtl") == ("mtl", False)
+    for name in METHOD_NAMES:
+        method, first_order = engine_method(name)
+        MetaLearner(LinearNet(np.ones((3, 2)), np.zeros(2)), "w", method=method,
+                    first_order=first_order, inner_lr=0.1, outer_lr=0.1, n_tasks=4)
 
 
 def test_readme_example_meta_trains_a_user_module():

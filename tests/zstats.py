@@ -1,6 +1,6 @@
 """Monte Carlo z-tests on every entry of an estimate, Bonferroni-corrected over the entries.
 
-Used by ``test_population.py`` and ``test_theory.py``: with ``n`` entries, each ``|z|`` must stay
+Used by ``test_infinite.py`` and ``test_theory.py``: with ``n`` entries, each ``|z|`` must stay
 below ``z*(n) = Phi^{-1}(1 - FAMILY_ERROR / (2 n))``, so a correct formula fails with
 probability at most ``FAMILY_ERROR`` whatever ``n`` is, and a wrong one is caught as soon as
 one entry is off by a few standard errors.

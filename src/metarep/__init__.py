@@ -9,14 +9,15 @@ The package is layered; each layer imports only those below it:
 - :mod:`metarep.engine`: the torch engine (any ``torch.nn.Module``) and the networks;
 - :mod:`metarep.run`: the config schema, input files, one backend per kind of run, the one
   training loop, the run directory, the experiment and its figures;
-- :mod:`metarep.sweeps`: sweep files, execution and resume, executors, collect;
+- :mod:`metarep.sweeps`: sweep files, the driver (execution and resume), executors, collect;
 - :mod:`metarep.study`: the paper's study as data, its claims, the report, ``reproduce``;
 - :mod:`metarep.cli`: the ``metarep`` command.
 
 ``import metarep`` is light and has no side effects: the names below are imported from their
 modules on first use (``metarep.run`` imports the run layer, ``metarep.FOANIL`` the methods),
 and nothing touches matplotlib's backend. ``metarep.run`` is the run layer; one experiment is
-``metarep.run.run(config, out_dir)`` (:func:`metarep.run.experiment.run`).
+``metarep.run.run_experiment(config, out_dir)``
+(:func:`metarep.run.experiment.run_experiment`).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ _PUBLIC: dict[str, str] = {
     "Config": "metarep.run.schema", "load_config": "metarep.run.schema",
     "Diverged": "metarep.run.loop",
     "RunResult": "metarep.run.experiment", "prepare": "metarep.run.experiment",
+    "run_experiment": "metarep.run.experiment",
     "grid": "metarep.run.simulate", "simulate_batch": "metarep.run.simulate",
-    "SweepOptions": "metarep.sweeps.execution", "run_sweep": "metarep.sweeps.execution",
+    "SweepOptions": "metarep.sweeps.driver", "run_sweep": "metarep.sweeps.driver",
     "collect": "metarep.sweeps.collect",
     "reproduce": "metarep.study.reproduce",
 }

@@ -47,7 +47,7 @@ def run(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one configuration and write metrics, evaluation, summary, params and figures."""
-    from metarep.run.experiment import run as run_experiment
+    from metarep.run.experiment import run_experiment
     from metarep.run.loop import Diverged
     from metarep.run.schema import load_config
 
@@ -99,7 +99,7 @@ def sweep(
                                         "in step sizes, m_in, noise and seeds.")] = True,
 ) -> None:
     """Run every run of a sweep (resuming: finished runs are skipped), one directory each."""
-    from metarep.sweeps.execution import SweepOptions, run_sweep
+    from metarep.sweeps.driver import SweepOptions, run_sweep
 
     options = SweepOptions(executor=executor, workers=workers, address=address,
                            retry_failed=retry_failed, progress=progress and sys.stderr.isatty(),

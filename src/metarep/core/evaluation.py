@@ -38,10 +38,17 @@ import numpy as np
 
 from metarep.core.methods.gradients import adapt_head
 from metarep.core.model import LinearParams
-from metarep.core.problem import Problem
+from metarep.core.problem import Problem, outside_span
 from metarep.core.seeding import Purpose, seed_sequence
-from metarep.core.tasks import TaskBatch, sample_heads
+from metarep.core.tasks import sample_heads
 from metarep.core.theory import adapted_risk, baseline_risk, ridge_penalty, uses_least_squares
+
+
+def features_row(method: str) -> str:
+    """The name of the row that fits the head by least squares on ``method``'s learned
+    features (for methods without a meta-learned head: ``mtl`` -> ``mtl-lsq``)."""
+    return f"{method}-lsq"
+
 
 REGRESSION_BUDGET = 200_000_000  # Gaussian entries drawn for the regression row per m_test
 CHUNK_ENTRIES = 4_000_000
@@ -73,11 +80,10 @@ def representation_basis(B: np.ndarray, B_star: np.ndarray) -> np.ndarray:
     are arbitrary); it is projected off ``B_star`` once more so that ``Q^T Q = I`` holds to
     rounding even when ``B`` lies (almost) inside span(B_star).
     """
-    outside = B - B_star @ (B_star.T @ B)
-    U, s, _ = np.linalg.svd(outside, full_matrices=False)
+    U, s, _ = np.linalg.svd(outside_span(B, B_star), full_matrices=False)
     scale = np.linalg.norm(B, 2) if B.size else 0.0
     U = U[:, : int(np.sum(s > 1e-10 * scale))]
-    Q_B, _ = np.linalg.qr(U - B_star @ (B_star.T @ U))
+    Q_B, _ = np.linalg.qr(outside_span(U, B_star))
     return np.concatenate([B_star, Q_B], axis=1)
 
 
@@ -301,18 +307,3 @@ def evaluate_predictors(
         rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
                              baseline_risk(m, problem.d, problem)))
     return rows
-
-
-def moment_subspace(batch: TaskBatch, k: int) -> np.ndarray:
-    """Method-of-moments estimate of span(B_star) from a task pool, (d, k) orthonormal.
-
-    ``a_i = X_i^in^T y_i^in / m_in`` and ``b_i = X_i^out^T y_i^out / m_out`` are independent
-    unbiased estimates of ``B_star w_star_i``, so ``M = mean_i (a_i b_i^T + b_i a_i^T) / 2``
-    is unbiased for ``B_star Sigma_star B_star^T``; its top-k eigenvectors estimate
-    span(B_star). A reference for the statistical accuracy a pool allows.
-    """
-    a = np.einsum("nmd,nm->nd", batch.X_in, batch.y_in) / batch.m_in
-    b = np.einsum("nmd,nm->nd", batch.X_out, batch.y_out) / batch.m_out
-    moments = (a.T @ b + b.T @ a) / (2 * batch.n_tasks)
-    _, vectors = np.linalg.eigh(moments.astype(np.float64))
-    return vectors[:, ::-1][:, :k]

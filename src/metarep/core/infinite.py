@@ -32,9 +32,9 @@ these orthonormal changes of basis, so it is computed from ``H`` with ``B_star =
 own ``alpha``, ``beta``, ``m_in`` (finite or inf), ``sigma^2`` and initial state; ``d``, ``k``,
 ``k'`` and ``Sigma_star`` are shared. Python API:
 
-- :func:`coordinates` -> (:class:`Frame`, :class:`PopulationState`) from ``B_0``, ``w_0``;
+- :func:`coordinates` -> (:class:`Frame`, :class:`InfiniteTaskState`) from ``B_0``, ``w_0``;
 - :class:`ExactFOANIL`: the batched expected step (``step(state) -> (state, loss)``);
-- :func:`measures`, :func:`undriven_perp_norm`, :meth:`Frame.params` (reconstruct B, w);
+- :func:`coordinate_measures`, :func:`undriven_perp_norm`, :meth:`Frame.params` (reconstruct B, w);
 - :func:`expected_update`: the exact update of ``(B, w)`` in R^d (tested against
   :func:`metarep.core.monte_carlo.monte_carlo_update` of :class:`~metarep.core.methods.FOANIL`
   with a z-test, and against the plain loop :func:`metarep.core.reference.expected_fo_anil_step`).
@@ -59,7 +59,7 @@ from metarep.core.theory import lambda_star
 from metarep.errors import ArgumentError
 
 
-class PopulationState(NamedTuple):
+class InfiniteTaskState(NamedTuple):
     """Coordinates of a batch of ``b`` configurations: ``H`` (b, k + r, p), ``omega`` (b, p).
 
     ``B = [B_star, Q_perp] H V^T`` and ``w = V omega`` (see the module docstring); the first
@@ -79,15 +79,15 @@ class PopulationState(NamedTuple):
         """Whether every entry of every configuration is finite (:meth:`finite`)."""
         return bool(self.finite().all())
 
-    def take(self, index: int) -> PopulationState:
+    def take(self, index: int) -> InfiniteTaskState:
         """Configuration ``index`` alone, as a batch of one (a copy)."""
-        return PopulationState(self.H[index:index + 1].copy(),
+        return InfiniteTaskState(self.H[index:index + 1].copy(),
                                self.omega[index:index + 1].copy())
 
     @staticmethod
-    def stack(states: Sequence[PopulationState]) -> PopulationState:
+    def stack(states: Sequence[InfiniteTaskState]) -> InfiniteTaskState:
         """The configurations of ``states`` as one batch, in order."""
-        return PopulationState(np.concatenate([s.H for s in states]),
+        return InfiniteTaskState(np.concatenate([s.H for s in states]),
                                np.concatenate([s.omega for s in states]))
 
 
@@ -103,7 +103,7 @@ class Frame:
     Q_perp: np.ndarray | None
     V: np.ndarray
 
-    def params(self, state: PopulationState, index: int = 0) -> LinearParams:
+    def params(self, state: InfiniteTaskState, index: int = 0) -> LinearParams:
         """``(B, w)`` of configuration ``index``: ``B = B_star C V^T + Q_perp R V^T``."""
         if self.Q_perp is None:
             raise ArgumentError("keep_basis", "this frame was built without Q_perp "
@@ -113,7 +113,7 @@ class Frame:
         B = (self.B_star @ H[:k] + self.Q_perp[index] @ H[k:]) @ V.T
         return LinearParams(B, V @ state.omega[index])
 
-    def state(self, params: Sequence[LinearParams]) -> PopulationState:
+    def state(self, params: Sequence[LinearParams]) -> InfiniteTaskState:
         """The coordinates of ``(B, w)`` for each configuration (the inverse of
         :meth:`params` for parameters on this frame's trajectories)."""
         if self.Q_perp is None:
@@ -123,7 +123,7 @@ class Frame:
             np.concatenate([self.B_star.T @ p.B, self.Q_perp[i].T @ p.B]) @ self.V[i]
             for i, p in enumerate(params)])
         omega = np.stack([self.V[i].T @ p.w for i, p in enumerate(params)])
-        return PopulationState(H, omega)
+        return InfiniteTaskState(H, omega)
 
 
 def _one_frame(
@@ -156,7 +156,7 @@ def coordinates(
     *,
     keep_basis: bool = True,
     dtype: np.dtype | str = np.float64,
-) -> tuple[Frame, PopulationState]:
+) -> tuple[Frame, InfiniteTaskState]:
     """The frame and initial coordinates of ``(B_0, w_0)`` for each configuration.
 
     **Arguments:** ``B_star`` (d, k) orthonormal; ``B0`` (b, d, k') or (d, k'); ``w0`` (b, k')
@@ -176,7 +176,7 @@ def coordinates(
     parts = [_one_frame(B_star, B0[i], w0[i], rows, cols) for i in range(b)]
     Q_perp = np.stack([part[0] for part in parts]) if keep_basis else None
     V = np.stack([part[1] for part in parts])
-    state = PopulationState(np.stack([part[2] for part in parts]).astype(dtype),
+    state = InfiniteTaskState(np.stack([part[2] for part in parts]).astype(dtype),
                             np.stack([part[3] for part in parts]).astype(dtype))
     return Frame(B_star, Q_perp, V), state
 
@@ -195,7 +195,7 @@ class _StateViews:
     """A state and the views of it that one step reads or writes."""
 
     def __init__(self, H: np.ndarray, omega: np.ndarray, k: int):
-        self.state = PopulationState(H, omega)
+        self.state = InfiniteTaskState(H, omega)
         self.H, self.H_T = H, H.transpose(0, 2, 1)
         self.C = H[:, :k]
         self.C_flat = self.C.reshape(H.shape[0], 1, k * H.shape[2])
@@ -280,7 +280,7 @@ class ExactFOANIL:
         self._loss_const = trace + noise
         self._work = _Workspace(b, rows, p, k, self.dtype)
 
-    def _views(self, state: PopulationState) -> _StateViews:
+    def _views(self, state: InfiniteTaskState) -> _StateViews:
         for buffer in self._work.buffers:
             if state.H is buffer.H and state.omega is buffer.state.omega:
                 return buffer
@@ -311,8 +311,8 @@ class ExactFOANIL:
         np.matmul(self._S_e, old.C, out=w.E)                     # alpha beta Sigma C
 
     def step(
-        self, state: PopulationState, *, with_loss: bool = True
-    ) -> tuple[PopulationState, np.ndarray | None]:
+        self, state: InfiniteTaskState, *, with_loss: bool = True
+    ) -> tuple[InfiniteTaskState, np.ndarray | None]:
         """One expected outer step of every configuration (see the class docstring)."""
         w = self._work
         old = self._views(state)
@@ -334,7 +334,7 @@ class ExactFOANIL:
         inner -= 2 * np.matmul(old.C_flat, w.E_flat, out=w.dots)[:, 0, 0]
         return 0.5 * (inner / self.beta + self._loss_const)
 
-    def expected_loss(self, state: PopulationState) -> np.ndarray:
+    def expected_loss(self, state: InfiniteTaskState) -> np.ndarray:
         """Expected meta-training loss of ``state``, shape (b,); writes no state buffer."""
         old = self._views(state)
         self._prepare(old)
@@ -350,8 +350,8 @@ def lambda_stars(dynamics: ExactFOANIL) -> np.ndarray:
         for a, m, s2 in zip(dynamics.alpha, dynamics.m_in, dynamics.noise_var, strict=True)])
 
 
-def measures(
-    state: PopulationState, Sigma_star: np.ndarray, Lambda_star: np.ndarray,
+def coordinate_measures(
+    state: InfiniteTaskState, Sigma_star: np.ndarray, Lambda_star: np.ndarray,
     index: int | None = None,
 ) -> list[dict[str, float]]:
     """The measures of :func:`metarep.core.measures.measure` (``head_norm``, ``perp_norm``,
@@ -367,7 +367,7 @@ def measures(
             for i in chosen]
 
 
-def undriven_perp_norm(state: PopulationState, k: int) -> np.ndarray:
+def undriven_perp_norm(state: InfiniteTaskState, k: int) -> np.ndarray:
     """``||B_perp^T B P||_2`` per configuration, ``P`` the projector onto the kernel of
     ``C = B_star^T B``: the part of the orthogonal complement that the task signal does not
     drive. From ``w = 0`` with ``m_in = inf`` it is conserved exactly (docs/infinite_tasks.md),

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from metarep.core.model import LinearParams
-from metarep.core.problem import Problem
+from metarep.core.problem import Problem, outside_span
+from metarep.core.tasks import TaskBatch
 
 BASE_MEASURES = (
     "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err", "head_norm"
@@ -16,7 +17,7 @@ BASE_MEASURES = (
 
 def perp_norms(B: np.ndarray, B_star: np.ndarray) -> tuple[float, float]:
     """``||B_perp^T B||`` in spectral and Frobenius norm (``B_perp`` never formed)."""
-    outside = B - B_star @ (B_star.T @ B)
+    outside = outside_span(B, B_star)
     return float(np.linalg.norm(outside, 2)), float(np.linalg.norm(outside))
 
 
@@ -38,14 +39,18 @@ def subspace_distance(B: np.ndarray, B_star: np.ndarray) -> float:
     left singular vectors of ``B`` (top-k' when k' < k: then it measures whether
     span(B) lies inside span(B_star)). Equals ``sin(max(scipy.linalg.subspace_angles))``."""
     U = top_left_singular_vectors(B, B_star.shape[1])
-    residual = U - B_star @ (B_star.T @ U)
-    return float(min(1.0, np.linalg.norm(residual, 2)))
+    return float(min(1.0, np.linalg.norm(outside_span(U, B_star), 2)))
+
+
+def projected_gram(B: np.ndarray, B_star: np.ndarray) -> np.ndarray:
+    """``B_star^T B B^T B_star``, shape (k, k): the representation seen inside span(B_star)."""
+    projected = B_star.T @ B
+    return projected @ projected.T
 
 
 def lambda_error(B: np.ndarray, B_star: np.ndarray, Lambda_star: np.ndarray) -> float:
     """``||B_star^T B B^T B_star - Lambda_star||`` in spectral norm."""
-    projected = B_star.T @ B
-    return float(np.linalg.norm(projected @ projected.T - Lambda_star, 2))
+    return float(np.linalg.norm(projected_gram(B, B_star) - Lambda_star, 2))
 
 
 def singular_values(B: np.ndarray) -> np.ndarray:
@@ -81,3 +86,18 @@ def measure_network(arrays: Mapping[str, np.ndarray], problem: Problem | None) -
     W1 = arrays["W1"]
     share = np.nan if problem is None else perp_share(W1, problem.B_star)
     return {"w1_perp_share": share, "head_norm": float(np.linalg.norm(arrays["w"]))}
+
+
+def moment_subspace(batch: TaskBatch, k: int) -> np.ndarray:
+    """Method-of-moments estimate of span(B_star) from a task pool, (d, k) orthonormal.
+
+    ``a_i = X_i^in^T y_i^in / m_in`` and ``b_i = X_i^out^T y_i^out / m_out`` are independent
+    unbiased estimates of ``B_star w_star_i``, so ``M = mean_i (a_i b_i^T + b_i a_i^T) / 2``
+    is unbiased for ``B_star Sigma_star B_star^T``; its top-k eigenvectors estimate
+    span(B_star). A reference for the statistical accuracy a pool allows.
+    """
+    a = np.einsum("nmd,nm->nd", batch.X_in, batch.y_in) / batch.m_in
+    b = np.einsum("nmd,nm->nd", batch.X_out, batch.y_out) / batch.m_out
+    moments = (a.T @ b + b.T @ a) / (2 * batch.n_tasks)
+    _, vectors = np.linalg.eigh(moments.astype(np.float64))
+    return vectors[:, ::-1][:, :k]

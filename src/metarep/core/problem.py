@@ -39,8 +39,14 @@ class Problem:
         return self.B_star.shape[1]
 
     def perp(self, M: np.ndarray) -> np.ndarray:
-        """``B_perp B_perp^T M = (I - B_star B_star^T) M`` without forming the d x d projector."""
-        return M - self.B_star @ (self.B_star.T @ M)
+        """:func:`outside_span` of ``M`` (d, n): its part outside span(B_star)."""
+        return outside_span(M, self.B_star)
+
+
+def outside_span(M: np.ndarray, B_star: np.ndarray) -> np.ndarray:
+    """``B_perp B_perp^T M = (I - B_star B_star^T) M`` for ``M`` (d, n), without forming the
+    d x d projector."""
+    return M - B_star @ (B_star.T @ M)
 
 
 def head_covariance(spec: str | tuple[float, ...] | list[float], k: int) -> np.ndarray:

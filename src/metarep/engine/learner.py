@@ -42,23 +42,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from metarep.core.arguments import check_count, check_step_size
+from metarep.engine import DEVICES
 from metarep.errors import ArgumentError
 
 METHODS = ("anil", "maml", "mtl")
-DEVICES = ("cpu", "cuda", "auto")
 
 Params = dict[str, Tensor]
 ArrayLike = np.ndarray | Tensor
-
-
-def split_method_name(name: str) -> tuple[str, bool]:
-    """A config method name as ``(method, first_order)``: ``fo-anil`` -> ``("anil", True)``,
-    ``maml`` -> ``("maml", False)``, ``mtl`` -> ``("mtl", False)``."""
-    base = name.removeprefix("fo-")
-    if base not in METHODS or (base == "mtl" and base != name):
-        raise ArgumentError("name", f"must be one of anil, fo-anil, maml, fo-maml, mtl; "
-                            f"got {name!r}")
-    return base, base != name
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -178,12 +169,9 @@ class MetaLearner:
         if method not in METHODS:
             raise ArgumentError("method", f"must be one of {', '.join(METHODS)} (with "
                                 f"first_order for fo-anil / fo-maml); got {method!r}")
-        for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
-            if isinstance(value, bool) or not (isinstance(value, int | float)
-                                               and np.isfinite(value) and value > 0):
-                raise ArgumentError(name, f"must be a finite number > 0, got {value!r}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ArgumentError("inner_steps", f"must be an integer >= 1, got {inner_steps!r}")
+        check_step_size("inner_lr", inner_lr)
+        check_step_size("outer_lr", outer_lr)
+        check_count("inner_steps", inner_steps)
         self.module = module
         self.method, self.first_order = method, bool(first_order)
         self.inner_lr, self.outer_lr = float(inner_lr), float(outer_lr)

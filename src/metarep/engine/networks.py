@@ -45,10 +45,6 @@ class RepresentationNet(nn.Module):
         """``f(x) = phi(x) w``, shape (...,)."""
         return self.features(x) @ self.w
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Every parameter as a float64 numpy array, by name (for ``params.npz``)."""
-        return {name: p.detach().cpu().double().numpy() for name, p in self.named_parameters()}
-
 
 def _parameter(array: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.as_tensor(np.asarray(array, dtype=np.float64)))

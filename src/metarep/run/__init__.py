@@ -6,7 +6,7 @@ training loop, the run directory, the experiment and its figures.
 - :mod:`~metarep.run.backends`: linear pool, exact infinite tasks, torch engine;
 - :mod:`~metarep.run.loop`: the training loop for ``b >= 1`` runs and its divergence rule;
 - :mod:`~metarep.run.rundir`: the run directory's files (writing and reading);
-- :mod:`~metarep.run.experiment`: :func:`run`, :func:`prepare`, :func:`run_batch`;
+- :mod:`~metarep.run.experiment`: :func:`run_experiment`, :func:`prepare`, :func:`run_batch`;
 - :mod:`~metarep.run.simulate`: many infinite-task configurations as one table;
 - :mod:`~metarep.run.figures`, :mod:`~metarep.run.atomic`: run figures, atomic writes.
 """
@@ -16,15 +16,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_PUBLIC = {"run": "metarep.run.experiment", "prepare": "metarep.run.experiment",
+_PUBLIC = {"run_experiment": "metarep.run.experiment", "prepare": "metarep.run.experiment",
            "run_batch": "metarep.run.experiment", "RunResult": "metarep.run.experiment",
            "Config": "metarep.run.schema", "load_config": "metarep.run.schema",
            "Diverged": "metarep.run.loop"}
 
 
 def __getattr__(name: str) -> Any:
-    """``run``, ``prepare``, ``run_batch``, ``RunResult``, ``Config``, ``load_config`` and
-    ``Diverged``, imported from their modules on first use (PEP 562)."""
+    """``run_experiment``, ``prepare``, ``run_batch``, ``RunResult``, ``Config``,
+    ``load_config`` and ``Diverged``, imported from their modules on first use (PEP 562)."""
     if name not in _PUBLIC:
         raise AttributeError(f"module 'metarep.run' has no attribute {name!r}")
     value = getattr(importlib.import_module(_PUBLIC[name]), name)

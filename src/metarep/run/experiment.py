@@ -2,10 +2,10 @@
 
 :func:`prepare` does everything that can fail on bad input (validation, loading files) before
 anything is written and returns the run's :class:`~metarep.run.backends.Backend`;
-:func:`run` then trains it through the training loop (:func:`metarep.run.loop.train`) and
+:func:`run_experiment` then trains it through the training loop (:func:`metarep.run.loop.train`) and
 writes its directory (:mod:`metarep.run.rundir`). :func:`run_batch` runs many
 ``tasks.n: infinite`` configs that differ only in :data:`BATCH_KEYS` as one computation, with
-the same outputs as :func:`run` of each.
+the same outputs as :func:`run_experiment` of each.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from typing import Any
 import pandas as pd
 
 from metarep.core.evaluation import EvalRow
-from metarep.core.infinite import PopulationState
+from metarep.core.infinite import InfiniteTaskState
 from metarep.errors import ConfigError
 from metarep.run import figures
 from metarep.run.backends import Backend, build_backend
-from metarep.run.backends.infinite import stack
-from metarep.run.backends.inputs import divergence_advice
+from metarep.run.backends.infinite import batched_stepper
 from metarep.run.loop import Diverged, Trajectory, train
-from metarep.run.rundir import EVAL_FIGURE, TRAINING_FIGURE, RunDirectory
+from metarep.run.rundir import CONFIG, EVAL_FIGURE, TRAINING_FIGURE, RunDirectory
 from metarep.run.schema import Config, dump_yaml, flatten, to_dict
 
 CHECKPOINT_SECONDS = 10.0
@@ -48,6 +47,13 @@ class RunResult:
     eval_rows: list[EvalRow]
     params: Any
     summary: dict[str, Any]
+
+
+def divergence_advice(config: Config) -> str:
+    """What to change when a run diverges."""
+    method = config.method
+    return (f"Lower method.outer_lr (now {method.outer_lr:g}) and/or method.inner_lr "
+            f"(now {method.inner_lr:g}), or model.init_scale (now {config.model.init_scale:g}).")
 
 
 def prepare(config: Config) -> Backend:
@@ -82,7 +88,7 @@ def _resumed(directory: RunDirectory, backend: Backend) -> Trajectory[Any] | Non
     if checkpoint is None or config_text is None:
         return None
     if config_text != dump_yaml(backend.config):
-        raise ConfigError("--resume", f"{directory.file('config.yaml')} differs from this run's "
+        raise ConfigError("--resume", f"{directory.file(CONFIG)} differs from this run's "
                           "config; use a new --out directory or drop --resume")
     return Trajectory(backend.restore(checkpoint.arrays), checkpoint.step, checkpoint.records)
 
@@ -102,9 +108,9 @@ def _begin(config: Config, out_dir: str | Path,
     return backend, directory, trajectory
 
 
-def run(config: Config, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
-        on_record: OnRecord | None = None,
-        checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RunResult:
+def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True,
+                   resume: bool = False, on_record: OnRecord | None = None,
+                   checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RunResult:
     """Run the experiment described by ``config`` and write its outputs to ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.npz`` (written at most every
@@ -148,15 +154,16 @@ def batch_key(config: Config) -> str | None:
 
 def run_batch(configs: Sequence[Config],
               out_dirs: Sequence[str | Path]) -> list[RunResult | Exception]:
-    """:func:`run` of each of ``configs`` into ``out_dirs``, as one batched computation.
+    """:func:`run_experiment` of each of ``configs`` into ``out_dirs``, as one batched computation.
 
     The configs must be ``tasks.n: infinite`` and agree on every key but :data:`BATCH_KEYS`
     (:func:`batch_key`): then they share ``B_star``, ``Sigma_star``, the shapes, the steps and
-    the recording, and one stepper (:func:`metarep.run.backends.infinite.stack`) steps their
-    stacked coordinates with per-run ``alpha``, ``beta``, ``m_in``, ``sigma^2`` (each from its
-    own ``B_0``) through the same training loop as :func:`run`. The results equal those of
-    :func:`run` on each config (``summary.json`` differs in ``seconds``, the time since the
-    batch started). There is no checkpoint: an interrupted batch is redone.
+    the recording, and one stepper (:func:`metarep.run.backends.infinite.batched_stepper`)
+    steps their stacked coordinates with per-run ``alpha``, ``beta``, ``m_in``, ``sigma^2``
+    (each from its own ``B_0``) through the same training loop as :func:`run_experiment`. The
+    results equal those of :func:`run_experiment` on each config (``summary.json`` differs in
+    ``seconds``, the time since the batch started). There is no checkpoint: an interrupted
+    batch is redone.
 
     **Returns** per run its :class:`RunResult`, or the exception that failed it (a
     :class:`ConfigError` from :func:`prepare`, with nothing written; :class:`Diverged`, after
@@ -181,8 +188,8 @@ def run_batch(configs: Sequence[Config],
         backends = [backend for _, backend, _, _ in runs]
         trajectories = [trajectory for *_, trajectory in runs]
         train_cfg = backends[0].config.train
-        outcomes = train(stack(backends), PopulationState.stack([t.state for t in trajectories]),
-                         trajectories, steps=train_cfg.steps,
+        state = InfiniteTaskState.stack([trajectory.state for trajectory in trajectories])
+        outcomes = train(batched_stepper(backends), state, trajectories, steps=train_cfg.steps,
                          record_every=train_cfg.record_every,
                          advice=[divergence_advice(b.config) for b in backends], progress=False)
         for (i, backend, directory, trajectory), diverged in zip(runs, outcomes, strict=True):

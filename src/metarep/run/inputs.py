@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -23,26 +23,23 @@ from metarep.core.model import LinearParams, linear_params
 from metarep.core.tasks import TaskPool, task_pool
 from metarep.errors import ArgumentError, ConfigError
 
-Result = TypeVar("Result")
-
 
 @contextmanager
-def config_key(key: str) -> Iterator[None]:
+def config_errors(keys: str | Mapping[str, str]) -> Iterator[None]:
     """Turn an :class:`~metarep.errors.ArgumentError` of the maths inside the block into a
-    :class:`~metarep.errors.ConfigError` naming the config ``key`` (the message keeps the
-    argument's name, e.g. ``tasks.from: y must have shape ...``)."""
+    :class:`~metarep.errors.ConfigError` naming the config key at fault.
+
+    With a mapping from the maths' arguments to config keys (``{"inner_lr":
+    "method.inner_lr"}``), the key of the argument (``method.inner_lr: must be ...``); an
+    argument not in the mapping is not the config's fault and its error passes through. With
+    one key (a file such as ``tasks.from``), that key, the argument named in the message
+    (``tasks.from: y must have shape ...``).
+    """
     try:
         yield
     except ArgumentError as error:
-        raise ConfigError(key, f"{error.argument} {error.message}") from None
-
-
-def config_keys(keys: dict[str, str], call: Callable[[], Result]) -> Result:
-    """``call()``, with an :class:`~metarep.errors.ArgumentError` about argument ``a`` turned
-    into a :class:`~metarep.errors.ConfigError` naming the config key ``keys[a]``."""
-    try:
-        return call()
-    except ArgumentError as error:
+        if isinstance(keys, str):
+            raise ConfigError(keys, f"{error.argument} {error.message}") from None
         if error.argument not in keys:
             raise
         raise ConfigError(keys[error.argument], error.message) from None
@@ -87,7 +84,7 @@ def load_pool(path: str | Path) -> TaskPool:
     """
     key = "tasks.from"
     data = read_npz(path, key, required=("X", "y"))
-    with config_key(key):
+    with config_errors(key):
         return task_pool(data["X"], data["y"], data.get("B_star"), data.get("heads"))
 
 
@@ -99,7 +96,7 @@ def load_params(path: str | Path, d: int) -> LinearParams:
     """
     key = "model.init_from"
     arrays = read_npz(path, key, required=("B", "w"))
-    with config_key(key):
+    with config_errors(key):
         return linear_params(arrays["B"], arrays["w"], d)
 
 
@@ -109,7 +106,7 @@ def load_network(path: str | Path, d: int, hidden_layers: int) -> Any:
     key = "model.init_from"
     arrays = read_npz(path, key, required=())
     networks = torch_module("networks")
-    with config_key(key):
+    with config_errors(key):
         return networks.relu_from_arrays(arrays, d, hidden_layers)
 
 

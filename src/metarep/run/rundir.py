@@ -112,8 +112,14 @@ class RunDirectory:
     def write_figure(self, name: str, figure: Figure) -> None:
         atomic.write_figure(self.file(name), figure, dpi=120)
 
-    def write_error(self, error: dict[str, Any]) -> None:
-        atomic.write_json(self.file(ERROR), error)
+    def write_error(self, error: str, kind: str, key: str | None, overrides: dict[str, Any],
+                    traceback: str | None) -> None:
+        """``error.json`` of a failed run: the error's message and type, the config key at
+        fault (or ``None``), the run's overrides and the traceback (``None`` for a dead
+        worker)."""
+        atomic.write_json(self.file(ERROR), {"status": "failed", "error": error, "type": kind,
+                                             "key": key, "overrides": overrides,
+                                             "traceback": traceback})
 
     # ------------------------------------------------------------------ reading
 

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from metarep.core.methods import METHOD_NAMES
+from metarep.engine import DEVICES
 from metarep.errors import ConfigError
 
 Checker = Callable[[str, Any], Any]
@@ -32,7 +33,6 @@ BUILTIN_CONFIGS = ("paper", "quick")
 INFINITE_METHODS = ("fo-anil", "fo-maml")  # exact infinite-task dynamics (metarep.core.infinite)
 DTYPES = ("float64", "float32")
 MODEL_KINDS = ("linear", "relu")
-DEVICES = ("cpu", "cuda", "auto")
 HEAD_COV_NAMES = ("isotropic", "linear")
 
 

@@ -60,7 +60,8 @@ def simulate_batch(
 
     **Returns** one row per configuration and record step (0, every ``record_every``, and
     ``steps``): ``config`` (row of ``configs``), the configuration's columns, ``step``,
-    ``train_loss``, the measures of :func:`metarep.core.infinite.measures` and ``diverged``.
+    ``train_loss``, the measures of :func:`metarep.core.infinite.coordinate_measures` and
+    ``diverged``.
     A configuration that diverges (the loop's rule, checked at every step) stops there; its
     later rows have ``diverged = True`` and ``nan`` measures.
     """

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from metarep.core.evaluation import moment_subspace
-from metarep.core.measures import subspace_distance
-from metarep.run.experiment import prepare
+from metarep.core.evaluation import features_row
+from metarep.core.measures import moment_subspace, subspace_distance
+from metarep.core.methods import MTL
+from metarep.run.backends.sources import resolve_inputs
 from metarep.run.rundir import RunData
 from metarep.run.schema import from_dict
 from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
@@ -176,7 +177,7 @@ def closed_form_gap(run: RunData) -> Measurement:
 def relu_against_regression(method: str) -> Measure:
     """The risks of ``method`` (``mtl``: its least-squares row) and of regression at the
     smallest ``m_test`` of one ReLU run."""
-    row = "mtl-lsq" if method == "mtl" else method
+    row = features_row(method) if method == MTL.name else method
 
     def measured(run: RunData) -> Measurement:
         smallest = int(run.eval["shots"].min())
@@ -188,10 +189,10 @@ def relu_against_regression(method: str) -> Measure:
 
 def moments_floor(k: int) -> Measure:
     """FO-ANIL's ``subspace_dist`` at T on the pool, and that of a method-of-moments estimate
-    of span(B*) from the same pool (:func:`metarep.core.evaluation.moment_subspace`, the
+    of span(B*) from the same pool (:func:`metarep.core.measures.moment_subspace`, the
     statistical accuracy the pool allows)."""
     def measured(run: RunData) -> Measurement:
-        inputs = prepare(from_dict(run.config, name=run.summary["config"])).inputs
+        inputs = resolve_inputs(from_dict(run.config, name=run.summary["config"]))
         floor = subspace_distance(moment_subspace(inputs.pool, k), inputs.problem.B_star)
         return pair(last(run, "subspace_dist"), floor)
 

@@ -116,10 +116,9 @@ RELU_LAYERS = (1, 2)
 
 @dataclass(frozen=True)
 class StudyRun:
-    """One run of the study: its directory name, its role and its dotted overrides."""
+    """One run of the study: its directory name and its dotted overrides."""
 
     name: str
-    group: str
     overrides: dict[str, Any]
 
 
@@ -140,21 +139,20 @@ OUTER_LR = {"fo-anil": 0.2, "anil": 0.2, "fo-maml": 0.2, "maml": 0.2, "mtl": 0.3
 def study_runs(scale: str) -> list[StudyRun]:
     """The runs of the study at ``scale``, in the order they are reported."""
     settings = SCALE_SETTINGS[check_scale(scale)]
-    runs = [StudyRun(Runs.pool(method), "pool",
+    runs = [StudyRun(Runs.pool(method),
                      {"method.name": method, "method.outer_lr": OUTER_LR[method]})
             for method in POOL_METHODS]
     infinite = {"tasks.n": "infinite", "train.steps": settings["infinite_steps"],
                 "train.record_every": settings["infinite_record_every"]}
-    runs.append(StudyRun(Runs.INFINITE, "infinite", dict(infinite)))
+    runs.append(StudyRun(Runs.INFINITE, dict(infinite)))
     base_m_in = settings["base"]["tasks"]["m_in"]
     for m_in in settings["m_in_values"]:
         if m_in != base_m_in:
-            runs.append(StudyRun(Runs.m_in(m_in), "m_in",
-                                 {**infinite, "tasks.m_in": m_in}))
+            runs.append(StudyRun(Runs.m_in(m_in), {**infinite, "tasks.m_in": m_in}))
     for layers in RELU_LAYERS:
         for method in POOL_METHODS:
             runs.append(StudyRun(
-                Runs.relu(layers, method), f"relu{layers}",
+                Runs.relu(layers, method),
                 {**RELU_SETTING, **settings["relu"], "method.name": method,
                  "model.hidden_layers": layers},
             ))

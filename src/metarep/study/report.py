@@ -20,16 +20,20 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from metarep.core.evaluation import features_row
+from metarep.core.measures import projected_gram
+from metarep.core.methods import MTL
 from metarep.run import atomic
 from metarep.run.rundir import RunData
 from metarep.study.claims import Claim
 from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
 
+MTL_LSQ = features_row(MTL.name)
 COLORS = {"fo-anil": "C0", "anil": "C1", "fo-maml": "C2", "maml": "C3", "mtl": "C4",
-          "mtl-lsq": "C5", "oracle": "k", "regression": "C7"}
+          MTL_LSQ: "C5", "oracle": "k", "regression": "C7"}
 STYLES = {"fo-anil": "-", "anil": "--", "fo-maml": ":", "maml": "-.", "mtl": "-"}
 LABELS = {"fo-anil": "FO-ANIL", "anil": "ANIL", "fo-maml": "FO-MAML", "maml": "MAML",
-          "mtl": "Burer-Monteiro (MTL)", "mtl-lsq": "Burer-Monteiro + least squares",
+          "mtl": "Burer-Monteiro (MTL)", MTL_LSQ: "Burer-Monteiro + least squares",
           "oracle": "oracle (knows B*)", "regression": "regression in d dims"}
 
 
@@ -133,8 +137,7 @@ def figure_lambda(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
         run = runs.get(name)
         if run is None:
             continue
-        projected = run.params["B_star"].T @ run.params["B"]
-        final = np.sort(np.linalg.eigvalsh(projected @ projected.T))
+        final = np.sort(np.linalg.eigvalsh(projected_gram(run.params["B"], run.params["B_star"])))
         target = np.sort(np.linalg.eigvalsh(np.asarray(run.summary["theory"]["lambda_star"])))
         rows += [{"run": name, "index": i + 1, "final": f, "lambda_star": t}
                  for i, (f, t) in enumerate(zip(final, target, strict=True))]
@@ -163,7 +166,7 @@ def figure_test_risk(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
         run = runs.get(Runs.pool(method))
         if run is None or run.eval is None:
             continue
-        keep = run.eval["method"].isin([method, "mtl-lsq"]) | (
+        keep = run.eval["method"].isin([method, MTL_LSQ]) | (
             (method == "fo-anil") & run.eval["method"].isin(["oracle", "regression"]))
         frames.append(run.eval[keep].assign(run=Runs.pool(method)))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -219,8 +222,7 @@ def figure_relu(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     risk_frames = []
     figure = Figure(figsize=(13, 9), layout="constrained")
     axes = figure.subplots(2, 2)
-    for row, layers in enumerate((1, 2)):
-        share_axis, risk_axis = axes[row]
+    for (share_axis, risk_axis), layers in zip(axes, RELU_LAYERS, strict=True):
         for method in POOL_METHODS:
             run = runs.get(Runs.relu(layers, method))
             if run is None:
@@ -230,7 +232,7 @@ def figure_relu(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
                                 color=COLORS[method], linestyle=STYLES[method],
                                 label=LABELS[method])
             if run.eval is not None:
-                for row in ((method, "mtl-lsq") if method == "mtl" else (method,)):
+                for row in ((method, MTL_LSQ) if method == MTL.name else (method,)):
                     mine = run.eval[run.eval["method"] == row].sort_values("shots")
                     risk_axis.errorbar(mine["shots"], mine["excess_risk"],
                                        yerr=1.96 * mine["stderr"], marker="o", markersize=4,

@@ -19,7 +19,7 @@ from metarep.run.schema import dump_yaml, from_dict
 from metarep.study.claims import Claim, claim_rows, evaluate_claims
 from metarep.study.design import base_tree, check_scale, study_runs
 from metarep.study.report import write_report
-from metarep.sweeps.execution import SweepOptions, execute_plans
+from metarep.sweeps.driver import SweepOptions, execute_plans
 from metarep.sweeps.spec import RunPlan, SweepSpec
 
 

@@ -1,7 +1,7 @@
 """Sweeps: many runs of one base config, resumable, on a process pool or a Ray cluster.
 
 - :mod:`~metarep.sweeps.spec`: the sweep file, its runs and their names;
-- :mod:`~metarep.sweeps.execution`: running and resuming (:func:`run_sweep`, :class:`SweepOptions`);
+- :mod:`~metarep.sweeps.driver`: running and resuming (:func:`run_sweep`, :class:`SweepOptions`);
 - :mod:`~metarep.sweeps.executors`: where the runs execute (local processes, Ray);
 - :mod:`~metarep.sweeps.manifest`: ``sweep.json``;
 - :mod:`~metarep.sweeps.collect`: one table and a figure from a sweep directory (:func:`collect`).

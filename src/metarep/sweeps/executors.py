@@ -112,12 +112,12 @@ def execute(task: RunTask, workdir: str | Path) -> Outcome:
     config key at fault, the run's overrides and the traceback) next to whatever the run
     wrote before failing (a diverged run keeps its recorded measures).
     """
-    from metarep.run.experiment import run  # heavy import, deferred to the worker
+    from metarep.run.experiment import run_experiment  # heavy import, deferred to the worker
 
     try:
         with one_thread():
-            run(from_dict(task.tree, task.overrides, name=task.config_name), workdir,
-                progress=False)
+            run_experiment(from_dict(task.tree, task.overrides, name=task.config_name), workdir,
+                           progress=False)
     except Exception as error:
         return failed(task, workdir, error)
     return Outcome(task.name, "done", None)
@@ -127,14 +127,8 @@ def failed(task: RunTask, workdir: str | Path, exc: Exception) -> Outcome:
     """Record ``exc`` as the failure of ``task`` in ``workdir/error.json`` (see :func:`execute`)."""
     error = str(exc) if isinstance(exc, ConfigError | Diverged) else (
         f"{type(exc).__name__}: {exc}")
-    RunDirectory(workdir).write_error({
-        "status": "failed",
-        "error": error,
-        "type": type(exc).__name__,
-        "key": getattr(exc, "key", None),
-        "overrides": task.overrides,
-        "traceback": "".join(traceback.format_exception(exc)),
-    })
+    RunDirectory(workdir).write_error(error, type(exc).__name__, getattr(exc, "key", None),
+                                      task.overrides, "".join(traceback.format_exception(exc)))
     return Outcome(task.name, "failed", error)
 
 
@@ -186,10 +180,7 @@ def execute_packed(job: Job) -> list[Outcome]:
 def worker_died(task: RunTask, reason: str) -> Outcome:
     """The outcome of a run whose worker process died (the driver records it as failed)."""
     error = f"worker died: {reason}"
-    RunDirectory(task.workdir).write_error({
-        "status": "failed", "error": error, "type": "WorkerDied", "key": None,
-        "overrides": task.overrides, "traceback": None,
-    })
+    RunDirectory(task.workdir).write_error(error, "WorkerDied", None, task.overrides, None)
     return Outcome(task.name, "failed", error)
 
 

@@ -1,6 +1,6 @@
 """First-order ANIL on the linear model, the paper's method (spec section 3), at the memory
 bound: the tasks are taken in cache-sized chunks on the threads of
-:mod:`metarep.core.methods.runtime`.
+:mod:`metarep.core.methods.threads`.
 
 Tested against the plain per-task loop :func:`metarep.core.reference.fo_anil_step`.
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 from metarep.core.methods.gradients import residual, transposed_apply
 from metarep.core.methods.inner_loop import InnerLoopMethod
-from metarep.core.methods.runtime import map_chunks
+from metarep.core.methods.threads import map_chunks
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
 
@@ -41,7 +41,7 @@ class FOANIL(InnerLoopMethod):
         """One outer step on ``batch``; returns the new ``(B, w)`` and the meta-training loss.
 
         The tasks are taken in cache-sized chunks (:func:`_fo_anil_sums`), in parallel
-        (:func:`~metarep.core.methods.runtime.map_chunks`); the chunks' sums are added in
+        (:func:`~metarep.core.methods.threads.map_chunks`); the chunks' sums are added in
         order, so the result does not depend on the number of threads.
         """
         B, w = params

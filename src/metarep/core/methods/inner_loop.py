@@ -9,16 +9,15 @@ gradients by the chain rule in forward mode) and, for the exact gradients, again
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from metarep.core.arguments import check_count, check_step_size
 from metarep.core.methods.gradients import input_gradient
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
-from metarep.errors import ArgumentError
 
 
 @dataclass(frozen=True)
@@ -124,14 +123,6 @@ def meta_gradient(
     return body_adj.task_mean(), head_adj.mean(axis=0), 0.5 * float(np.mean(residual**2))
 
 
-def check_step_size(argument: str, value: float) -> float:
-    """``value`` if it is a finite number > 0, else :class:`~metarep.errors.ArgumentError`."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value > 0):
-        raise ArgumentError(argument, f"must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class InnerLoopMethod:
     """Shared machinery of the methods with an inner loop (state: the model ``(B, w)``).
@@ -151,10 +142,7 @@ class InnerLoopMethod:
     def __post_init__(self) -> None:
         check_step_size("inner_lr", self.inner_lr)
         check_step_size("outer_lr", self.outer_lr)
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or (
-                self.inner_steps < 1):
-            raise ArgumentError("inner_steps", f"must be an integer >= 1, got "
-                                f"{self.inner_steps!r}")
+        check_count("inner_steps", self.inner_steps)
 
     def init_state(self, params: LinearParams, n_tasks: int) -> LinearParams:
         """The model parameters themselves (no per-task state)."""

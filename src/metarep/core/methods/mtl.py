@@ -11,8 +11,8 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from metarep.core.arguments import check_step_size
 from metarep.core.methods.gradients import input_gradient, residual
-from metarep.core.methods.inner_loop import check_step_size
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
 from metarep.errors import ArgumentError

@@ -1,11 +1,11 @@
 """One backend per kind of run, built once from the config (:func:`build_backend`):
 
 - ``linear``: the linear model on a task pool or online tasks, trained by a numpy method
-  (:class:`~metarep.run.backends.linear.LinearPoolBackend`);
+  (:class:`~metarep.run.backends.linear.LinearBackend`);
 - ``infinite``: the exact infinite-task dynamics (``tasks.n: infinite``,
   :class:`~metarep.run.backends.infinite.InfiniteTaskBackend`);
-- ``torch``: ReLU networks trained by the torch engine (``model.kind: relu``,
-  :class:`~metarep.run.backends.network.TorchBackend`).
+- ``engine``: ReLU networks trained by the torch engine (``model.kind: relu``,
+  :class:`~metarep.run.backends.engine.EngineBackend`).
 
 Every backend is a :class:`Backend`: the experiment runs init -> loop(step) -> measure /
 evaluate / theory through it and never asks which kind of run it holds.
@@ -19,10 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from metarep.core.evaluation import EvalRow
+from metarep.run.backends.engine import EngineBackend
 from metarep.run.backends.infinite import InfiniteTaskBackend
-from metarep.run.backends.inputs import RunInputs, resolve_inputs
-from metarep.run.backends.linear import LinearPoolBackend
-from metarep.run.backends.network import TorchBackend
+from metarep.run.backends.linear import LinearBackend
+from metarep.run.backends.sources import RunInputs, resolve_inputs
 from metarep.run.schema import Config
 
 
@@ -75,15 +75,15 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS: dict[str, type] = {"linear": LinearPoolBackend, "infinite": InfiniteTaskBackend,
-                             "torch": TorchBackend}
+BACKENDS: dict[str, type] = {"linear": LinearBackend, "infinite": InfiniteTaskBackend,
+                             "engine": EngineBackend}
 
 
 def run_kind(config: Config) -> str:
-    """The kind of run of ``config``: ``torch`` for ``model.kind: relu``, ``infinite`` for
+    """The kind of run of ``config``: ``engine`` for ``model.kind: relu``, ``infinite`` for
     ``tasks.n: infinite``, else ``linear``."""
     if config.model.kind == "relu":
-        return "torch"
+        return "engine"
     return "infinite" if config.tasks.n == "infinite" else "linear"
 
 
@@ -96,5 +96,5 @@ def build_backend(config: Config) -> Backend:
     return BACKENDS[run_kind(config)](resolve_inputs(config))
 
 
-__all__ = ["BACKENDS", "Backend", "InfiniteTaskBackend", "LinearPoolBackend", "RunInputs",
-           "TorchBackend", "build_backend", "run_kind"]
+__all__ = ["BACKENDS", "Backend", "EngineBackend", "InfiniteTaskBackend", "LinearBackend",
+           "RunInputs", "build_backend", "run_kind"]

@@ -2,7 +2,7 @@
 
 :class:`ExactStepper` steps ``b`` configurations of :class:`metarep.core.infinite.ExactFOANIL`
 through the training loop; :class:`InfiniteTaskBackend` is one run of them (a stepper of one,
-with the frame that maps its coordinates back to ``(B, w)``), and :func:`stack` joins runs
+with the frame that maps its coordinates back to ``(B, w)``), and :func:`batched_stepper` joins runs
 that share everything but their per-run parameters into one stepper.
 """
 
@@ -14,16 +14,16 @@ import numpy as np
 
 from metarep.core.infinite import (
     ExactFOANIL,
-    PopulationState,
+    InfiniteTaskState,
+    coordinate_measures,
     coordinates,
     lambda_stars,
-    measures,
     undriven_perp_norm,
 )
 from metarep.core.model import LinearParams
 from metarep.errors import ConfigError
-from metarep.run.backends.inputs import RunInputs
-from metarep.run.backends.linear import LinearModelBackend, initial_params
+from metarep.run.backends.linear import LinearModelRun, initial_params
+from metarep.run.backends.sources import RunInputs
 
 
 class ExactStepper:
@@ -35,26 +35,26 @@ class ExactStepper:
     def __init__(self, dynamics: ExactFOANIL, Lambda_star: np.ndarray):
         self.dynamics, self.Lambda_star = dynamics, Lambda_star
 
-    def step(self, state: PopulationState, t: int) -> tuple[PopulationState, np.ndarray]:
+    def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.dynamics.step(state)
 
-    def finite(self, state: PopulationState) -> np.ndarray:
+    def finite(self, state: InfiniteTaskState) -> np.ndarray:
         return state.finite()
 
-    def measure(self, state: PopulationState, index: int) -> dict[str, float]:
-        return measures(state, self.dynamics.Sigma_star, self.Lambda_star, index)[0]
+    def measure(self, state: InfiniteTaskState, index: int) -> dict[str, float]:
+        return coordinate_measures(state, self.dynamics.Sigma_star, self.Lambda_star, index)[0]
 
-    def take(self, state: PopulationState, index: int) -> PopulationState:
+    def take(self, state: InfiniteTaskState, index: int) -> InfiniteTaskState:
         """A copy: the dynamics reuse their output buffers."""
         return state.take(index)
 
-    def park(self, state: PopulationState, stopped: np.ndarray) -> None:
+    def park(self, state: InfiniteTaskState, stopped: np.ndarray) -> None:
         state.H[stopped], state.omega[stopped] = 0.0, 0.0
 
 
-class InfiniteTaskBackend(LinearModelBackend):
+class InfiniteTaskBackend(LinearModelRun):
     """Exact infinite-task FO-ANIL from ``(B_0, w_0)`` as a run; states are coordinates
-    (:class:`~metarep.core.infinite.PopulationState` of one configuration) on the frame built
+    (:class:`~metarep.core.infinite.InfiniteTaskState` of one configuration) on the frame built
     once from ``B_0``. ``fo-maml`` is exact here only from ``w_0 = 0``, where it coincides with
     FO-ANIL."""
 
@@ -74,34 +74,34 @@ class InfiniteTaskBackend(LinearModelBackend):
                                dtype)
         self.stepper = ExactStepper(dynamics, lambda_stars(dynamics))
 
-    def params(self, state: PopulationState) -> LinearParams:
+    def params(self, state: InfiniteTaskState) -> LinearParams:
         return self.frame.params(state)
 
-    def initial_state(self) -> PopulationState:
+    def initial_state(self) -> InfiniteTaskState:
         return self.restore({"B": self.init.B, "w": self.init.w})
 
-    def arrays(self, state: PopulationState) -> dict[str, np.ndarray]:
+    def arrays(self, state: InfiniteTaskState) -> dict[str, np.ndarray]:
         B, w = self.frame.params(state)
         return {"B": B, "w": w}
 
-    def restore(self, arrays: Mapping[str, np.ndarray]) -> PopulationState:
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> InfiniteTaskState:
         """The coordinates of ``B``, ``w`` (on this run's frame), in the run's dtype."""
         params = LinearParams(np.asarray(arrays["B"], np.float64),
                               np.asarray(arrays["w"], np.float64))
         coords = self.frame.state([params])
-        return PopulationState(coords.H.astype(self.initial.H.dtype),
+        return InfiniteTaskState(coords.H.astype(self.initial.H.dtype),
                                coords.omega.astype(self.initial.omega.dtype))
 
-    def step(self, state: PopulationState, t: int) -> tuple[PopulationState, np.ndarray]:
+    def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.stepper.step(state, t)
 
-    def finite(self, state: PopulationState) -> np.ndarray:
+    def finite(self, state: InfiniteTaskState) -> np.ndarray:
         return self.stepper.finite(state)
 
-    def measure(self, state: PopulationState, index: int = 0) -> dict[str, float]:
+    def measure(self, state: InfiniteTaskState, index: int = 0) -> dict[str, float]:
         return self.stepper.measure(state, index)
 
-    def take(self, state: PopulationState, index: int) -> PopulationState:
+    def take(self, state: InfiniteTaskState, index: int) -> InfiniteTaskState:
         return self.stepper.take(state, index)
 
     def predicted_perp_limit(self) -> float | None:
@@ -117,7 +117,7 @@ class InfiniteTaskBackend(LinearModelBackend):
         return float(undriven_perp_norm(self.initial, self.problem.k)[0])
 
 
-def stack(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
+def batched_stepper(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
     """One stepper for the runs ``backends``, which share ``Sigma_star``, the shapes and the
     dtype: each keeps its own ``alpha``, ``beta``, ``m_in``, ``sigma^2`` and ``Lambda_star``,
     and each configuration's slice is computed with the same operations as in a run alone."""

@@ -1,6 +1,6 @@
 """The linear model ``x -> x^T B w`` as a run: on a task pool or online tasks
-(:class:`LinearPoolBackend`, the numpy methods of :mod:`metarep.core.methods`), and what it
-shares with the exact infinite-task runs (:class:`LinearModelBackend`): the test-time
+(:class:`LinearBackend`, the numpy methods of :mod:`metarep.core.methods`), and what it
+shares with the exact infinite-task runs (:class:`LinearModelRun`): the test-time
 evaluation, the theory's predictions and ``B_star^T B B^T B_star``.
 """
 
@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from metarep.core.evaluation import EvalRow, evaluate
-from metarep.core.measures import measure
+from metarep.core.evaluation import EvalRow, evaluate, features_row
+from metarep.core.measures import measure, projected_gram
 from metarep.core.methods import MTLState, State, make_method
 from metarep.core.model import LinearParams, init_linear
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.core.theory import lambda_star, predicted_limits
-from metarep.run.backends.inputs import RunInputs, task_source
+from metarep.run.backends.sources import RunInputs, task_source
 from metarep.run.inputs import check_memory, load_params
 
 LIMIT_MEASURES = ("train_loss", "perp_norm", "subspace_dist", "lambda_err", "head_norm")
@@ -40,7 +40,7 @@ def initial_params(inputs: RunInputs) -> tuple[RunInputs, LinearParams]:
                                seed_rng(model.seed, Purpose.MODEL), dtype)
 
 
-class LinearModelBackend:
+class LinearModelRun:
     """What the runs of the linear model share, given the run's inputs, its method's name and
     the map from a training state to ``(B, w)`` (:meth:`params`).
 
@@ -76,7 +76,7 @@ class LinearModelBackend:
             params = LinearParams(params.B, np.zeros_like(params.w))
         return evaluate(params, self.problem, self.method_name, e.shots, e.n_tasks, self.alpha,
                         e.adapt_steps, e.seed,
-                        features_row=f"{self.method_name}-lsq" if per_task else None)
+                        features_row=features_row(self.method_name) if per_task else None)
 
     def predicted_perp_limit(self) -> float | None:
         """The limit of ``perp_norm`` the theory predicts for this run (0 by default)."""
@@ -109,11 +109,10 @@ class LinearModelBackend:
         """``B_star^T B B^T B_star`` (``None`` without the ground truth)."""
         if not self.inputs.has_truth:
             return None
-        projected = self.problem.B_star.T @ self.params(state).B.astype(np.float64)
-        return projected @ projected.T
+        return projected_gram(self.params(state).B.astype(np.float64), self.problem.B_star)
 
 
-class LinearPoolBackend(LinearModelBackend):
+class LinearBackend(LinearModelRun):
     """The linear model trained by a numpy method (:func:`metarep.core.methods.make_method`)
     on a task pool or on online tasks. States: :class:`~metarep.core.model.LinearParams`, or
     :class:`~metarep.core.methods.MTLState` for ``mtl``."""

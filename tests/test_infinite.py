@@ -28,8 +28,7 @@ from metarep.core.theory import lambda_star
 from metarep.errors import ArgumentError
 from metarep.run.atomic import write_npz
 from metarep.run.backends.infinite import ExactStepper
-from metarep.run.experiment import prepare
-from metarep.run.experiment import run as run_experiment
+from metarep.run.experiment import prepare, run_experiment
 from metarep.run.loop import EXPLOSION_FACTOR, Diverged, Trajectory, train
 from metarep.run.schema import dump_yaml, load_config
 from metarep.run.simulate import grid, simulate_batch
@@ -161,7 +160,7 @@ def test_measures_from_coordinates_equal_measures_of_the_reconstructed_B(d, k, w
     for _ in range(7):
         state, _ = dynamics.step(state)
     Lambda = pop.lambda_stars(dynamics)
-    ours = pop.measures(state, problem.Sigma_star, Lambda)[0]
+    ours = pop.coordinate_measures(state, problem.Sigma_star, Lambda)[0]
     theirs = measure(frame.params(state), problem, Lambda[0])
     assert list(ours) == list(theirs)
     for key, value in theirs.items():
@@ -188,7 +187,8 @@ def test_cost_and_results_do_not_depend_on_d():
         Lambda = pop.lambda_stars(dynamics)
         for _ in range(50):
             state, loss = dynamics.step(state)
-        results.append((float(loss[0]), pop.measures(state, np.diag([1.0, 2.0]), Lambda)[0]))
+        measures = pop.coordinate_measures(state, np.diag([1.0, 2.0]), Lambda)[0]
+        results.append((float(loss[0]), measures))
     (loss_a, measures_a), (loss_b, measures_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-12)
     for key in measures_a:
@@ -258,7 +258,7 @@ def test_lambda_star_reached_to_1e_8_in_a_paper_like_setting():
     assert np.linalg.norm(C @ C.T - expected, 2) <= 1e-8
     Lambda = pop.lambda_stars(dynamics)
     np.testing.assert_allclose(Lambda[0], expected, rtol=1e-12)
-    assert pop.measures(state, problem.Sigma_star, Lambda)[0]["lambda_err"] <= 1e-8
+    assert pop.coordinate_measures(state, problem.Sigma_star, Lambda)[0]["lambda_err"] <= 1e-8
 
 
 def test_undriven_directions_keep_their_size_with_infinite_m_in_and_shrink_otherwise():
@@ -280,7 +280,7 @@ def test_undriven_directions_keep_their_size_with_infinite_m_in_and_shrink_other
         for _ in range(20_000):
             state, _ = dynamics.step(state, with_loss=False)
         kept = np.linalg.norm(state.H[0, 2:] @ kernel, 2)
-        perp = pop.measures(state, problem.Sigma_star, Lambda)[0]["perp_norm"]
+        perp = pop.coordinate_measures(state, problem.Sigma_star, Lambda)[0]["perp_norm"]
         if math.isinf(m_in):
             assert kept == pytest.approx(initial, rel=1e-10)
             assert perp == pytest.approx(predicted, rel=1e-8)
@@ -346,7 +346,7 @@ def test_a_diverging_configuration_is_frozen_and_flagged():
     pd.testing.assert_frame_equal(good, alone, rtol=1e-10)
 
 
-def _divergence_step(dynamics: pop.ExactFOANIL, state: pop.PopulationState, steps: int) -> int:
+def _divergence_step(dynamics: pop.ExactFOANIL, state: pop.InfiniteTaskState, steps: int) -> int:
     """The step at which a batch of one diverges by the rule of metarep.run.loop, stepped
     here by hand: ``t`` where its loss is non-finite or above EXPLOSION_FACTOR times the loss
     at step 0, or ``t + 1`` when the state after step ``t`` has a non-finite entry."""

@@ -4,7 +4,7 @@ Prints a table: expected FO-ANIL steps per second at k' = 50, k = 5 for d = 50 a
 d = 100,000 (target: >= 20,000 steps/s, equal for both d), and the throughput of one batch of
 64 configurations against the same 64 configurations stepped one by one (target: >= 5x).
 
-    python benchmarks/bench_population.py [--quick]
+    python benchmarks/bench_infinite.py [--quick]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from metarep.core.infinite import ExactFOANIL, PopulationState, coordinates  # noqa: E402
+from metarep.core.infinite import ExactFOANIL, InfiniteTaskState, coordinates  # noqa: E402
 from metarep.core.model import init_linear  # noqa: E402
 from metarep.core.problem import make_problem  # noqa: E402
 
@@ -27,7 +27,7 @@ WIDTH, K, BATCH = 50, 5, 64
 STEPS_TARGET, BATCH_TARGET = 20_000, 5.0
 
 
-def setup(d: int, b: int) -> tuple[ExactFOANIL, PopulationState]:
+def setup(d: int, b: int) -> tuple[ExactFOANIL, InfiniteTaskState]:
     """The paper's problem (m_in = 20, sigma^2 = 4) at dimension d, b initialisations, with
     per-configuration step sizes spread around the paper's."""
     problem = make_problem(d, K, 4.0, "linear", np.random.default_rng(0))
@@ -39,7 +39,7 @@ def setup(d: int, b: int) -> tuple[ExactFOANIL, PopulationState]:
     return ExactFOANIL(problem.Sigma_star, alpha, beta, 20, 4.0, state.H.shape), state
 
 
-def steps_per_second(dynamics: ExactFOANIL, state: PopulationState, steps: int,
+def steps_per_second(dynamics: ExactFOANIL, state: InfiniteTaskState, steps: int,
                      with_loss: bool, repeats: int) -> float:
     """Best of ``repeats`` timings of ``steps`` consecutive steps (one step = all configs)."""
     best = np.inf

@@ -11,20 +11,33 @@ from typing import Any
 
 import numpy as np
 
-from metarep.core.evaluation import EvalRow, evaluate_predictors, feature_least_squares_predictor
+from metarep.core.evaluation import (
+    EvalRow,
+    evaluate_predictors,
+    feature_least_squares_predictor,
+    features_row,
+)
 from metarep.core.measures import measure_network
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.core.tasks import TaskBatch
-from metarep.run.backends.inputs import RunInputs, task_source
-from metarep.run.inputs import config_keys, load_network, torch_module
+from metarep.run.backends.sources import RunInputs, task_source
+from metarep.run.inputs import config_errors, load_network, torch_module
 
-LEARNER_KEYS = {"method": "method.name", "name": "method.name", "inner_lr": "method.inner_lr",
+LEARNER_KEYS = {"method": "method.name", "inner_lr": "method.inner_lr",
                 "outer_lr": "method.outer_lr", "inner_steps": "method.inner_steps",
                 "n_tasks": "tasks.n", "device": "train.device", "dtype": "train.dtype"}
 """The config key of each argument of the engine that a run sets from its config."""
 
 
-class TorchBackend:
+def engine_method(name: str) -> tuple[str, bool]:
+    """A config method name as the engine's ``(method, first_order)``: ``fo-anil`` ->
+    ``("anil", True)``, ``maml`` -> ``("maml", False)``, ``mtl`` -> ``("mtl", False)`` (the
+    schema admits only the names of :data:`metarep.core.methods.METHOD_NAMES`)."""
+    base = name.removeprefix("fo-")
+    return base, base != name
+
+
+class EngineBackend:
     """A ReLU network (drawn, or read from ``model.init_from``, whose widths then replace the
     configured ones) meta-trained by the torch engine. States are engine states
     (:class:`~metarep.engine.learner.EngineState`). The tensors of the last batch are kept, so
@@ -49,12 +62,13 @@ class TorchBackend:
         self.method_name = method.name
         self.alpha = method.inner_lr
         self.n_tasks = None if inputs.pool is None else inputs.pool.n_tasks
-        base, first_order = config_keys(
-            LEARNER_KEYS, lambda: learner_module.split_method_name(method.name))
-        self.learner = config_keys(LEARNER_KEYS, lambda: learner_module.MetaLearner(
-            self.network, networks.HEAD, method=base, first_order=first_order,
-            inner_lr=method.inner_lr, outer_lr=method.outer_lr, inner_steps=method.inner_steps,
-            n_tasks=self.n_tasks, device=config.train.device, dtype=config.train.dtype))
+        base, first_order = engine_method(method.name)
+        with config_errors(LEARNER_KEYS):
+            self.learner = learner_module.MetaLearner(
+                self.network, networks.HEAD, method=base, first_order=first_order,
+                inner_lr=method.inner_lr, outer_lr=method.outer_lr,
+                inner_steps=method.inner_steps, n_tasks=self.n_tasks,
+                device=config.train.device, dtype=config.train.dtype)
         self.batches = task_source(inputs)
         self.truth = self.problem if inputs.has_truth else None
         self._last: tuple[TaskBatch, tuple[Any, ...]] | None = None
@@ -102,7 +116,7 @@ class TorchBackend:
         predictors = {name: self.learner.test_predictor(state.params, e.adapt_steps, self.alpha,
                                                         from_zero=per_task)}
         if per_task:
-            predictors[f"{name}-lsq"] = feature_least_squares_predictor(
+            predictors[features_row(name)] = feature_least_squares_predictor(
                 self.learner.feature_map(state.params), self.problem)
         return evaluate_predictors(predictors, self.problem, e.shots, e.n_tasks, e.seed)
 

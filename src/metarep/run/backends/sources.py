@@ -1,5 +1,5 @@
-"""What every kind of run starts from: the resolved config, the problem, the task pool, and
-the tasks of each outer step.
+"""Where a run's problem and tasks come from: the resolved config, the problem (drawn, or
+with the ``B_star`` of a user's pool), the task pool, and the tasks of each outer step.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from metarep.core.problem import Problem, make_problem
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.core.tasks import TaskBatch, sample_tasks
 from metarep.errors import ConfigError
-from metarep.run.inputs import check_memory, config_key, load_pool
+from metarep.run.inputs import check_memory, config_errors, load_pool
 from metarep.run.schema import Config
 
 
@@ -33,7 +33,7 @@ class RunInputs:
 
 def _problem(config: Config) -> Problem:
     p = config.problem
-    with config_key("problem.head_cov"):
+    with config_errors("problem.head_cov"):
         return make_problem(p.d, p.k, p.noise_var, p.head_cov, seed_rng(p.seed, Purpose.PROBLEM))
 
 
@@ -103,10 +103,3 @@ def task_source(inputs: RunInputs) -> Callable[[int], TaskBatch]:
         return lambda t: pool
     return lambda t: pool.take(
         seed_rng(seed, Purpose.TASKS, 1, t).choice(pool.n_tasks, size, replace=False))
-
-
-def divergence_advice(config: Config) -> str:
-    """What to change when a run diverges."""
-    method = config.method
-    return (f"Lower method.outer_lr (now {method.outer_lr:g}) and/or method.inner_lr "
-            f"(now {method.inner_lr:g}), or model.init_scale (now {config.model.init_scale:g}).")
