@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from metarep.run.rundir import RunData
 from metarep.study.claims import claim_rows, evaluate_claims
@@ -35,8 +36,32 @@ def test_a_claim_fails_when_its_measure_misses_its_criterion():
     claim = unlearning.evaluate(shrunk)
     assert claim.passed and claim.value == "0.01"
     assert evaluate_claims({}, rows) == []
-    head = next(row for row in rows if row.claim.startswith("w_t -> 0"))
-    broken = head.evaluate(kept)  # no head_norm column
+    gram = next(row for row in rows if row.claim.startswith("B_star^T B_t B_t^T B_star"))
+    broken = gram.evaluate(kept)  # no lambda_err column
     assert not broken.passed and broken.value == "n/a"
     [missing] = evaluate_claims({}, rows, failed=["pool-mtl"])
     assert missing.claim == "run pool-mtl finished" and not missing.passed
+
+
+def law_run(exponent: float, scale: float = 1.0) -> RunData:
+    """An infinite-task run whose perp_norm is ``scale (2 alpha^2 beta c t)^(-1/2)`` bent to
+    ``t^exponent`` (alpha = 0.5, beta = 0.2, Sigma_star = I_3, sigma^2 = 1, m_in = 10)."""
+    config = {"method": {"inner_lr": 0.5, "outer_lr": 0.2}, "problem": {"noise_var": 1.0},
+              "tasks": {"m_in": 10}}
+    c = (3 + 1.0) / 10
+    steps = np.unique(np.round(np.logspace(0, 5, 101)).astype(int))
+    perp = scale * (2 * 0.5**2 * 0.2 * c) ** -0.5 * steps.astype(float) ** exponent
+    metrics = pd.DataFrame({"step": steps, "perp_norm": perp})
+    return RunData(Runs.INFINITE, config, metrics, None, {"status": "done"},
+                   {"Sigma_star": np.eye(3)})
+
+
+def test_the_unlearning_rate_and_constant_claims_hold_only_for_the_predicted_law():
+    rows = {row.claim: row for row in claim_rows(k=3, d=20) if row.runs == (Runs.INFINITE,)}
+    slope = next(row for claim, row in rows.items() if claim.startswith("the unlearning is slow"))
+    constant = next(row for claim, row in rows.items() if "predicted constant" in claim)
+    exact = {Runs.INFINITE: law_run(-0.5)}
+    assert slope.evaluate(exact).passed and constant.evaluate(exact).passed
+    assert float(constant.evaluate(exact).value) == pytest.approx(1.0, rel=1e-9)
+    assert not slope.evaluate({Runs.INFINITE: law_run(-0.45)}).passed  # a slower rate
+    assert not constant.evaluate({Runs.INFINITE: law_run(-0.5, scale=1.05)}).passed

@@ -29,7 +29,7 @@ from metarep.errors import ArgumentError
 from metarep.run.atomic import write_npz
 from metarep.run.backends.infinite import ExactStepper
 from metarep.run.experiment import prepare, run_experiment
-from metarep.run.loop import EXPLOSION_FACTOR, Diverged, Trajectory, train
+from metarep.run.loop import EXPLOSION_FACTOR, Diverged, RecordSchedule, Trajectory, train
 from metarep.run.schema import dump_yaml, load_config
 from metarep.run.simulate import grid, simulate_batch
 
@@ -151,10 +151,21 @@ def test_expected_update_in_d_dimensions_is_the_reference_step(m_in):
     assert loss == pytest.approx(expected_loss, rel=1e-10)
 
 
-@pytest.mark.parametrize(("d", "k", "width"), [(12, 3, 5), (5, 2, 9)])
-def test_measures_from_coordinates_equal_measures_of_the_reconstructed_B(d, k, width):
+@pytest.mark.parametrize(("d", "k", "width", "rank"),
+                         [(12, 3, 5, None), (5, 2, 9, None), (12, 3, 1, None), (12, 3, 2, None),
+                          (12, 3, 3, None), (12, 3, 6, 2), (12, 3, 6, 4)])
+def test_measures_from_coordinates_equal_measures_of_the_reconstructed_B(d, k, width, rank):
+    """Every measure (``subspace_dist``, ``span_outside``, ``span_missed`` included) of the
+    coordinates ``H`` against ``B_star = [I_k; 0]`` equals that of ``B`` in R^d: k' > k,
+    k' < k, k' = k, and a B_0 of rank ``rank`` (with w_0 = 0 the rank is kept, so rank 2 < k
+    stays at subspace_dist = span_missed = 1 in both frames)."""
     problem = problem_of(d, k, noise_var=0.3)
     params = random_params(d, width, seed=6)
+    if rank is not None:
+        mix = np.random.default_rng(7).standard_normal((rank, width))
+        params = LinearParams(params.B[:, :rank] @ mix, np.zeros(width))
+    if width <= k or rank is not None:  # ||B_0|| = 1 keeps these 7 steps of size 0.2 stable
+        params = LinearParams(params.B / np.linalg.norm(params.B, 2), params.w)
     frame, state = pop.coordinates(problem.B_star, params.B, params.w)
     dynamics = pop.ExactFOANIL(problem.Sigma_star, 0.5, 0.2, 4, 0.3, state.H.shape)
     for _ in range(7):
@@ -165,7 +176,9 @@ def test_measures_from_coordinates_equal_measures_of_the_reconstructed_B(d, k, w
     assert list(ours) == list(theirs)
     for key, value in theirs.items():
         assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-    again = frame.state([frame.params(state)])
+    if min(width, rank or width) < k:
+        assert ours["subspace_dist"] == ours["span_missed"] == theirs["subspace_dist"] == 1.0
+    again = frame.state([frame.params(state)])  # exact for a rank-deficient B_0 too
     np.testing.assert_allclose(again.H, state.H, atol=1e-12)
     np.testing.assert_allclose(again.omega, state.omega, atol=1e-12)
 
@@ -316,6 +329,26 @@ def test_simulate_batch_equals_one_configuration_at_a_time():
         rel=1e-9)
 
 
+def test_simulate_batch_records_on_the_log_grid():
+    """``record_every="log"``: the rows of every configuration are at the steps of the
+    geometric schedule (step 0, every step up to 11, ~20 per decade, and ``steps``), and equal
+    those of an integer schedule at the steps both record."""
+    problem = problem_of(9, 2, noise_var=0.5)
+    kwargs = {"width": 5, "init_scale": 1.0, "steps": 150}
+    frame = simulate_batch(problem, CONFIGS.iloc[:2], **kwargs, record_every="log")
+    expected = list(RecordSchedule(150, "log").steps())
+    assert expected[:12] == list(range(12)) and expected[-1] == 150
+    for i in (0, 1):
+        assert frame[frame["config"] == i]["step"].tolist() == expected
+    assert not frame["diverged"].any()
+    every = simulate_batch(problem, CONFIGS.iloc[:2], **kwargs, record_every=1)
+    pd.testing.assert_frame_equal(every[every["step"].isin(expected)].reset_index(drop=True),
+                                  frame.reset_index(drop=True), rtol=1e-12)
+    with pytest.raises(ArgumentError) as error:
+        simulate_batch(problem, CONFIGS.iloc[:1], **kwargs, record_every="loga")
+    assert error.value.argument == "record_every"
+
+
 def test_grid_is_the_cartesian_product():
     frame = grid(inner_lr=[0.1, 0.2], m_in=[5, math.inf], seed=[0, 1, 2])
     assert len(frame) == 12 and list(frame.columns) == ["inner_lr", "m_in", "seed"]
@@ -395,7 +428,7 @@ def test_divergence_between_two_record_steps_is_caught_at_that_step():
 
     stepper = CheckedStepper(dynamics, pop.lambda_stars(dynamics))
     trajectories = [Trajectory(None, 0) for _ in range(2)]
-    outcome = train(stepper, state, trajectories, steps=steps, record_every=every,
+    outcome = train(stepper, state, trajectories, schedule=RecordSchedule(steps, every),
                     advice=["lower it"] * 2, progress=False)
     assert outcome[0] is None and isinstance(outcome[1], Diverged)
     assert outcome[1].step == expected
@@ -412,7 +445,7 @@ def test_divergence_between_two_record_steps_is_caught_at_that_step():
     assert [r["step"] for r in trajectories[0].records] == [0, 25, 50, 60]
     good_alone = [Trajectory(None, 0)]
     train(ExactStepper(alone[0], pop.lambda_stars(alone[0])), state.take(0), good_alone,
-          steps=steps, record_every=every, advice=["lower it"], progress=False)
+          schedule=RecordSchedule(steps, every), advice=["lower it"], progress=False)
     for ours, theirs in zip(trajectories[0].records, good_alone[0].records, strict=True):
         assert list(ours) == list(theirs)
         for key, value in theirs.items():

@@ -311,7 +311,8 @@ def test_each_method_runs_end_to_end(tmp_path, name, dtype):
     assert list(result.metrics["step"]) == [0, 2, 4, 6]
     assert np.all(np.isfinite(result.metrics["train_loss"]))
     methods = {row.method for row in result.eval_rows}
-    expected = {name, "oracle", "regression"} | ({"mtl-lsq"} if name == "mtl" else set())
+    expected = {name, "bayes-oracle", "ridge", "oracle-lsq", "regression-lsq"} | (
+        {"mtl-lsq"} if name == "mtl" else set())  # least squares from k + 2 = 4 and d + 2 = 8
     assert methods == expected
     with np.load(tmp_path / "params.npz") as saved:
         assert saved["B"].dtype == np.dtype(dtype)
@@ -361,8 +362,8 @@ def test_feature_least_squares_matches_full_dimensional_simulation():
     """The reduced-coordinate ``mtl-lsq`` risk agrees (z-test) with least squares on ``X B``
     simulated with full d-dimensional inputs."""
     from metarep.core.evaluation import (
-        baseline_penalty,
         feature_least_squares_risks,
+        features_penalty,
         fit_least_squares,
     )
     from metarep.core.problem import make_problem
@@ -377,7 +378,7 @@ def test_feature_least_squares_matches_full_dimensional_simulation():
         beta = sample_heads(problem, n, rng) @ problem.B_star.T
         X = rng.standard_normal((n, m, d))
         y = np.einsum("nmd,nd->nm", X, beta) + rng.standard_normal((n, m)) * np.sqrt(0.5)
-        fitted = fit_least_squares(X @ B, y, baseline_penalty(m, width, problem))
+        fitted = fit_least_squares(X @ B, y, features_penalty(m, width, problem))
         direct = np.sum((fitted @ B.T - beta) ** 2, axis=1)
         stderr = np.hypot(reduced.std(ddof=1), direct.std(ddof=1)) / np.sqrt(n)
         assert abs(reduced.mean() - direct.mean()) < 4 * stderr
@@ -396,3 +397,23 @@ def test_mtl_is_evaluated_from_a_zero_head_with_a_feature_row():
                         e.seed)
     assert [r for r in rows if r.method != "mtl-lsq"] == expected
     assert [r.shots for r in rows if r.method == "mtl-lsq"] == list(e.shots)
+
+
+@pytest.mark.parametrize("overrides, limits, target", [
+    ({"tasks.n": "infinite"}, True, True),
+    ({"tasks.n": "infinite", "model.width": 2}, True, True),  # the top-k' part of Lambda_star
+    ({}, False, True),  # a pool: Lambda_star is the reference, no limits
+    ({"method.name": "anil"}, False, True),
+    ({"method.name": "mtl"}, False, False),
+    ({"method.inner_steps": 2}, False, False),
+    ({"method.name": "maml", "model.width": 2}, False, False),
+])
+def test_a_run_gets_the_theory_of_its_own_setting_only(overrides, limits, target):
+    config = load_config("quick", {"train.steps": 1, "eval.n_tasks": 20, **overrides})
+    backend = prepare(config)
+    theory = backend.theory({}, [])
+    assert (theory["limits"] is not None) == limits, theory["prediction"]
+    assert (theory["lambda_star"] is not None) == target, theory["reference"]
+    assert theory["scope"]["width"] == config.model.width and theory["scope"]["k"] == 3
+    lambda_err = backend.measure(backend.initial_state())["lambda_err"]
+    assert np.isfinite(lambda_err) == target

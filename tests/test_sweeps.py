@@ -422,7 +422,7 @@ def test_a_diverging_run_fails_alone_in_its_batch(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
-    sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]},
+    sweep = write_sweep(tmp_path, grid={"model.width": [1, 2, 0]},
                         zip={"problem.d": [6, 8], "tasks.m_in": [5, 6]}, seeds=[0, 1])
     out = tmp_path / "out"
     run_sweep(sweep, out, SweepOptions(workers=1, progress=False))
@@ -455,6 +455,17 @@ def test_collect_writes_one_tidy_row_per_run_and_a_plot(tmp_path):
     assert result.figure.stat().st_size > 1000
     default = collect(out)
     assert default.figure == out / "perp_norm_vs_model.width.png"
+    # A width sweep with k = 2: width 1 cannot cover span(B_star), whatever it learned.
+    missed = collect(out, x="model.width", y="span_missed")
+    assert missed.figure == out / "span_missed_vs_model.width.png"
+    assert missed.figure.stat().st_size > 1000
+    done = table[table["status"] == "done"]
+    narrow, wide = done[done["model.width"] == 1], done[done["model.width"] == 2]
+    assert len(narrow) == len(wide) == 4
+    assert (narrow["span_missed"] == 1.0).all() and (narrow["subspace_dist"] == 1.0).all()
+    assert (narrow["span_outside"] < 1.0).all()
+    np.testing.assert_allclose(wide["span_missed"], wide["subspace_dist"], atol=1e-12)
+    assert (wide["subspace_dist"] < 1.0).all()
     result.parquet.unlink()
     for bad, key in (({"x": "model.widht"}, "--x"), ({"y": "nope"}, "--y")):
         with pytest.raises(ConfigError) as error:

@@ -13,18 +13,29 @@ from zstats import assert_z
 
 from metarep.core import infinite
 from metarep.core.evaluation import adapted_and_oracle_risks, fit_least_squares
+from metarep.core.methods import ANIL, FOANIL, FOMAML, MAML
 from metarep.core.model import LinearParams
+from metarep.core.monte_carlo import monte_carlo_update
 from metarep.core.problem import Problem, make_problem, random_orthonormal
 from metarep.core.tasks import sample_heads
 from metarep.core.theory import (
+    Setting,
     adapted_risk,
-    baseline_risk,
+    bayes_oracle_risk,
+    gram_target,
     lambda_star,
+    least_squares_has_finite_risk,
+    least_squares_has_finite_variance,
+    least_squares_risk,
     one_step_risk,
     predicted_limits,
+    ridge_penalty,
+    ridge_risk,
+    top_part,
 )
 
 N_TASKS = 100_000
+INFINITE_FO_ANIL = Setting("fo-anil", 5, 1, 1, "infinite")
 
 
 def problem_of(d: int, k: int, noise_var: float, seed: int = 0) -> Problem:
@@ -108,37 +119,94 @@ def test_the_meta_training_loss_is_the_one_step_risk_with_m_in_samples():
         assert 2 * loss - 0.6 == pytest.approx(risk, rel=1e-10)
 
 
-# ----------------------------------------------------------------------------- baselines
+# ----------------------------------------------------------------------------- references
 
 
 @pytest.mark.parametrize(("m", "dim"), [(8, 2), (12, 5)])
-def test_least_squares_baseline_matches_monte_carlo(m, dim):
+def test_least_squares_risk_matches_monte_carlo(m, dim):
+    """``sigma^2 dim / (m - dim - 1)`` where the risk has a finite variance (m >= dim + 4)."""
     problem = problem_of(dim, dim, noise_var=1.3)
     rng = np.random.default_rng(m)
     heads = sample_heads(problem, N_TASKS, rng)
     X = rng.standard_normal((N_TASKS, m, dim))
     y = np.einsum("nmd,nd->nm", X, heads) + np.sqrt(1.3) * rng.standard_normal((N_TASKS, m))
     risks = np.sum((fit_least_squares(X, y, 0.0) - heads) ** 2, axis=1)
-    closed = baseline_risk(m, dim, problem)
+    closed = least_squares_risk(m, dim, 1.3)
     assert closed == pytest.approx(1.3 * dim / (m - dim - 1))
+    assert least_squares_has_finite_variance(m, dim, 1.3)
     assert_z(risks.mean(), risks.std(ddof=1) / np.sqrt(N_TASKS), closed, "least squares")
 
 
-def test_noiseless_minimum_norm_interpolation_baseline():
-    """sigma^2 = 0, m < dim: the fit is the projection of the target onto the row space of X,
-    a uniform m-dimensional subspace: risk tr(Sigma) (1 - m / dim); 0 once m >= dim."""
-    problem = problem_of(6, 6, noise_var=0.0)
+def test_least_squares_has_a_finite_risk_from_dim_plus_2_and_variance_from_dim_plus_4():
+    for dim in (1, 3, 8):
+        assert math.isnan(least_squares_risk(dim + 1, dim, 1.0))
+        assert not least_squares_has_finite_risk(dim + 1, dim)
+        assert least_squares_has_finite_risk(dim + 2, dim)
+        assert least_squares_risk(dim + 2, dim, 1.0) == dim
+        assert [least_squares_has_finite_variance(dim + j, dim, 1.0) for j in (2, 3, 4, 5)] == [
+            False, False, True, True]
+        assert least_squares_has_finite_variance(dim + 2, dim, 0.0)  # noiseless: risk 0
+
+
+@pytest.mark.parametrize("m", [13, 16])
+def test_least_squares_second_moment_matches_the_inverse_wishart_moments(m):
+    """The claim behind ``least_squares_has_finite_variance``: ``E[risk^2] = sigma^4
+    (E (tr W^{-1})^2 + 2 E tr W^{-2})``, with the inverse-Wishart moments (``c = m - dim``)
+    ``E tr W^{-2} = (m - 1) dim / (c (c - 1) (c - 3))`` and ``E (tr W^{-1})^2 = dim^2 / (c - 1)^2
+    + 2 dim / ((c - 1)^2 (c - 3)) + 2 dim (dim - 1) / (c (c - 1)^2 (c - 3))``, finite iff
+    ``c > 3``. z-test at m >= dim + 8, where the risk's fourth moment is finite too."""
+    dim, noise_var = 3, 1.3
+    rng = np.random.default_rng(m)
+    X = rng.standard_normal((N_TASKS, m, dim))
+    eps = np.sqrt(noise_var) * rng.standard_normal((N_TASKS, m))
+    risks = np.sum(fit_least_squares(X, eps, 0.0) ** 2, axis=1)  # beta_hat - beta for y = eps
+    c = m - dim
+    trace_square = (dim**2 / (c - 1) ** 2 + 2 * dim / ((c - 1) ** 2 * (c - 3))
+                    + 2 * dim * (dim - 1) / (c * (c - 1) ** 2 * (c - 3)))
+    square_trace = (m - 1) * dim / (c * (c - 1) * (c - 3))
+    expected = noise_var**2 * (trace_square + 2 * square_trace)
+    second = risks**2
+    assert_z(second.mean(), second.std(ddof=1) / np.sqrt(N_TASKS), expected, "E risk^2")
+    assert_z(risks.mean(), risks.std(ddof=1) / np.sqrt(N_TASKS),
+             least_squares_risk(m, dim, noise_var), "E risk")
+
+
+def test_noiseless_ridge_is_minimum_norm_interpolation():
+    """sigma^2 = 0: lambda = 0, and the fit is the projection of beta = B_star w_star onto the
+    row space of X, a uniform m-dimensional subspace of R^d: risk tr(Sigma) (1 - m / d); 0 once
+    m >= d. With noise: nan (no closed form)."""
+    problem = problem_of(8, 3, noise_var=0.0)
+    assert ridge_penalty(8, problem) == 0.0
     rng = np.random.default_rng(4)
-    heads = sample_heads(problem, N_TASKS, rng)
-    X = rng.standard_normal((N_TASKS, 3, 6))
-    y = np.einsum("nmd,nd->nm", X, heads)
-    risks = np.sum((fit_least_squares(X, y, 0.0) - heads) ** 2, axis=1)
-    closed = baseline_risk(3, 6, problem)
-    assert closed == pytest.approx(np.trace(problem.Sigma_star) / 2)
+    beta = sample_heads(problem, N_TASKS, rng) @ problem.B_star.T
+    X = rng.standard_normal((N_TASKS, 3, 8))
+    y = np.einsum("nmd,nd->nm", X, beta)
+    risks = np.sum((fit_least_squares(X, y, 0.0) - beta) ** 2, axis=1)
+    closed = ridge_risk(3, problem)
+    assert closed == pytest.approx(np.trace(problem.Sigma_star) * 5 / 8)
     assert_z(risks.mean(), risks.std(ddof=1) / np.sqrt(N_TASKS), closed, "min-norm")
-    assert baseline_risk(6, 6, problem) == 0.0
+    assert ridge_risk(8, problem) == ridge_risk(20, problem) == 0.0
     noisy = dataclasses.replace(problem, noise_var=0.1)
-    assert math.isnan(baseline_risk(5, 6, noisy))  # ridge: no closed form
+    assert ridge_penalty(8, noisy) == pytest.approx(0.1 * 8 / np.trace(problem.Sigma_star))
+    assert math.isnan(ridge_risk(5, noisy)) and math.isnan(ridge_risk(30, noisy))
+
+
+def test_bayes_oracle_closed_forms():
+    """0 from m >= k samples without noise; c (k - m) below for Sigma_star = c I (the posterior
+    covariance is c times a projection of rank k - m, so the risk's conditional mean is
+    constant); nan otherwise (noise, or anisotropic Sigma_star below k samples)."""
+    isotropic = Problem(np.eye(7, 4), 0.5 * np.eye(4), 0.0)
+    anisotropic = dataclasses.replace(isotropic, Sigma_star=np.diag([0.2, 0.5, 1.0, 2.0]))
+    for problem in (isotropic, anisotropic):
+        assert bayes_oracle_risk(4, problem) == bayes_oracle_risk(9, problem) == 0.0
+        assert math.isnan(bayes_oracle_risk(9, dataclasses.replace(problem, noise_var=0.3)))
+    assert [bayes_oracle_risk(m, isotropic) for m in (1, 2, 3)] == [1.5, 1.0, 0.5]
+    assert math.isnan(bayes_oracle_risk(2, anisotropic))
+    # Monte Carlo: the per-task posterior variance, c tr(I - Z^T (Z Z^T)^{-1} Z) = c (k - m)
+    Z = np.random.default_rng(0).standard_normal((5, 2, 4))
+    projection = np.swapaxes(Z, 1, 2) @ np.linalg.solve(Z @ np.swapaxes(Z, 1, 2), Z)
+    np.testing.assert_allclose(0.5 * np.trace(np.eye(4) - projection, axis1=1, axis2=2),
+                               bayes_oracle_risk(2, isotropic), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- limits
@@ -160,8 +228,8 @@ def limit_state(Lambda: np.ndarray, width: int, d: int, seed: int) -> LinearPara
 def test_the_predicted_limit_is_a_fixed_point_with_the_predicted_loss(m_in):
     Sigma, noise, alpha = np.diag([0.5, 1.0, 1.5]), 0.7, 0.6
     problem = Problem(np.eye(9, 3), Sigma, noise)
-    limits = predicted_limits(problem, m_in, alpha, shots=(5, 50))
-    Lambda = limits["Lambda_star"]
+    limits = predicted_limits(problem, m_in, alpha, INFINITE_FO_ANIL, shots=(5, 50))
+    Lambda = limits["gram"]
     np.testing.assert_array_equal(Lambda, lambda_star(problem, m_in, alpha))
     state = limit_state(Lambda, width=5, d=9, seed=int(min(m_in, 99)))
     update, loss = infinite.expected_update(state, problem, alpha, 0.4, m_in)
@@ -177,8 +245,8 @@ def test_the_predicted_limit_is_a_fixed_point_with_the_predicted_loss(m_in):
 def test_predicted_test_risk_at_the_limit_matches_monte_carlo():
     Sigma, noise, alpha, m_in = np.diag([0.5, 1.0, 1.5]), 0.7, 0.6, 10
     problem = Problem(np.eye(9, 3), Sigma, noise)
-    limits = predicted_limits(problem, m_in, alpha, shots=(3, 30))
-    state = limit_state(limits["Lambda_star"], width=5, d=9, seed=7)
+    limits = predicted_limits(problem, m_in, alpha, INFINITE_FO_ANIL, shots=(3, 30))
+    state = limit_state(limits["gram"], width=5, d=9, seed=7)
     for m, expected in limits["test_risk"].items():
         risks, _ = adapted_and_oracle_risks(state, problem, m, N_TASKS, alpha, 1,
                                             np.random.default_rng(m))
@@ -190,3 +258,100 @@ def test_alpha_lambda_star_tends_to_identity_as_m_in_grows():
     for m_in, tolerance in ((1e3, 1e-2), (1e6, 1e-5)):
         error = np.abs(0.5 * lambda_star(problem, m_in, 0.5) - np.eye(2)).max()
         assert error < tolerance
+
+
+# ----------------------------------------------------------------------------- scope
+
+
+def _limit_params(gram: np.ndarray, problem: Problem, width: int, seed: int = 0) -> LinearParams:
+    """``(B, 0)`` with ``B_perp^T B = 0`` and ``B_star^T B B^T B_star = gram`` (d, k')."""
+    values, vectors = np.linalg.eigh(gram)
+    root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    rotation, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((width, width)))
+    C = root @ rotation[:problem.k] if width >= problem.k else (
+        vectors[:, ::-1][:, :width] * np.sqrt(np.clip(values[::-1][:width], 0, None)))
+    return LinearParams(problem.B_star @ C, np.zeros(width))
+
+
+def test_the_target_of_lambda_err_carries_its_scope():
+    problem = problem_of(8, 3, 0.5)
+    Lambda = lambda_star(problem, 10, 0.4)
+    for method in ("fo-anil", "anil", "fo-maml", "maml"):
+        target, statement = gram_target(problem, 10, 0.4, Setting(method, 5, 1, 1, "pool"))
+        np.testing.assert_array_equal(target, Lambda)
+        assert "Lambda_star" in statement
+    for setting, reason in ((Setting("mtl", 5, 1, 1, "pool"), "mtl"),
+                            (Setting("fo-anil", 5, 2, 1, "infinite"), "2 inner steps"),
+                            (Setting("anil", 2, 1, 1, "pool"), "k' < k")):
+        target, statement = gram_target(problem, 10, 0.4, setting)
+        assert target is None and reason in statement
+    narrow, statement = gram_target(problem, 10, 0.4, Setting("fo-anil", 2, 1, 1, "infinite"))
+    values = np.sort(np.linalg.eigvalsh(Lambda))[::-1]
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(narrow))[::-1], [*values[:2], 0],
+                               atol=1e-12)
+    assert np.linalg.norm(narrow - Lambda, 2) == pytest.approx(values[2], rel=1e-12)
+    isotropic = Problem(problem.B_star, np.eye(3), 0.5)
+    assert top_part(lambda_star(isotropic, 10, 0.4), 2) is None  # tied: the limit depends on B_0
+    assert gram_target(isotropic, 10, 0.4, Setting("fo-anil", 2, 1, 1, "infinite"))[0] is None
+
+
+def test_limits_are_given_only_for_exact_infinite_task_fo_anil():
+    problem = problem_of(8, 3, 0.5)
+    for setting in (Setting("fo-anil", 5, 1, 1, "pool"), Setting("fo-anil", 5, 1, 1, "online"),
+                    Setting("anil", 5, 1, 1, "infinite"), Setting("mtl", 5, 1, 1, "pool"),
+                    Setting("fo-anil", 5, 2, 1, "infinite")):
+        assert predicted_limits(problem, 10, 0.4, setting) is None, setting
+    zero_steps = predicted_limits(problem, 10, 0.4, Setting("fo-anil", 5, 1, 0, "infinite"),
+                                  shots=(4, 40))
+    assert zero_steps["test_risk"] == {4: pytest.approx(3.0), 40: pytest.approx(3.0)}  # tr Sigma
+    two_steps = predicted_limits(problem, 10, 0.4, Setting("fo-anil", 5, 1, 2, "infinite"),
+                                 shots=(4,))
+    assert two_steps["test_risk"] == {4: None}
+    narrow = predicted_limits(problem, 10, 0.4, Setting("fo-anil", 2, 1, 1, "infinite"))
+    assert narrow["rank"] == 2 and narrow["subspace_dist"] == 1.0 and narrow["lambda_err"] == 0
+
+
+@pytest.mark.parametrize("head_cov, width, m_in", [("linear", 2, 10), ("linear", 1, 4),
+                                                    ((1.0, 2.0, 5.0), 2, 50)])
+def test_narrow_exact_dynamics_reach_the_top_part_with_the_predicted_loss(head_cov, width, m_in):
+    problem = make_problem(12, 3, 1.0, head_cov, np.random.default_rng(3))
+    alpha, beta = 0.5, 0.3
+    B0 = np.random.default_rng(4).standard_normal((12, width)) / np.sqrt(12)
+    frame, state = infinite.coordinates(problem.B_star, B0)
+    dynamics = infinite.ExactFOANIL(problem.Sigma_star, alpha, beta, m_in, problem.noise_var,
+                               state.H.shape)
+    for _ in range(30_000):
+        state, loss = dynamics.step(state, with_loss=False)
+        state = type(state)(state.H.copy(), state.omega.copy())
+    loss = float(dynamics.expected_loss(state)[0])
+    setting = Setting("fo-anil", width, 1, 1, "infinite")
+    limits = predicted_limits(problem, m_in, alpha, setting)
+    params = frame.params(state)
+    gram = problem.B_star.T @ params.B @ params.B.T @ problem.B_star
+    np.testing.assert_allclose(gram, limits["gram"], atol=1e-9)
+    assert loss == pytest.approx(limits["train_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("method", [ANIL, FOMAML, MAML])
+def test_lambda_star_is_a_stationary_point_of_the_other_one_step_methods(method):
+    """The statement behind the target of lambda_err for ANIL, FO-MAML and MAML: at w = 0,
+    B_perp^T B = 0 and C C^T = Lambda_star the expected update is 0 (z-test on every entry)."""
+    problem = problem_of(6, 2, 1.0)
+    alpha, m_in = 0.3, 8
+    params = _limit_params(lambda_star(problem, m_in, alpha), problem, width=4)
+    update = monte_carlo_update(method(alpha, 0.1, 1), params, problem, m_in, 6, 60_000,
+                                np.random.default_rng(5), tasks_per_batch=300)
+    z = np.concatenate([(update.mean.B / update.stderr.B).ravel(),
+                        update.mean.w / update.stderr.w])
+    assert np.abs(z).max() < 4.5
+
+
+def test_lambda_star_is_not_a_fixed_point_of_two_inner_steps():
+    """Negative control for the scope: two inner steps of FO-ANIL move away from the one-step
+    Lambda_star, so no prediction is given there."""
+    problem = problem_of(6, 2, 1.0)
+    alpha, m_in = 0.3, 8
+    params = _limit_params(lambda_star(problem, m_in, alpha), problem, width=4)
+    update = monte_carlo_update(FOANIL(alpha, 0.1, 2), params, problem, m_in, 6, 60_000,
+                                np.random.default_rng(6), tasks_per_batch=300)
+    assert np.abs(update.mean.B / update.stderr.B).max() > 8

@@ -1,5 +1,5 @@
 """The torch.func engine: equal to the linear fast path, to finite differences of each method's
-outer objective, and runs ReLU networks end to end (spec section 3)."""
+outer objective, and runs ReLU networks end to end (specification §3)."""
 
 from __future__ import annotations
 

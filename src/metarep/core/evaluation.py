@@ -8,30 +8,40 @@ Multi-task learning (``mtl``) has no learned shared head: it adapts from ``w = 0
 row fitting the head by least squares on the learned features ``X B``
 (:func:`feature_least_squares_risks`).
 
-Two reference rows: the **oracle** knows ``B_star`` and fits the head by least squares in k
-dimensions; **regression** ignores any representation and fits ``beta`` in d dimensions. Both
-use plain least squares when ``m >= dim + 2`` and otherwise ridge with the penalty of
-:func:`metarep.core.theory.ridge_penalty`.
+Reference rows (:data:`REFERENCE_ROWS`), each from the same ``m`` test samples:
+
+- ``bayes-oracle``: knows ``B_star``, ``Sigma_star`` and ``sigma^2``, and takes the posterior
+  mean of ``w_star`` (:func:`posterior_mean`): the lowest risk any estimator can reach with
+  ``m`` samples, hence a lower reference for every method, monotone in ``m``;
+- ``ridge``: ignores any representation, ridge in d dimensions with the prior-optimal
+  isotropic penalty :func:`metarep.core.theory.ridge_penalty` at every ``m`` (``sigma^2 = 0``:
+  minimum-norm interpolation, then least squares);
+- ``oracle-lsq`` (least squares on ``X B_star``, k dimensions) and ``regression-lsq`` (least
+  squares in d dimensions): only where their expected risk is finite (``m >= dim + 2``), with
+  standard error ``nan`` where the variance of the risk is infinite (``m = dim + 2, dim + 3``:
+  :func:`metarep.core.theory.least_squares_has_finite_variance`).
 
 The ``theory`` column holds closed forms where known: for the method,
 :func:`metarep.core.theory.adapted_risk` of ``(B, w)`` (0 or 1 head step, any ``B`` and ``w``); for
-the baselines, :func:`metarep.core.theory.baseline_risk` (least squares, or noiseless
-interpolation).
+the references, :func:`metarep.core.theory.bayes_oracle_risk`,
+:func:`metarep.core.theory.ridge_risk` and :func:`metarep.core.theory.least_squares_risk`.
 
-The representation methods and the oracle only see ``X`` through ``X B`` and ``X B_star``, so
-they are simulated exactly in an orthonormal basis ``Q = [B_star, Q_B]`` of span(B_star, B): the
-projected inputs ``X Q`` are i.i.d. standard normal whatever ``d`` is. Regression needs the full
-``X`` and is simulated in d dimensions, in chunks.
+The representation methods and the oracle rows only see ``X`` through ``X B`` and
+``X B_star``, so they are simulated exactly, on the same tasks (common random numbers), in an
+orthonormal basis ``Q = [B_star, Q_B]`` of span(B_star, B): the projected inputs ``X Q`` are
+i.i.d. standard normal whatever ``d`` is. ``ridge`` and ``regression-lsq`` need the full ``X``
+and are simulated together in d dimensions, in chunks, on their own tasks.
 
 Any other model (a ReLU network trained by the torch engine) is evaluated through numpy
 predictors (:func:`evaluate_predictors`) on fresh tasks in d dimensions: its excess risk
 ``E_x (f(x) - x^T B_star w_star)^2`` is estimated with fresh test inputs, next to the same
-oracle and regression rows.
+reference rows (the oracle rows on the predictors' tasks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +51,15 @@ from metarep.core.model import LinearParams
 from metarep.core.problem import Problem, outside_span
 from metarep.core.seeding import Purpose, seed_sequence
 from metarep.core.tasks import sample_heads
-from metarep.core.theory import adapted_risk, baseline_risk, ridge_penalty, uses_least_squares
+from metarep.core.theory import (
+    adapted_risk,
+    bayes_oracle_risk,
+    least_squares_has_finite_risk,
+    least_squares_has_finite_variance,
+    least_squares_risk,
+    ridge_penalty,
+    ridge_risk,
+)
 
 
 def features_row(method: str) -> str:
@@ -50,13 +68,22 @@ def features_row(method: str) -> str:
     return f"{method}-lsq"
 
 
-REGRESSION_BUDGET = 200_000_000  # Gaussian entries drawn for the regression row per m_test
+BAYES_ORACLE = "bayes-oracle"  # posterior mean knowing B_star, Sigma_star, sigma^2
+ORACLE_LSQ = "oracle-lsq"  # least squares on X B_star (k dims), m >= k + 2
+RIDGE = "ridge"  # ridge in d dims, lambda = sigma^2 d / tr(Sigma_star), every m
+REGRESSION_LSQ = "regression-lsq"  # least squares in d dims, m >= d + 2
+REFERENCE_ROWS = (BAYES_ORACLE, ORACLE_LSQ, RIDGE, REGRESSION_LSQ)
+"""The reference rows, in the order :func:`evaluate` writes them after the method's rows."""
+
+REGRESSION_BUDGET = 200_000_000  # Gaussian entries drawn for the d-dimensional rows per m_test
 CHUNK_ENTRIES = 4_000_000
 
 
 @dataclass(frozen=True)
 class EvalRow:
-    """One line of ``eval.csv``: mean excess risk over ``n_tasks`` fresh tasks."""
+    """One line of ``eval.csv``: mean excess risk over ``n_tasks`` fresh tasks, its standard
+    error (``nan`` where the risk has infinite variance) and its closed form (``nan`` where none
+    is known)."""
 
     method: str
     shots: int
@@ -66,10 +93,12 @@ class EvalRow:
     theory: float = float("nan")
 
 
-def _summary(method: str, shots: int, risks: np.ndarray, theory: float = np.nan) -> EvalRow:
+def _summary(method: str, shots: int, risks: np.ndarray, theory: float = np.nan,
+             finite_variance: bool = True) -> EvalRow:
     n = risks.shape[0]
-    return EvalRow(method, shots, float(risks.mean()), float(risks.std(ddof=1) / np.sqrt(n)), n,
-                   theory)
+    # math.nan, one object, so that rows compare equal (dataclass == compares by identity first)
+    stderr = float(risks.std(ddof=1) / np.sqrt(n)) if finite_variance else math.nan
+    return EvalRow(method, shots, float(risks.mean()), stderr, n, theory)
 
 
 def representation_basis(B: np.ndarray, B_star: np.ndarray) -> np.ndarray:
@@ -102,11 +131,42 @@ def fit_least_squares(F: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarra
     return (Ft @ np.linalg.solve(gram, y[..., None]))[..., 0]
 
 
-def baseline_penalty(m: int, dim: int, problem: Problem) -> float:
-    """0 (least squares) when ``m >= dim + 2``, else the documented ridge penalty."""
-    if uses_least_squares(m, dim):
+def posterior_mean(Z: np.ndarray, y: np.ndarray, problem: Problem) -> np.ndarray:
+    """Batched posterior mean of ``w_star ~ N(0, Sigma_star)`` given ``y = Z w_star + eps``,
+    ``eps ~ N(0, sigma^2 I_m)``, for ``Z = X B_star`` (n, m, k), ``y`` (n, m):
+
+    ``w_hat = (Z^T Z + sigma^2 Sigma_star^{-1})^{-1} Z^T y
+    = Sigma_star Z^T (Z Sigma_star Z^T + sigma^2 I_m)^{-1} y``.
+
+    Computed in whitened coordinates ``w = L v`` (``Sigma_star = L L^T``, ``v ~ N(0, I_k)``):
+    ``w_hat = L fit_least_squares(Z L, y, sigma^2)``, which is the primal form for ``m > k`` and
+    the dual form above for ``m <= k``. ``sigma^2 = 0`` works: for ``m <= k`` it is the
+    interpolator of minimum ``||v|| = ||w||_{Sigma_star^{-1}}``, for ``m > k`` least squares.
+    **Returns:** (n, k).
+    """
+    L = np.linalg.cholesky(problem.Sigma_star)
+    return fit_least_squares(Z @ L, y, problem.noise_var) @ L.T
+
+
+def features_penalty(m: int, width: int, problem: Problem) -> float:
+    """The penalty of least squares on ``width`` learned features (``mtl-lsq``): 0 where least
+    squares has a finite expected risk (``m >= width + 2``), else
+    :func:`metarep.core.theory.ridge_penalty` in ``width`` dimensions."""
+    if least_squares_has_finite_risk(m, width):
         return 0.0
-    return ridge_penalty(dim, problem)
+    return ridge_penalty(width, problem)
+
+
+def oracle_risks(Z_star: np.ndarray, y: np.ndarray, heads: np.ndarray,
+                 problem: Problem) -> dict[str, np.ndarray]:
+    """Risks ``||w_hat - w_star||^2`` (n,) of the oracle rows from ``Z_star = X B_star``
+    (n, m, k) and ``y`` (n, m): ``bayes-oracle`` (:func:`posterior_mean`), and ``oracle-lsq``
+    (least squares) where ``m >= k + 2``."""
+    m, k = y.shape[1], problem.k
+    risks = {BAYES_ORACLE: np.sum((posterior_mean(Z_star, y, problem) - heads) ** 2, axis=1)}
+    if least_squares_has_finite_risk(m, k):
+        risks[ORACLE_LSQ] = np.sum((fit_least_squares(Z_star, y, 0.0) - heads) ** 2, axis=1)
+    return risks
 
 
 def _reduced_tasks(
@@ -140,9 +200,9 @@ def feature_least_squares_risks(
 ) -> np.ndarray:
     """Excess risks (n_tasks,) of least squares on the learned features ``X B`` (k' of them):
     ``w' = argmin ||X B w - y||^2 + lambda ||w||^2`` with ``lambda`` from
-    :func:`baseline_penalty` in ``k'`` dimensions, risk ``||B w' - B_star w_star||^2``."""
+    :func:`features_penalty` in ``k'`` dimensions, risk ``||B w' - B_star w_star||^2``."""
     B_r, heads, Z, y = _reduced_tasks(B, problem, m, n_tasks, rng)
-    fitted = fit_least_squares(Z @ B_r, y, baseline_penalty(m, B.shape[1], problem))
+    fitted = fit_least_squares(Z @ B_r, y, features_penalty(m, B.shape[1], problem))
     return _reduced_risk(fitted, B_r, heads)
 
 
@@ -154,23 +214,24 @@ def adapted_and_oracle_risks(
     alpha: float,
     adapt_steps: int,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Excess risks (n_tasks,) after ``adapt_steps`` head steps, and of the oracle, on the
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Excess risks (n_tasks,) after ``adapt_steps`` head steps, and of the oracle rows
+    (:func:`oracle_risks`: ``bayes-oracle``, and ``oracle-lsq`` where ``m >= k + 2``), on the
     same fresh tasks (common random numbers)."""
     B_r, heads, Z, y = _reduced_tasks(params.B, problem, m, n_tasks, rng)
     k, w = problem.k, params.w.astype(np.float64)
     adapted = (adapt_head(B_r, w, Z, y, alpha, adapt_steps) if adapt_steps
                else np.broadcast_to(w, (n_tasks, w.shape[0])))
     method_risk = _reduced_risk(adapted, B_r, heads)
-    oracle_heads = fit_least_squares(Z[..., :k], y, baseline_penalty(m, k, problem))
-    oracle_risk = np.sum((oracle_heads - heads) ** 2, axis=1)
-    return method_risk, oracle_risk
+    return method_risk, oracle_risks(Z[..., :k], y, heads, problem)
 
 
 def regression_risks(
     problem: Problem, m: int, n_tasks: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Excess risks of least squares / ridge in d dimensions on fresh tasks.
+) -> dict[str, np.ndarray]:
+    """Excess risks ``||beta_hat - beta||^2`` of the d-dimensional rows on the same fresh tasks:
+    ``ridge`` (penalty :func:`metarep.core.theory.ridge_penalty` in d dimensions, every ``m``),
+    and ``regression-lsq`` (least squares) where ``m >= d + 2``.
 
     At most ``REGRESSION_BUDGET`` Gaussian entries are drawn, so for very large ``m d`` fewer
     than ``n_tasks`` tasks (at least 2) are used; the standard error says so.
@@ -178,16 +239,43 @@ def regression_risks(
     d = problem.d
     n_total = max(2, min(n_tasks, REGRESSION_BUDGET // (m * d)))
     chunk = max(1, CHUNK_ENTRIES // (m * d))
-    penalty = baseline_penalty(m, d, problem)
-    risks = []
+    penalty, with_lsq = ridge_penalty(d, problem), least_squares_has_finite_risk(m, d)
+    risks: dict[str, list[np.ndarray]] = {RIDGE: [], **({REGRESSION_LSQ: []} if with_lsq else {})}
     for start in range(0, n_total, chunk):
         n = min(chunk, n_total - start)
         beta = sample_heads(problem, n, rng) @ problem.B_star.T
         X = rng.standard_normal((n, m, d))
         y = (X @ beta[..., None])[..., 0] + rng.standard_normal((n, m)) * np.sqrt(
             problem.noise_var)
-        risks.append(np.sum((fit_least_squares(X, y, penalty) - beta) ** 2, axis=1))
-    return np.concatenate(risks)
+        risks[RIDGE].append(np.sum((fit_least_squares(X, y, penalty) - beta) ** 2, axis=1))
+        if with_lsq:
+            risks[REGRESSION_LSQ].append(
+                np.sum((fit_least_squares(X, y, 0.0) - beta) ** 2, axis=1))
+    return {name: np.concatenate(parts) for name, parts in risks.items()}
+
+
+def _concatenate(pieces: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-name concatenation of chunked risks (every piece has the same names)."""
+    return {name: np.concatenate([piece[name] for piece in pieces]) for name in pieces[0]}
+
+
+def reference_rows(m: int, problem: Problem, oracle: Mapping[str, np.ndarray],
+                   regression: Mapping[str, np.ndarray]) -> list[EvalRow]:
+    """The reference rows at ``m_test = m`` from the risks of :func:`oracle_risks` and
+    :func:`regression_risks`, in the order of :data:`REFERENCE_ROWS`, with their closed forms;
+    the least-squares rows with ``stderr = nan`` where their variance is infinite."""
+    noise_var = problem.noise_var
+    rows = [_summary(BAYES_ORACLE, m, oracle[BAYES_ORACLE], bayes_oracle_risk(m, problem))]
+    if ORACLE_LSQ in oracle:
+        rows.append(_summary(ORACLE_LSQ, m, oracle[ORACLE_LSQ],
+                             least_squares_risk(m, problem.k, noise_var),
+                             least_squares_has_finite_variance(m, problem.k, noise_var)))
+    rows.append(_summary(RIDGE, m, regression[RIDGE], ridge_risk(m, problem)))
+    if REGRESSION_LSQ in regression:
+        rows.append(_summary(REGRESSION_LSQ, m, regression[REGRESSION_LSQ],
+                             least_squares_risk(m, problem.d, noise_var),
+                             least_squares_has_finite_variance(m, problem.d, noise_var)))
+    return rows
 
 
 def evaluate(
@@ -202,9 +290,10 @@ def evaluate(
     features_row: str | None = None,
 ) -> list[EvalRow]:
     """Mean test excess risk with its standard error, for each ``m_test`` in ``shots``:
-    the method after ``adapt_steps`` head steps from ``params.w``, the oracle and plain
-    regression; with ``features_row``, also a row of that name for least squares on the
-    learned features (:func:`feature_least_squares_risks`, on its own fresh tasks)."""
+    the method after ``adapt_steps`` head steps from ``params.w``; with ``features_row``, a row
+    of that name for least squares on the learned features (:func:`feature_least_squares_risks`,
+    on its own fresh tasks); then the reference rows (:func:`reference_rows`): the oracle rows on
+    the method's tasks, ``ridge`` and ``regression-lsq`` on their own."""
     rows = []
     children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
     width = problem.k + params.B.shape[1]
@@ -218,7 +307,6 @@ def evaluate(
             for start in range(0, n_tasks, chunk)
         ]
         method_risk = np.concatenate([piece[0] for piece in pieces])
-        oracle_risk = np.concatenate([piece[1] for piece in pieces])
         rows.append(_summary(method, m, method_risk, adapted_risk(
             params.astype(np.float64), problem, m, alpha, adapt_steps)))
         if features_row is not None:
@@ -226,10 +314,8 @@ def evaluate(
                 feature_least_squares_risks(params.B, problem, m, min(chunk, n_tasks - start),
                                             features_rng)
                 for start in range(0, n_tasks, chunk)])))
-        rows.append(_summary("oracle", m, oracle_risk,
-                             baseline_risk(m, problem.k, problem)))
-        rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
-                             baseline_risk(m, problem.d, problem)))
+        rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),
+                               regression_risks(problem, m, n_tasks, regression_rng))
     return rows
 
 
@@ -244,14 +330,14 @@ def feature_least_squares_predictor(
     features: Callable[[np.ndarray], np.ndarray], problem: Problem
 ) -> Predictor:
     """Least squares on learned features ``phi`` (``features``: (n, m, d) -> (n, m, k')):
-    ``w' = argmin ||phi(X) w - y||^2 + lambda ||w||^2`` (``lambda`` from :func:`baseline_penalty`
+    ``w' = argmin ||phi(X) w - y||^2 + lambda ||w||^2`` (``lambda`` from :func:`features_penalty`
     in k' dimensions), predicting ``phi(X_test) w'``. Where ``lambda = 0`` the minimum-norm
     least squares solution (pseudo-inverse) is used: ReLU features can be rank deficient (units
     that are zero on every input)."""
 
     def predict(X: np.ndarray, y: np.ndarray, X_test: np.ndarray) -> np.ndarray:
         F = features(X)
-        penalty = baseline_penalty(X.shape[1], F.shape[2], problem)
+        penalty = features_penalty(X.shape[1], F.shape[2], problem)
         fitted = (fit_least_squares(F, y, penalty) if penalty > 0
                   else (np.linalg.pinv(F) @ y[..., None])[..., 0])
         return np.einsum("nmk,nk->nm", features(X_test), fitted)
@@ -262,8 +348,9 @@ def feature_least_squares_predictor(
 def predictor_and_oracle_risks(
     predictors: Mapping[str, Predictor], problem: Problem, m: int, n_tasks: int,
     rng: np.random.Generator,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Excess risks (n_tasks,) of each predictor and of the oracle on the same fresh tasks.
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Excess risks (n_tasks,) of each predictor and of the oracle rows
+    (:func:`oracle_risks`) on the same fresh tasks.
 
     A predictor's excess risk on task ``w_star`` is ``E_x (f(x) - x^T B_star w_star)^2``,
     estimated with ``TEST_INPUTS`` fresh inputs ``x ~ N(0, I_d)`` (unbiased; for a linear ``f``
@@ -278,8 +365,7 @@ def predictor_and_oracle_risks(
     truth = np.einsum("nmd,nd->nm", X_test, beta)
     risks = {name: np.mean((predict(X, y, X_test) - truth) ** 2, axis=1)
              for name, predict in predictors.items()}
-    oracle_heads = fit_least_squares(X @ problem.B_star, y, baseline_penalty(m, problem.k, problem))
-    return risks, np.sum((oracle_heads - heads) ** 2, axis=1)
+    return risks, oracle_risks(X @ problem.B_star, y, heads, problem)
 
 
 def evaluate_predictors(
@@ -291,7 +377,7 @@ def evaluate_predictors(
 ) -> list[EvalRow]:
     """:func:`evaluate` for any model given as predictors (e.g. a ReLU network adapted by the
     torch engine): per ``m_test`` in ``shots``, one row per predictor (all on the same fresh
-    tasks), then the oracle and plain regression rows of :func:`evaluate`."""
+    tasks), then the reference rows of :func:`evaluate` (the oracle rows on those tasks)."""
     rows = []
     children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
     for m, child in zip(shots, children, strict=True):
@@ -302,8 +388,6 @@ def evaluate_predictors(
                   for start in range(0, n_tasks, chunk)]
         for name in predictors:
             rows.append(_summary(name, m, np.concatenate([piece[0][name] for piece in pieces])))
-        rows.append(_summary("oracle", m, np.concatenate([piece[1] for piece in pieces]),
-                             baseline_risk(m, problem.k, problem)))
-        rows.append(_summary("regression", m, regression_risks(problem, m, n_tasks, regression_rng),
-                             baseline_risk(m, problem.d, problem)))
+        rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),
+                               regression_risks(problem, m, n_tasks, regression_rng))
     return rows

@@ -1,4 +1,4 @@
-"""Exact infinite-task dynamics of FO-ANIL, batched over configurations (spec sections 1, 4).
+"""Exact infinite-task dynamics of FO-ANIL, batched over configurations (specification §1, §4).
 
 With infinitely many tasks (``tasks.n: infinite``) every expectation over tasks, inputs and
 noise is taken exactly, so the outer step is deterministic. For one inner head step with
@@ -55,7 +55,7 @@ import numpy as np
 from metarep.core.measures import measure
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem
-from metarep.core.theory import lambda_star
+from metarep.core.theory import lambda_star, top_part
 from metarep.errors import ArgumentError
 
 
@@ -134,12 +134,12 @@ def _one_frame(
     C0 = B_star.T @ B0
     outside = B0 - B_star @ C0
     U, s, Vt = np.linalg.svd(outside, full_matrices=False)
-    kept = s > max(s.max(initial=0.0), 1e-300) * 1e-12
+    kept = s > max(np.linalg.norm(B0, 2), 1e-300) * 1e-12  # below: rounding, no direction
     R0 = np.zeros((rows, width))
     used = min(rows, s.size)
     R0[:used] = (s[:used, None] * Vt[:used]) * kept[:used, None]
     Q_perp = np.zeros((d, rows))
-    Q_perp[:, :used] = U[:, :used]
+    Q_perp[:, :used] = U[:, :used] * kept[:used]  # unused directions: zero columns
     G0 = np.concatenate([C0, R0])
     if cols == width:
         V = np.eye(width)
@@ -341,23 +341,31 @@ class ExactFOANIL:
         return self._loss(old)
 
 
-def lambda_stars(dynamics: ExactFOANIL) -> np.ndarray:
-    """``Lambda_star`` of each configuration, (b, k, k) (:func:`metarep.core.theory.lambda_star`
-    with the configuration's ``sigma^2``, ``m_in`` and ``alpha``)."""
+def lambda_stars(dynamics: ExactFOANIL, width: int | None = None) -> list[np.ndarray | None]:
+    """The limit of ``B_star^T B_t B_t^T B_star`` of each configuration, (k, k) each:
+    ``Lambda_star`` (:func:`metarep.core.theory.lambda_star` with the configuration's
+    ``sigma^2``, ``m_in`` and ``alpha``) for ``k' >= k`` (or ``width=None``), its top-k'
+    eigen-part for ``k' = width < k`` (:func:`metarep.core.theory.top_part`; ``None`` where
+    that part is not unique)."""
     k = dynamics.Sigma_star.shape[0]
-    return np.stack([
-        lambda_star(Problem(np.eye(k), dynamics.Sigma_star, float(s2)), float(m), float(a))
-        for a, m, s2 in zip(dynamics.alpha, dynamics.m_in, dynamics.noise_var, strict=True)])
+    rank = k if width is None else width
+    return [top_part(lambda_star(Problem(np.eye(k), dynamics.Sigma_star, float(s2)), float(m),
+                                 float(a)), rank)
+            for a, m, s2 in zip(dynamics.alpha, dynamics.m_in, dynamics.noise_var, strict=True)]
 
 
 def coordinate_measures(
-    state: InfiniteTaskState, Sigma_star: np.ndarray, Lambda_star: np.ndarray,
-    index: int | None = None,
+    state: InfiniteTaskState, Sigma_star: np.ndarray,
+    Lambda_star: Sequence[np.ndarray | None] | np.ndarray, index: int | None = None,
 ) -> list[dict[str, float]]:
     """The measures of :func:`metarep.core.measures.measure` (``head_norm``, ``perp_norm``,
-    ``perp_norm_fro``, ``subspace_dist``, ``lambda_err``, ``sv_*``) of each configuration,
-    computed from the coordinates (no d-sized work). ``Lambda_star`` (b, k, k); ``index``
-    restricts to one configuration."""
+    ``perp_norm_fro``, ``subspace_dist``, ``span_outside``, ``span_missed``, ``lambda_err``,
+    ``sv_*``) of each configuration, computed from the coordinates (no d-sized work): ``H``
+    against ``B_star = [I_k; 0]``. Exact: each is invariant under the orthonormal maps of
+    ``B = [B_star, Q_perp] H V^T`` (norms of projections, principal angles, singular values;
+    the numerical rank of :func:`metarep.core.measures.span_measures` sees the same singular
+    values). ``Lambda_star``: per configuration the (k, k) target of ``lambda_err``, or
+    ``None`` (then ``lambda_err`` is ``nan``); ``index`` restricts to one configuration."""
     b, rows, _ = state.H.shape
     k = Sigma_star.shape[0]
     frame = Problem(np.eye(rows, k), Sigma_star, 0.0)

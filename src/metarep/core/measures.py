@@ -1,8 +1,9 @@
-"""Measures of a learned representation against the ground truth (spec section 5)."""
+"""Measures of a learned representation against the ground truth (specification §5)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -11,8 +12,16 @@ from metarep.core.problem import Problem, outside_span
 from metarep.core.tasks import TaskBatch
 
 BASE_MEASURES = (
-    "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err", "head_norm"
+    "train_loss", "perp_norm", "perp_norm_fro", "subspace_dist", "span_outside", "span_missed",
+    "lambda_err", "head_norm",
 )
+TRUTH_MEASURES = ("perp_norm", "perp_norm_fro", "subspace_dist", "span_outside", "span_missed",
+                  "lambda_err")
+"""The measures that need the ground truth (``nan`` without it)."""
+
+RANK_RTOL = 1e-10
+"""Numerical rank of ``B``: the number of its singular values above ``RANK_RTOL * sigma_1``
+(0 for ``B = 0``), computed in float64."""
 
 
 def perp_norms(B: np.ndarray, B_star: np.ndarray) -> tuple[float, float]:
@@ -34,12 +43,75 @@ def top_left_singular_vectors(B: np.ndarray, r: int) -> np.ndarray:
     return U[:, : min(r, B.shape[1])]
 
 
+def numerical_rank(singular: np.ndarray) -> int:
+    """The number of singular values (decreasing) above ``RANK_RTOL * sigma_1``; 0 when all
+    are 0."""
+    if singular.size == 0 or not singular[0] > 0.0:
+        return 0
+    return int(np.count_nonzero(singular > RANK_RTOL * singular[0]))
+
+
+class SpanMeasures(NamedTuple):
+    """How span(B) and span(B_star) compare (:func:`span_measures`); each a sine in [0, 1]."""
+
+    subspace_dist: float
+    span_outside: float
+    span_missed: float
+
+
+def span_measures(B: np.ndarray, B_star: np.ndarray) -> SpanMeasures:
+    """``subspace_dist``, ``span_outside`` and ``span_missed`` of ``B`` (d, k') against
+    ``B_star`` (d, k, orthonormal), from one SVD of ``B``.
+
+    ``U_B`` (d, r): the top ``r = min(k, rank(B))`` left singular vectors of ``B`` (rank:
+    :func:`numerical_rank`, singular values above ``RANK_RTOL * sigma_1``). Then
+
+    - ``span_outside = ||(I - B_star B_star^T) U_B||_2``: the sine of the largest principal
+      angle from span(U_B) to span(B_star), how much of span(B) (its top part) lies outside
+      span(B_star); 0 when it lies inside (and for ``B = 0``);
+    - ``span_missed = ||(I - U_B U_B^T) B_star||_2``: the sine of the largest principal angle
+      from span(B_star) to span(U_B), how much of span(B_star) ``B`` fails to cover; exactly 1
+      when ``r < k`` (a model of rank below k cannot cover a k-dim span);
+    - ``subspace_dist = max(span_outside, span_missed)``: for ``r = k`` the sine of the largest
+      principal angle between span(B_star) and span(U_B) (both k-dim, so the two sines are
+      equal; it is computed as ``span_outside``), and 1 for ``r < k`` (in particular for every
+      ``k' < k``: a narrow model is never closer than a wide one).
+
+    All three are principal angles, so they are invariant under ``B -> Q B V^T``,
+    ``B_star -> Q B_star`` for any ``Q`` (d', d) and ``V`` (k'', k') with orthonormal columns
+    (singular values and the map of left singular vectors are kept): the infinite-task
+    coordinates ``H`` with ``B_star = [I_k; 0]`` give the measures of ``B`` in R^d.
+    """
+    k = B_star.shape[1]
+    U, singular, _ = np.linalg.svd(B, full_matrices=False)
+    r = min(k, numerical_rank(singular))
+    U_B = U[:, :r]
+    outside = float(min(1.0, np.linalg.norm(outside_span(U_B, B_star), 2))) if r else 0.0
+    if r < k:
+        return SpanMeasures(1.0, outside, 1.0)
+    missed = float(min(1.0, np.linalg.norm(B_star - U_B @ (U_B.T @ B_star), 2)))
+    return SpanMeasures(outside, outside, missed)
+
+
+def span_outside(B: np.ndarray, B_star: np.ndarray) -> float:
+    """How much of span(B) lies outside span(B_star): ``||(I - B_star B_star^T) U_B||_2``
+    (:func:`span_measures`)."""
+    return span_measures(B, B_star).span_outside
+
+
+def span_missed(B: np.ndarray, B_star: np.ndarray) -> float:
+    """How much of span(B_star) span(B) fails to cover: ``||(I - U_B U_B^T) B_star||_2``, 1
+    when ``rank(B) < k`` (:func:`span_measures`)."""
+    return span_measures(B, B_star).span_missed
+
+
 def subspace_distance(B: np.ndarray, B_star: np.ndarray) -> float:
     """Sine of the largest principal angle between span(B_star) and the span of the top-k
-    left singular vectors of ``B`` (top-k' when k' < k: then it measures whether
-    span(B) lies inside span(B_star)). Equals ``sin(max(scipy.linalg.subspace_angles))``."""
-    U = top_left_singular_vectors(B, B_star.shape[1])
-    return float(min(1.0, np.linalg.norm(outside_span(U, B_star), 2)))
+    left singular vectors of ``B``, made honest for a model of rank below k:
+    ``max(span_outside, span_missed)`` (:func:`span_measures`), which is
+    ``sin(max(scipy.linalg.subspace_angles(B_star, U_k)))`` when ``rank(B) >= k`` and 1 when
+    ``rank(B) < k`` (every ``k' < k``)."""
+    return span_measures(B, B_star).subspace_dist
 
 
 def projected_gram(B: np.ndarray, B_star: np.ndarray) -> np.ndarray:
@@ -61,16 +133,18 @@ def singular_values(B: np.ndarray) -> np.ndarray:
 def measure(
     params: LinearParams, problem: Problem | None, Lambda_star: np.ndarray | None
 ) -> dict[str, float]:
-    """All measures of spec section 5 but the training loss, as a flat dict.
+    """All measures of specification §5 but the training loss, as a flat dict.
 
-    Keys: ``perp_norm``, ``perp_norm_fro``, ``subspace_dist``, ``lambda_err``, ``head_norm``,
-    ``sv_1 .. sv_r``. Measures that need the ground truth are ``nan`` when ``problem`` is None.
+    Keys: ``perp_norm``, ``perp_norm_fro``, ``subspace_dist``, ``span_outside``,
+    ``span_missed`` (:func:`span_measures`), ``lambda_err``, ``head_norm``, ``sv_1 .. sv_r``.
+    Measures that need the ground truth (:data:`TRUTH_MEASURES`) are ``nan`` when ``problem``
+    is None.
     """
     B = params.B.astype(np.float64)
-    out = dict.fromkeys(("perp_norm", "perp_norm_fro", "subspace_dist", "lambda_err"), np.nan)
+    out = dict.fromkeys(TRUTH_MEASURES, np.nan)
     if problem is not None:
         out["perp_norm"], out["perp_norm_fro"] = perp_norms(B, problem.B_star)
-        out["subspace_dist"] = subspace_distance(B, problem.B_star)
+        out.update(span_measures(B, problem.B_star)._asdict())
         if Lambda_star is not None:
             out["lambda_err"] = lambda_error(B, problem.B_star, Lambda_star)
     out["head_norm"] = float(np.linalg.norm(params.w))

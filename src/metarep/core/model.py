@@ -1,4 +1,4 @@
-"""The two-layer linear network ``f(x; B, w) = x^T B w`` (spec section 2).
+"""The two-layer linear network ``f(x; B, w) = x^T B w`` (specification §2).
 
 ``B`` in R^{d x k'} is the body (representation), ``w`` in R^{k'} the head. The width ``k'``
 may be below, at or above ``k`` (and above ``d``).
@@ -36,13 +36,19 @@ def init_linear(
     init_scale: float,
     rng: np.random.Generator,
     dtype: np.dtype | str = "float64",
+    head_scale: float = 0.0,
 ) -> LinearParams:
-    """Gaussian ``B_0`` with i.i.d. ``N(0, init_scale^2 / d)`` entries and ``w_0 = 0``.
+    """Gaussian ``B_0`` with i.i.d. ``N(0, init_scale^2 / d)`` entries and ``w_0`` with i.i.d.
+    ``N(0, head_scale^2 / k')`` entries, drawn from ``rng`` after ``B_0`` (``w_0 = 0``, the
+    paper's setting, for ``head_scale = 0``, drawing nothing).
 
-    Each column of ``B_0`` then has norm close to ``init_scale`` whatever ``d`` is.
+    Each column of ``B_0`` then has norm close to ``init_scale`` whatever ``d`` is, and ``w_0``
+    a norm close to ``head_scale``.
     """
     B = rng.standard_normal((d, width)) * (init_scale / np.sqrt(d))
-    return LinearParams(B.astype(dtype), np.zeros(width, dtype=dtype))
+    w = (rng.standard_normal(width) * (head_scale / np.sqrt(width)) if head_scale > 0
+         else np.zeros(width))
+    return LinearParams(B.astype(dtype), w.astype(dtype))
 
 
 def predict(params: LinearParams, X: np.ndarray) -> np.ndarray:

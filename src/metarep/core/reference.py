@@ -1,13 +1,13 @@
 """The spec's equations as plain per-task loops: the one reference every fast kernel is
 tested against.
 
-Everything here is written as spec section 3 (and ``docs/infinite_tasks.md`` for the
+Everything here is written as specification §3 (and ``docs/infinite_tasks.md`` for the
 infinite-task step) states it: one task at a time, explicit matrices, no batching over tasks,
 no reverse mode. It is slow on purpose and is meant for small problems in tests. It calls none
 of the kernels it is a reference for (:mod:`metarep.core.methods`,
 :mod:`metarep.core.infinite`) and imports neither.
 
-Symbols (spec sections 1-3): ``d`` the ambient dimension, ``k'`` the width, ``B`` (d, k') the
+Symbols (specification §1-§3): ``d`` the ambient dimension, ``k'`` the width, ``B`` (d, k') the
 body, ``w`` (k',) the head, ``alpha`` the inner and ``beta`` the outer step size, ``s`` the
 number of inner steps. One task is ``X`` (m, d), ``y`` (m,), and its loss is
 ``L(B, w; X, y) = ||X B w - y||^2 / (2 m)``. A :class:`~metarep.core.tasks.TaskBatch` holds
@@ -124,7 +124,7 @@ def adapt_tangent(
 
 def fo_anil_step(params: LinearParams, batch: TaskBatch, alpha: float, beta: float,
                  steps: int) -> tuple[LinearParams, float]:
-    """One FO-ANIL outer step (spec section 3), one task at a time.
+    """One FO-ANIL outer step (specification §3), one task at a time.
 
     For each task ``i``: ``w_i = adapt_head(B, w, X_i^in, y_i^in, alpha, steps)``; then, with
     ``w_i`` held constant,
@@ -247,7 +247,7 @@ def _rows(batch: TaskBatch, heads: np.ndarray) -> np.ndarray:
 
 
 def mtl_step(state: MTLState, batch: TaskBatch, beta: float) -> tuple[MTLState, float]:
-    """One step of multi-task learning (Burer-Monteiro, spec section 3), task by task.
+    """One step of multi-task learning (Burer-Monteiro, specification §3), task by task.
 
     The tasks of ``batch`` are those at ``batch.indices`` of the pool (or the whole pool, one
     per head). Each uses all its ``m = m_in + m_out`` rows ``(X_i, y_i)``; simultaneously,

@@ -1,4 +1,4 @@
-"""Regression tasks drawn from a :class:`~metarep.core.problem.Problem` (spec section 1).
+"""Regression tasks drawn from a :class:`~metarep.core.problem.Problem` (specification §1).
 
 A :class:`TaskBatch` holds ``N`` tasks, each split into ``m_in`` inner (support) rows and
 ``m_out`` outer (query) rows; :func:`sample_tasks` draws fresh ones and :func:`task_pool`

@@ -1,4 +1,4 @@
-"""Closed-form predictions of the paper (spec section 4) and of the test-time baselines.
+"""Closed-form predictions of the paper (specification §4) and of the test-time reference rows.
 
 Every formula takes the task distribution as a :class:`~metarep.core.problem.Problem`
 (``Sigma_star``, ``sigma^2``, and ``B_star`` where the coordinates matter) and the model as
@@ -8,6 +8,7 @@ Every formula takes the task distribution as a :class:`~metarep.core.problem.Pro
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,27 +32,109 @@ def lambda_star(problem: Problem, m_in: float, alpha: float) -> np.ndarray:
 
 
 def ridge_penalty(dim: int, problem: Problem) -> float:
-    """Penalty ``lambda = sigma^2 dim / tr(Sigma_star)`` of the baselines' ridge regression.
+    """Penalty ``lambda = sigma^2 dim / tr(Sigma_star)`` of ridge regression in ``dim``
+    dimensions (the ``ridge`` row in ``dim = d``, and the features rule of ``mtl-lsq``).
 
-    It is the Bayes-optimal isotropic penalty of ``||X beta - y||^2 + lambda ||beta||^2`` for a
-    ``dim``-dimensional regressor with i.i.d. prior entries of variance ``tr(Sigma_star)/dim``
-    (the same signal energy as ``B_star w_star``). ``sigma^2 = 0`` gives minimum-norm least
-    squares.
+    It is the prior-optimal isotropic penalty of ``||X beta - y||^2 + lambda ||beta||^2``: the
+    posterior mean for a ``dim``-dimensional regressor with i.i.d. ``N(0, tr(Sigma_star)/dim)``
+    prior entries (the same signal energy ``E ||B_star w_star||^2 = tr(Sigma_star)``), which
+    knows nothing of ``B_star``. ``sigma^2 = 0`` gives ``lambda = 0``: the minimum-norm
+    interpolator for ``m <= dim``, least squares for ``m > dim``.
     """
     return problem.noise_var * dim / float(np.trace(problem.Sigma_star))
 
 
-def uses_least_squares(m: int, dim: int) -> bool:
-    """Baselines use plain least squares when ``m >= dim + 2`` (finite expected risk)."""
+def least_squares_has_finite_risk(m: int, dim: int) -> bool:
+    """Whether least squares in ``dim`` dimensions with ``m`` isotropic Gaussian samples has a
+    finite expected risk: ``m >= dim + 2`` (see :func:`least_squares_risk`)."""
     return m >= dim + 2
 
 
 def least_squares_risk(m: int, dim: int, noise_var: float) -> float:
-    """Expected excess risk ``sigma^2 dim / (m - dim - 1)`` of least squares in ``dim``
-    dimensions with ``m`` isotropic Gaussian samples (``m >= dim + 2``), else ``nan``."""
-    if not uses_least_squares(m, dim):
+    """Expected excess risk ``E ||beta_hat - beta||^2 = sigma^2 dim / (m - dim - 1)`` of least
+    squares in ``dim`` dimensions with ``m`` isotropic Gaussian samples, ``nan`` where it is
+    not finite (``m < dim + 2``).
+
+    ``beta_hat - beta = W^{-1} X^T eps`` with ``W = X^T X ~ Wishart_dim(m, I)``, so the risk
+    given ``X`` is ``sigma^2 tr(W^{-1})`` and ``E W^{-1} = I / (m - dim - 1)``, finite iff
+    ``m > dim + 1``. It does not depend on ``Sigma_star``.
+    """
+    if not least_squares_has_finite_risk(m, dim):
         return math.nan
     return noise_var * dim / (m - dim - 1)
+
+
+def least_squares_has_finite_variance(m: int, dim: int, noise_var: float) -> bool:
+    """Whether the least-squares risk ``||beta_hat - beta||^2`` has a finite variance, i.e.
+    whether its Monte Carlo standard error is a valid error bar: ``m >= dim + 4`` (or
+    ``sigma^2 = 0``, where the risk is 0).
+
+    Why: with ``A = X W^{-2} X^T`` and Gaussian noise,
+    ``E[(eps^T A eps)^2 | X] = sigma^4 ((tr A)^2 + 2 tr A^2)
+    = sigma^4 ((tr W^{-1})^2 + 2 tr W^{-2})``. The bracket lies between ``lambda_min(W)^{-2}``
+    and ``3 dim^2 lambda_min(W)^{-2}``, and the density of ``lambda_min`` of a real
+    ``Wishart_dim(m, I)`` behaves as ``lambda^{(m - dim - 1)/2}`` near 0 (the joint eigenvalue
+    density has the factor ``prod_i lambda_i^{(m - dim - 1)/2}``), so
+    ``E lambda_min^{-2} < inf`` iff ``(m - dim - 1)/2 - 2 > -1``, i.e. ``m >= dim + 4``. This
+    agrees with the inverse-Wishart second moments, e.g.
+    ``E W^{-2} = (m - 1) I / ((m - dim) (m - dim - 1) (m - dim - 3))``, finite iff
+    ``m > dim + 3``. At ``m = dim + 2`` and ``dim + 3`` the mean is finite but the variance
+    is not, so a sample standard error is meaningless there.
+    """
+    return noise_var == 0.0 or m >= dim + 4
+
+
+def _isotropic_scale(Sigma_star: np.ndarray) -> float | None:
+    """``c`` if ``Sigma_star = c I_k`` (to 1e-12 relative), else ``None``."""
+    c = float(np.mean(np.diag(Sigma_star)))
+    if np.abs(Sigma_star - c * np.eye(Sigma_star.shape[0])).max() <= 1e-12 * abs(c):
+        return c
+    return None
+
+
+def bayes_oracle_risk(m: int, problem: Problem) -> float:
+    """Closed-form expected excess risk of the Bayes oracle (``bayes-oracle``,
+    :func:`metarep.core.evaluation.posterior_mean`) with ``m`` samples, where one is known;
+    else ``nan``.
+
+    The oracle knows ``B_star``, ``Sigma_star`` and ``sigma^2``; with ``Z = X B_star`` (m, k)
+    its estimate is the posterior mean of ``w_star ~ N(0, Sigma_star)``, and its expected risk
+    is the Bayes risk ``E_Z tr(Sigma_post)``, ``Sigma_post = Sigma_star - Sigma_star Z^T (Z
+    Sigma_star Z^T + sigma^2 I_m)^{-1} Z Sigma_star`` (the posterior covariance). Known cases:
+
+    - ``sigma^2 = 0``, ``m >= k``: ``Z`` has rank k, the head is recovered exactly: 0;
+    - ``sigma^2 = 0``, ``m < k``, ``Sigma_star = c I_k``: ``Sigma_post = c (I - P)`` with ``P``
+      the projection onto the row space of ``Z`` (rank m), so the risk is ``c (k - m)`` for
+      every ``Z``.
+
+    Otherwise (noise, or an anisotropic ``Sigma_star`` below k samples) the risk is an
+    expectation over a Wishart matrix, e.g. ``sigma^2 E tr((Z^T Z + sigma^2/c I)^{-1})`` for
+    ``Sigma_star = c I``, with no elementary closed form: ``nan``.
+    """
+    k = problem.k
+    if problem.noise_var != 0.0:
+        return math.nan
+    if m >= k:
+        return 0.0
+    c = _isotropic_scale(problem.Sigma_star)
+    return math.nan if c is None else c * (k - m)
+
+
+def ridge_risk(m: int, problem: Problem) -> float:
+    """Closed-form expected excess risk of the ``ridge`` row (d dimensions, penalty
+    :func:`ridge_penalty`) with ``m`` samples, where one is known; else ``nan``.
+
+    ``sigma^2 = 0`` (minimum-norm interpolation): the fit is the projection of ``beta = B_star
+    w_star`` onto the row space of ``X``, a uniformly random m-dimensional subspace independent
+    of ``beta``, so the risk is ``(1 - m/d) E ||beta||^2 = tr(Sigma_star) (1 - m/d)`` for
+    ``m < d`` and 0 for ``m >= d``. With noise, ``E[R^2]`` for ``R = (X^T X + lambda I)^{-1}`` is
+    a multiple of ``I`` (rotation invariance), which with ``lambda = sigma^2 d / tr(Sigma_star)``
+    reduces the risk to ``sigma^2 E tr((X^T X + lambda I)^{-1})``, a Wishart expectation with no
+    elementary closed form: ``nan``.
+    """
+    if problem.noise_var != 0.0:
+        return math.nan
+    return float(np.trace(problem.Sigma_star)) * max(0.0, 1.0 - m / problem.d)
 
 
 def _inverse(m: float) -> float:
@@ -101,56 +184,139 @@ def adapted_risk(
     return math.nan
 
 
-def baseline_risk(m: int, dim: int, problem: Problem) -> float:
-    """Closed-form expected excess risk of the oracle (``dim = k``) or plain regression
-    (``dim = d``) as :mod:`metarep.core.evaluation` computes them, where one is known.
+def undriven_decay(problem: Problem, m_in: float, alpha: float, beta: float,
+                   t: np.ndarray | float) -> np.ndarray | float:
+    """``(2 alpha^2 beta c t)^(-1/2)``, ``c = (tr Sigma_star + sigma^2) / m_in``: the size at
+    step ``t`` of a direction of ``B`` outside span(B_star) that the task signal does not drive,
+    under infinite-task FO-ANIL with ``w = 0``, once it is small. There the expected step is
+    ``rho <- rho (1 - beta alpha^2 c rho^2)`` (docs/infinite_tasks.md), whose solution is
+    ``rho_t ~ (2 alpha^2 beta c t)^(-1/2)`` whatever ``rho_0``; ``inf`` for ``m_in = inf``
+    (no decay)."""
+    c = (float(np.trace(problem.Sigma_star)) + problem.noise_var) * _inverse(m_in)
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.sqrt(2 * alpha**2 * beta * c * np.asarray(t, dtype=float))
 
-    Least squares (``m >= dim + 2``): ``sigma^2 dim / (m - dim - 1)``. Noiseless minimum-norm
-    interpolation (``sigma^2 = 0``, ``m < dim + 2``): the fit is the projection of the true
-    regressor onto the row space of ``X``, a uniformly random m-dimensional subspace, so the
-    risk is ``tr(Sigma_star) (1 - m / dim)`` for ``m < dim`` and 0 for ``m >= dim``. Ridge with
-    noise (``sigma^2 > 0``, ``m < dim + 2``) has no closed form here: ``nan``.
+
+FIXED_POINT_METHODS = ("fo-anil", "anil", "fo-maml", "maml")
+"""The methods for which ``Lambda_star`` (with ``w = 0``, ``B_perp^T B = 0``) is a stationary
+point of the expected one-inner-step update with infinitely many tasks."""
+
+REGIMES = ("infinite", "pool", "online")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What the theory's statements depend on: the ``method``'s name, the width ``k'``, the
+    inner steps ``s``, the test-time head steps, and the ``regime`` of the training tasks
+    (``infinite``: exact expectations; ``pool``: a finite pool; ``online``: fresh tasks)."""
+
+    method: str
+    width: int
+    inner_steps: int
+    adapt_steps: int
+    regime: str
+
+    def scope(self, k: int) -> dict[str, object]:
+        """The setting as plain data, with ``k`` for the comparison of ``k'`` with it."""
+        return {"method": self.method, "width": self.width, "k": k,
+                "inner_steps": self.inner_steps, "adapt_steps": self.adapt_steps,
+                "regime": self.regime}
+
+
+def top_part(Lambda: np.ndarray, rank: int) -> np.ndarray | None:
+    """The part of the symmetric ``Lambda`` (k, k) on its ``rank`` largest eigenvalues,
+    ``U_r diag(lambda_1 .. lambda_r) U_r^T``, or ``None`` when it is not unique (the r-th and
+    (r+1)-th largest eigenvalues tie, to 1e-12 relative); ``Lambda`` itself for ``rank >= k``."""
+    k = Lambda.shape[0]
+    if rank >= k:
+        return Lambda
+    values, vectors = np.linalg.eigh((Lambda + Lambda.T) / 2)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    if values[rank - 1] - values[rank] <= 1e-12 * abs(values[0]):
+        return None
+    return (vectors[:, :rank] * values[:rank]) @ vectors[:, :rank].T
+
+
+def gram_target(problem: Problem, m_in: float, alpha: float,
+                setting: Setting) -> tuple[np.ndarray | None, str]:
+    """The matrix ``B_star^T B B^T B_star`` is measured against (``lambda_err``), and the
+    statement it comes from; ``(None, reason)`` where the theory gives none.
+
+    One inner step of FO-ANIL, ANIL, FO-MAML or MAML: ``Lambda_star``
+    (:func:`lambda_star`) for ``k' >= k`` (the paper's limit for FO-ANIL, a stationary point
+    of the expected update of the others at ``w = 0``). For FO-ANIL with ``k' < k``: the top
+    ``k'`` eigen-part of ``Lambda_star`` (:func:`top_part`), the limit its exact infinite-task
+    dynamics reach (none when that part is not unique). Otherwise (MTL, several inner steps,
+    the other methods with ``k' < k``): none.
     """
-    if uses_least_squares(m, dim):
-        return least_squares_risk(m, dim, problem.noise_var)
-    if problem.noise_var == 0.0:
-        return float(np.trace(problem.Sigma_star)) * max(0.0, 1.0 - m / dim)
-    return math.nan
+    if setting.method not in FIXED_POINT_METHODS:
+        return None, (f"{setting.method}: no prediction (the paper's limits are for "
+                      "FO-ANIL; Burer-Monteiro has no inner loop and does not unlearn)")
+    if setting.inner_steps != 1:
+        return None, (f"{setting.inner_steps} inner steps: no prediction (Lambda_star is the "
+                      "fixed point of the one-step map only)")
+    Lambda = lambda_star(problem, m_in, alpha)
+    if setting.width >= problem.k:
+        statement = ("Lambda_star: the limit of FO-ANIL with infinitely many tasks, w_0 = 0 "
+                     "and one inner step (specification §4, claim 3)")
+        if setting.method != "fo-anil":
+            statement = (f"Lambda_star: a stationary point of the expected one-inner-step "
+                         f"{setting.method} update at w = 0 (infinitely many tasks); not "
+                         "proven to be reached")
+        return Lambda, statement
+    if setting.method != "fo-anil" and not (setting.method == "fo-maml"
+                                            and setting.regime == "infinite"):
+        return None, f"{setting.method} with k' < k: no prediction"
+    target = top_part(Lambda, setting.width)
+    if target is None:
+        return None, ("k' < k: the top-k' eigen-part of Lambda_star is not unique (tied "
+                      "eigenvalues), so the limit depends on B_0: no prediction")
+    return target, ("k' < k: the top-k' eigen-part of Lambda_star, which the exact "
+                    "infinite-task FO-ANIL dynamics reach (not in the paper: it is bound "
+                    "by rank k'); lambda_err is measured against it")
 
 
 def predicted_limits(
-    problem: Problem, m_in: float, alpha: float, shots: tuple[int, ...] = ()
-) -> dict[str, object]:
-    """The limits of FO-ANIL with infinitely many tasks as ``t -> inf`` (spec section 4), for
-    ``w_0 = 0``, a small initialisation and small step sizes, and ``k' >= k``.
+    problem: Problem, m_in: float, alpha: float, setting: Setting, shots: tuple[int, ...] = ()
+) -> dict[str, object] | None:
+    """The limits as ``t -> inf`` of the run of ``setting``, where the theory gives them: the
+    exact infinite-task dynamics of FO-ANIL (or of FO-MAML from ``w_0 = 0``, the same) with one
+    inner step whose :func:`gram_target` is known; ``None`` for any other run (a finite pool
+    stops at a floor set by N, m and the noise; the other methods have no proven limit).
 
-    **Returns** a dict: ``Lambda_star`` (k, k) (:func:`lambda_star`); ``head_norm``,
-    ``lambda_err`` and ``subspace_dist``: 0; ``rank``: k; ``perp_norm``: 0 for finite
-    ``m_in`` and ``None`` for ``m_in = inf`` (then the undriven directions keep their initial
-    size, which depends on ``B_0``: see :func:`metarep.core.infinite.undriven_perp_norm`);
-    ``train_loss``: the expected meta-training loss at the limit,
-    ``(one-step risk with m_in samples + sigma^2) / 2``; ``test_risk``: ``{m: one-step risk
-    with m samples}`` at the limit for each ``m`` in ``shots``. At the limit ``w = 0``,
-    ``B_perp^T B = 0`` and ``C C^T = Lambda_star``, so the risks are those of
-    :func:`one_step_risk` with ``B = Lambda_star^{1/2}`` in the coordinates ``B_star = I_k``.
+    **Returns** a dict: ``gram`` (k, k), the limit ``G`` of ``B_star^T B B^T B_star``
+    (:func:`gram_target`); ``head_norm`` and ``lambda_err``: 0; ``subspace_dist``: 0 for
+    ``k' >= k`` and 1 for ``k' < k`` (a rank-k' span cannot cover span(B_star));
+    ``rank``: ``min(k, k')``; ``perp_norm``: 0 for finite ``m_in``, ``None`` for ``m_in = inf``
+    (the undriven directions keep their size, :func:`metarep.core.infinite.undriven_perp_norm`);
+    ``train_loss``: ``(one-step risk with m_in samples + sigma^2) / 2`` at the limit;
+    ``test_risk``: ``{m: risk after the setting's test-time head steps}`` for each ``m`` in
+    ``shots`` (:func:`adapted_risk`: 0 or 1 step; ``None`` beyond). At the limit ``w = 0``,
+    ``B_perp^T B = 0`` and ``C C^T = G``, so the risks are those of ``B = G^{1/2}`` in the
+    coordinates ``B_star = I_k``.
     """
-    Lambda = lambda_star(problem, m_in, alpha)
+    if setting.regime != "infinite" or setting.method not in ("fo-anil", "fo-maml"):
+        return None
+    gram, _ = gram_target(problem, m_in, alpha, setting)
+    if gram is None:
+        return None
     k = problem.k
-    values, vectors = np.linalg.eigh((Lambda + Lambda.T) / 2)
+    values, vectors = np.linalg.eigh((gram + gram.T) / 2)
     root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
     limit = LinearParams(root, np.zeros(k))
     in_span = Problem(np.eye(k), problem.Sigma_star, problem.noise_var)
 
-    def risk(m: float) -> float:
-        return one_step_risk(limit, in_span, m, alpha)
+    def test_risk(m: float) -> float | None:
+        value = adapted_risk(limit, in_span, m, alpha, setting.adapt_steps)
+        return None if math.isnan(value) else value
 
     return {
-        "Lambda_star": Lambda,
+        "gram": gram,
         "head_norm": 0.0,
         "lambda_err": 0.0,
-        "subspace_dist": 0.0,
-        "rank": k,
+        "subspace_dist": 0.0 if setting.width >= k else 1.0,
+        "rank": min(k, setting.width),
         "perp_norm": None if math.isinf(m_in) else 0.0,
-        "train_loss": 0.5 * (risk(m_in) + problem.noise_var),
-        "test_risk": {int(m): risk(m) for m in shots},
+        "train_loss": 0.5 * (one_step_risk(limit, in_span, m_in, alpha) + problem.noise_var),
+        "test_risk": {int(m): test_risk(m) for m in shots},
     }

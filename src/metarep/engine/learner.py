@@ -1,4 +1,4 @@
-"""Model-agnostic meta-learning of any ``torch.nn.Module`` with ``torch.func`` (spec section 3).
+"""Model-agnostic meta-learning of any ``torch.nn.Module`` with ``torch.func`` (specification §3).
 
 The module's parameters ``theta`` are split into a body ``theta_B`` and a head ``theta_w`` (the
 user names the head). On task ``i`` with inputs ``X`` (m, d) and labels ``y`` (m,), the loss is

@@ -1,4 +1,4 @@
-"""Networks for the torch engine: the linear two-layer model and ReLU networks (spec section 2).
+"""Networks for the torch engine: the linear two-layer model and ReLU networks (specification §2).
 
 Every network here is ``f(x) = phi(x)^T w``: a body ``phi: R^d -> R^{k'}`` (the representation)
 followed by a linear head ``w`` in R^{k'} without bias, the name of the head parameter being

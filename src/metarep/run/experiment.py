@@ -25,7 +25,7 @@ from metarep.errors import ConfigError
 from metarep.run import figures
 from metarep.run.backends import Backend, build_backend
 from metarep.run.backends.infinite import batched_stepper
-from metarep.run.loop import Diverged, Trajectory, train
+from metarep.run.loop import Diverged, RecordSchedule, Trajectory, train
 from metarep.run.rundir import CONFIG, EVAL_FIGURE, TRAINING_FIGURE, RunDirectory
 from metarep.run.schema import Config, dump_yaml, flatten, to_dict
 
@@ -123,8 +123,8 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
     backend, directory, trajectory = _begin(config, out_dir, resume)
     train_cfg = backend.config.train
     recorder = _Recorder(backend, directory, checkpoint_seconds, on_record)
-    [diverged] = train(backend, trajectory.state, [trajectory], steps=train_cfg.steps,
-                       record_every=train_cfg.record_every,
+    [diverged] = train(backend, trajectory.state, [trajectory],
+                       schedule=RecordSchedule(train_cfg.steps, train_cfg.record_every),
                        advice=[divergence_advice(backend.config)], on_record=recorder,
                        progress=progress)
     result = _conclude(backend, directory, trajectory, started, diverged)
@@ -189,8 +189,8 @@ def run_batch(configs: Sequence[Config],
         trajectories = [trajectory for *_, trajectory in runs]
         train_cfg = backends[0].config.train
         state = InfiniteTaskState.stack([trajectory.state for trajectory in trajectories])
-        outcomes = train(batched_stepper(backends), state, trajectories, steps=train_cfg.steps,
-                         record_every=train_cfg.record_every,
+        outcomes = train(batched_stepper(backends), state, trajectories,
+                         schedule=RecordSchedule(train_cfg.steps, train_cfg.record_every),
                          advice=[divergence_advice(b.config) for b in backends], progress=False)
         for (i, backend, directory, trajectory), diverged in zip(runs, outcomes, strict=True):
             try:
@@ -227,7 +227,7 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     }
     directory.write_summary(summary)
     metrics = pd.DataFrame(trajectory.records)
-    limits = None if theory is None else {
+    limits = None if theory is None or theory["limits"] is None else {
         name: value["theory"] for name, value in theory["limits"].items()
         if value["theory"] is not None}
     directory.write_figure(TRAINING_FIGURE,

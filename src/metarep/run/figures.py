@@ -8,25 +8,43 @@ matplotlib settings are left alone, and the caller saves the figure where it bel
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from metarep.core.evaluation import BAYES_ORACLE, ORACLE_LSQ, REGRESSION_LSQ, RIDGE
 
 CURVES = (
     ("train_loss", "meta-training loss"),
     ("perp_norm", r"$\|B_\perp^\top B_t\|_2$"),
-    ("subspace_dist", "subspace distance (sin of largest angle)"),
+    ("subspace_dist", "span($B_t$) vs span($B_*$): sin of largest angle"),
     ("lambda_err", r"$\|B_*^\top B_t B_t^\top B_* - \Lambda_*\|_2$"),
     ("head_norm", r"$\|w_t\|$"),
 )
 W1_CURVE = ("w1_perp_share", r"$\|B_\perp^\top W_1\|_F / \|W_1\|_F$")  # ReLU runs
+PANEL_LINES: dict[str, tuple[tuple[str, str, dict[str, Any]], ...]] = {
+    "subspace_dist": (
+        ("subspace_dist", "subspace_dist = max of the two",
+         {"linewidth": 5, "alpha": 0.3, "color": "C0"}),
+        ("span_outside", "span_outside: of span($B_t$), outside span($B_*$)",
+         {"marker": ".", "markersize": 3, "linewidth": 1.2, "color": "C1"}),
+        ("span_missed", "span_missed: of span($B_*$), not covered",
+         {"linestyle": "--", "linewidth": 1.2, "color": "C2"}),
+    ),
+}
+"""Panels that draw several columns: ``(column, legend label, line style)`` each (the other
+panels draw their own column alone)."""
 
 
 def training_figure(metrics: pd.DataFrame, title: str,
                     limits: Mapping[str, float] | None = None) -> Figure:
-    """Six panels against the outer step (log-log where positive): the measures and the
-    singular values of ``B_t``; ``limits`` (measure -> predicted limit) are drawn as dashed
+    """Six panels against the outer step (log-log where positive): the measures (the subspace
+    panel with ``span_outside`` and ``span_missed`` next to ``subspace_dist``,
+    :data:`PANEL_LINES`) and the singular values of ``B_t``; ``limits`` (measure -> the limit
+    the theory predicts for this run, given only where it applies) are drawn as dashed
     horizontal lines where positive."""
     figure = Figure(figsize=(14, 7.5), layout="constrained")
     axes = figure.subplots(2, 3)
@@ -34,14 +52,19 @@ def training_figure(metrics: pd.DataFrame, title: str,
     curves = (CURVES[0], W1_CURVE, *CURVES[2:]) if W1_CURVE[0] in metrics else CURVES
     for axis, (column, label) in zip(axes.flat, curves, strict=False):
         if column in metrics and metrics[column].notna().any():
-            axis.plot(steps, metrics[column], marker=".", markersize=3, label="simulation")
+            lines = [line for line in PANEL_LINES.get(
+                         column, ((column, "simulation", {"marker": ".", "markersize": 3}),))
+                     if line[0] in metrics and metrics[line[0]].notna().any()]
+            for name, line_label, style in lines:
+                axis.plot(steps, metrics[name], label=line_label, **style)
             limit = (limits or {}).get(column)
             if limit is not None and limit > 0:
                 axis.axhline(limit, linestyle="--", color="k", linewidth=0.8,
-                             label="predicted limit")
+                             label="predicted limit (infinite tasks)")
+            if len(lines) > 1 or (limit is not None and limit > 0):
                 axis.legend(fontsize="small")
             axis.set_xscale("log")
-            if (metrics[column].dropna() > 0).all():
+            if all((metrics[name].dropna() > 0).all() for name, _, _ in lines):
                 axis.set_yscale("log")
         else:
             axis.text(0.5, 0.5, "not available", ha="center", transform=axis.transAxes)
@@ -58,21 +81,75 @@ def training_figure(metrics: pd.DataFrame, title: str,
     return figure
 
 
+REFERENCE_STYLES: dict[str, dict[str, Any]] = {
+    BAYES_ORACLE: {"color": "k", "linestyle": "--", "marker": "s",
+                   "label": r"Bayes oracle (knows $B_*, \Sigma_*, \sigma^2$)"},
+    RIDGE: {"color": "0.5", "linestyle": "--", "marker": "D", "label": "ridge in d dims"},
+    ORACLE_LSQ: {"color": "k", "linestyle": ":", "marker": "x", "alpha": 0.45,
+                 "label": "least squares on $XB_*$ (k dims)"},
+    REGRESSION_LSQ: {"color": "0.5", "linestyle": ":", "marker": "+", "alpha": 0.45,
+                     "label": "least squares in d dims"},
+}
+"""How the reference rows are drawn: the lower references ``bayes-oracle`` and ``ridge``
+dashed, black and grey; the least-squares rows dotted and light."""
+
+CLOSED_FORM_STYLE = {"linewidth": 5, "alpha": 0.22, "solid_capstyle": "round"}
+"""Closed forms: a wide pale line in the row's colour (paler still for a light row)."""
+
+
+def draw_risk(axis: Axes, rows: pd.DataFrame, label: str, color: str | None = None,
+              linestyle: str = "-", marker: str = "o", alpha: float = 1.0) -> None:
+    """One row of ``eval.csv`` against m_test: the mean risk joined by a line, 1.96 standard
+    errors as error bars where the standard error is finite (none where it is ``nan``: infinite
+    variance), and the closed form, where known and positive, as a wide pale line."""
+    rows = rows.sort_values("shots")
+    shots, risk = rows["shots"].to_numpy(), rows["excess_risk"].to_numpy(dtype=float)
+    stderr = rows["stderr"].to_numpy(dtype=float)
+    (line,) = axis.plot(shots, risk, color=color, linestyle=linestyle, marker=marker,
+                        markersize=4, alpha=alpha, label=label)
+    color = line.get_color()
+    bars = np.isfinite(stderr)
+    if bars.any():
+        axis.errorbar(shots[bars], risk[bars], yerr=1.96 * stderr[bars], fmt="none",
+                      ecolor=color, capsize=3, alpha=alpha)
+    theory = rows["theory"].to_numpy(dtype=float)
+    shown = np.isfinite(theory) & (theory > 0)
+    if shown.any():
+        axis.plot(shots[shown], theory[shown], color=color,
+                  **{**CLOSED_FORM_STYLE, "alpha": CLOSED_FORM_STYLE["alpha"] * alpha})
+
+
+def shots_axis(axis: Axes, shots: np.ndarray) -> None:
+    """A log m_test axis ticked at the evaluated ``shots``, labelled as plain integers."""
+    ticks = np.unique(np.asarray(shots, dtype=int))
+    if ticks.size:
+        axis.set_xticks(ticks, [str(t) for t in ticks])
+        axis.set_xticks([], minor=True)
+
+
+def closed_form_legend_entry(axis: Axes) -> None:
+    """A legend entry explaining the closed-form style."""
+    axis.plot([], [], color="0.3", label="closed form (wide pale line)", **CLOSED_FORM_STYLE)
+
+
 def eval_figure(frame: pd.DataFrame, title: str) -> Figure:
-    """Mean test excess risk (with 1.96 standard errors) against m_test, log-log, per method;
-    closed-form values, where known, as dashed lines."""
-    figure = Figure(figsize=(7, 5), layout="constrained")
+    """Mean test excess risk against m_test, log-log: the methods in colour (solid), the lower
+    references ``bayes-oracle`` and ``ridge`` dashed in black and grey, the least-squares rows
+    dotted and light (:data:`REFERENCE_STYLES`); 1.96 standard errors where the variance is
+    finite, closed forms where known (:func:`draw_risk`)."""
+    figure = Figure(figsize=(7.5, 5.2), layout="constrained")
     axis = figure.subplots()
     for method, rows in frame.groupby("method", sort=False):
-        rows = rows.sort_values("shots")
-        line = axis.errorbar(rows["shots"], rows["excess_risk"], yerr=1.96 * rows["stderr"],
-                             marker="o", capsize=3, label=str(method))
-        theory = rows["theory"].to_numpy(dtype=float)
-        if np.isfinite(theory).any():
-            axis.plot(rows["shots"], theory, linestyle="--", color=line[0].get_color(),
-                      label=f"{method} (closed form)")
+        style = REFERENCE_STYLES.get(str(method))
+        if style is None:
+            draw_risk(axis, rows, str(method))
+        else:
+            draw_risk(axis, rows, **style)
+    if np.isfinite(frame["theory"].to_numpy(dtype=float)).any():
+        closed_form_legend_entry(axis)
     axis.set(xscale="log", yscale="log", xlabel="test samples $m_{test}$",
              ylabel=r"excess risk $\|Bw' - B_* w_*\|^2$", title=f"{title}: test-time adaptation")
+    shots_axis(axis, frame["shots"].to_numpy())
     axis.grid(alpha=0.3, which="both")
-    axis.legend()
+    axis.legend(fontsize="small")
     return figure

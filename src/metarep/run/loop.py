@@ -16,12 +16,14 @@ and its last finite state; the other runs of the batch go on.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from metarep.errors import ArgumentError
 
 State = TypeVar("State")
 
@@ -72,14 +74,76 @@ class Stepper(Protocol[State]):
         ...
 
 
-def is_record_step(t: int, steps: int, record_every: int) -> bool:
-    """Whether measures are recorded at step ``t``: 0, every ``record_every``, and ``steps``."""
-    return t % record_every == 0 or t == steps
+LOG = "log"
+"""The ``record_every`` of the geometric record grid (:class:`RecordSchedule`)."""
+
+POINTS_PER_DECADE = 20
+"""Grid points per decade of the geometric record grid."""
 
 
-def record_steps(steps: int, record_every: int) -> list[int]:
-    """Every step ``t <= steps`` of :func:`is_record_step`, in order."""
-    return [*range(0, steps + 1, record_every), *([steps] if steps % record_every else [])]
+def _grid_point(j: int) -> int:
+    """The ``j``-th point of the geometric grid, ``round(10^(j / POINTS_PER_DECADE))``: the
+    one formula both :meth:`RecordSchedule.contains` and :meth:`RecordSchedule.steps` use."""
+    return round(10.0 ** (j / POINTS_PER_DECADE))
+
+
+@dataclass(frozen=True)
+class RecordSchedule:
+    """Which steps ``t`` of a run of ``last`` (= T) outer steps record their measures: step 0,
+    step ``last``, and
+
+    - ``every = n`` (an integer >= 1): every multiple of ``n``;
+    - ``every = "log"``: the geometric grid ``{round(10^(j/20)) : j = 0, 1, 2, ...}``, each
+      step once: every step from 1 to 11, then about :data:`POINTS_PER_DECADE` steps per
+      decade, evenly spaced in log t (so curves on log axes have points in every decade).
+
+    :meth:`contains` is O(1) and :meth:`steps` a lazy iterator: neither allocates memory
+    proportional to ``last`` (``last`` may be 10^12). Raises :class:`ArgumentError` for a
+    negative ``last`` or an ``every`` that is neither an integer >= 1 nor ``"log"``.
+    """
+
+    last: int
+    every: int | str
+
+    def __post_init__(self) -> None:
+        if isinstance(self.last, bool) or not isinstance(self.last, int | np.integer) \
+                or self.last < 0:
+            raise ArgumentError("steps", f"must be an integer >= 0, got {self.last!r}")
+        if self.every != LOG and (isinstance(self.every, bool)
+                                  or not isinstance(self.every, int | np.integer)
+                                  or self.every < 1):
+            raise ArgumentError("record_every", f"must be an integer >= 1 or {LOG!r}, got "
+                                f"{self.every!r}")
+
+    def contains(self, t: int) -> bool:
+        """Whether measures are recorded at step ``t`` (O(1))."""
+        if t < 0 or t > self.last:
+            return False
+        if t == 0 or t == self.last:
+            return True
+        if self.every != LOG:
+            return t % self.every == 0
+        # round(10^(j/20)) == t needs t - 1/2 <= 10^(j/20) <= t + 1/2: a few j to try
+        lo = math.floor(POINTS_PER_DECADE * math.log10(t - 0.5)) - 1
+        hi = math.ceil(POINTS_PER_DECADE * math.log10(t + 0.5)) + 1
+        return any(_grid_point(j) == t for j in range(max(lo, 0), hi + 1))
+
+    def steps(self) -> Iterator[int]:
+        """Every recorded step, increasing, lazily."""
+        if self.every != LOG:
+            yield from range(0, self.last + 1, self.every)
+            if self.last % self.every:
+                yield self.last
+            return
+        yield 0
+        previous, j = 0, 0
+        while (t := _grid_point(j)) < self.last:
+            if t > previous:
+                yield t
+                previous = t
+            j += 1
+        if self.last > 0:
+            yield self.last
 
 
 def is_diverging(loss: float | np.ndarray, reference: float | np.ndarray) -> bool | np.ndarray:
@@ -101,30 +165,31 @@ def train(
     state: State,
     trajectories: Sequence[Trajectory[Any]],
     *,
-    steps: int,
-    record_every: int,
+    schedule: RecordSchedule,
     advice: Sequence[str],
     on_record: Callable[[int, Trajectory[Any]], None] | None = None,
     progress: bool = True,
 ) -> list[Diverged | None]:
     """Step the ``b`` runs of ``state`` (one :class:`Trajectory` each, all at the same step)
-    up to ``steps``, recording as they go.
+    up to ``schedule.last``, recording at the steps of ``schedule``.
 
     At every step ``t`` each run still training is tested by the divergence rule (module
-    docstring); at record steps (:func:`is_record_step`) its record is appended to its
+    docstring); at record steps (``schedule.contains(t)``) its record is appended to its
     trajectory, whose state is set to ``take(state, i)``, and ``on_record(i, trajectory)`` is
-    called (e.g. to write a checkpoint). A run that ends (diverged, or at ``steps``) keeps its
-    state at that step. Floating-point overflow inside ``step`` is not an error (numpy's
-    warnings are silenced there): it shows as a non-finite or exploding loss or state.
+    called (e.g. to write a checkpoint). A run that ends (diverged, or at ``schedule.last``)
+    keeps its state at that step. Floating-point overflow inside ``step`` is not an error
+    (numpy's warnings are silenced there): it shows as a non-finite or exploding loss or
+    state.
 
     **Returns** per run its :class:`Diverged` (``advice[i]`` says what to change), or ``None``
-    when it reached ``steps``; the trajectories hold everything recorded either way.
+    when it reached ``schedule.last``; the trajectories hold everything recorded either way.
     """
     b = len(trajectories)
     start = {trajectory.step for trajectory in trajectories}
     if len(start) != 1:
         raise ValueError(f"the runs of a batch must start at one step, got {sorted(start)}")
     t = start.pop()
+    steps = schedule.last
     reference = _references(trajectories)
     active = np.ones(b, dtype=bool)
     outcome: list[Diverged | None] = [None] * b
@@ -136,7 +201,7 @@ def train(
                 new, losses = stepper.step(state, t)
             reference = np.where(np.isnan(reference), losses, reference)
             exploded = active & is_diverging(losses, reference)
-            if is_record_step(t, steps, record_every):
+            if schedule.contains(t):
                 for i in np.flatnonzero(active & ~exploded):
                     _record(stepper, state, t, i, float(losses[i]), trajectories[i], on_record)
                 if b == 1:

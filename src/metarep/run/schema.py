@@ -6,7 +6,7 @@ documentation (rendered into README's key table by :func:`key_table`) and its ch
 checker turns a raw value (from YAML or from ``--set key=value``) into the typed value or
 raises :class:`ConfigError` naming the dotted key and the allowed range.
 
-Symbols follow ``shared/paper.md``: ``d``, ``k``, ``k'`` (= ``model.width``), ``m_in``,
+Symbols follow ``docs/specification.md``: ``d``, ``k``, ``k'`` (= ``model.width``), ``m_in``,
 ``m_out``, ``alpha`` (= ``method.inner_lr``), ``beta`` (= ``method.outer_lr``), ``sigma^2``
 (= ``problem.noise_var``) and ``Sigma_star`` (= ``problem.head_cov``).
 """
@@ -208,7 +208,7 @@ def param(default: Any, doc: str, check: Checker, name: str | None = None) -> An
 
 @dataclass(frozen=True)
 class ProblemConfig:
-    """The task distribution (spec section 1)."""
+    """The task distribution (specification §1)."""
 
     d: int = param(50, "ambient dimension d", integer(1))
     k: int = param(5, "latent dimension k of B_star (1 <= k <= d)", integer(1))
@@ -255,13 +255,19 @@ class TasksConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: two-layer linear x -> x^T B w, or a ReLU body with a linear head
-    (spec section 2; see :mod:`metarep.engine.networks`)."""
+    (specification §2; see :mod:`metarep.engine.networks`)."""
 
     width: int = param(50, "width k' of the representation B (d x k'), >= 1", integer(1))
     init_scale: float = param(
         1.0,
-        "B_0 has i.i.d. N(0, init_scale^2 / d) entries, so each column has norm ~ init_scale; "
-        "w_0 = 0. relu: the same for the first layer W1; W2 has N(0, 2 / hidden_width) entries",
+        "B_0 has i.i.d. N(0, init_scale^2 / d) entries, so each column has norm ~ init_scale. "
+        "relu: the same for the first layer W1; W2 has N(0, 2 / hidden_width) entries",
+        real(0.0),
+    )
+    head_scale: float = param(
+        0.0,
+        "w_0 has i.i.d. N(0, head_scale^2 / k') entries, drawn after B_0 (norm ~ head_scale); "
+        "0: w_0 = 0, the paper's setting (linear model only)",
         real(0.0),
     )
     init_from: str | None = param(
@@ -287,7 +293,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The meta-learning algorithm and its step sizes (spec section 3)."""
+    """The meta-learning algorithm and its step sizes (specification §3)."""
 
     name: str = param(
         "fo-anil",
@@ -308,8 +314,12 @@ class TrainConfig:
     """The outer loop."""
 
     steps: int = param(5000, "number of outer steps T (>= 0)", integer(0))
-    record_every: int = param(
-        50, "record the measures every this many steps (>= 1); step 0 and T always", integer(1)
+    record_every: int | str = param(
+        50,
+        "record the measures every this many steps (>= 1), or `log`: on a geometric grid, the "
+        "steps round(10^(j/20)) for j = 0, 1, 2, ... (every step up to 11, then ~20 per "
+        "decade, for log axes); step 0 and T always",
+        one_of(integer(1), literal("log"), describe="an integer in [1, inf] or log"),
     )
     dtype: str = param("float64", "floating point type: float64 or float32", choice(DTYPES))
     device: str = param(
@@ -478,6 +488,12 @@ def validate(config: Config) -> None:
     _validate_infinite(config)
     if m.init_scale == 0.0 and m.init_from is None:
         raise ConfigError("model.init_scale", "must be > 0 (B_0 = 0 is a fixed point)")
+    if m.head_scale > 0 and (m.kind != "linear" or m.init_from is not None):
+        raise ConfigError("model.head_scale", "must be 0 with model.kind: relu or "
+                          "model.init_from (which give their own head)")
+    if m.head_scale > 0 and t.n == "infinite" and config.method.name == "fo-maml":
+        raise ConfigError("model.head_scale", "must be 0 for fo-maml with tasks.n: infinite "
+                          "(its exact dynamics are FO-ANIL's only from w_0 = 0)")
     if m.kind == "linear" and tr.device == "cuda":
         raise ConfigError("train.device", "cuda is for the torch engine (model.kind: relu); "
                           "linear runs use numpy on the CPU: use cpu or auto")

@@ -1,6 +1,6 @@
 """Many configurations of the exact infinite-task dynamics in one vectorised computation, as a
 table: ``simulate_batch(problem, grid(inner_lr=[0.1, 0.2], m_in=[10, inf], seed=[0, 1]),
-width=50, init_scale=0.1, steps=10_000, record_every=100)``.
+width=50, init_scale=0.1, steps=10_000, record_every="log")``.
 
 The configurations go through the training loop of every run (:func:`metarep.run.loop.train`),
 so they follow its divergence rule at every step.
@@ -21,7 +21,7 @@ from metarep.core.problem import Problem
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.errors import ArgumentError
 from metarep.run.backends.infinite import ExactStepper
-from metarep.run.loop import Trajectory, record_steps, train
+from metarep.run.loop import RecordSchedule, Trajectory, train
 
 GRID_COLUMNS = ("inner_lr", "outer_lr", "m_in", "noise_var", "seed")
 ADVICE = "Lower its inner_lr or outer_lr."
@@ -47,7 +47,7 @@ def simulate_batch(
     width: int,
     init_scale: float,
     steps: int,
-    record_every: int,
+    record_every: int | str,
     defaults: Mapping[str, float] | None = None,
     dtype: np.dtype | str = np.float64,
 ) -> pd.DataFrame:
@@ -58,13 +58,17 @@ def simulate_batch(
     ``i`` starts from ``init_linear(d, width, init_scale, seed_rng(seed_i, Purpose.MODEL))``
     (the initialisation ``metarep run`` uses for ``model.seed``) and ``w_0 = 0``.
 
-    **Returns** one row per configuration and record step (0, every ``record_every``, and
-    ``steps``): ``config`` (row of ``configs``), the configuration's columns, ``step``,
-    ``train_loss``, the measures of :func:`metarep.core.infinite.coordinate_measures` and
-    ``diverged``.
+    The record steps are those of ``RecordSchedule(steps, record_every)``
+    (:class:`metarep.run.loop.RecordSchedule`): 0, every ``record_every`` steps (an integer
+    >= 1) or the geometric grid of about 20 steps per decade (``"log"``), and ``steps``.
+
+    **Returns** one row per configuration and record step: ``config`` (row of ``configs``),
+    the configuration's columns, ``step``, ``train_loss``, the measures of
+    :func:`metarep.core.infinite.coordinate_measures` and ``diverged``.
     A configuration that diverges (the loop's rule, checked at every step) stops there; its
     later rows have ``diverged = True`` and ``nan`` measures.
     """
+    schedule = RecordSchedule(steps, record_every)
     table = configs.reset_index(drop=True).copy()
     fill = {"noise_var": problem.noise_var, "seed": 0, **(defaults or {})}
     for column in GRID_COLUMNS:
@@ -78,13 +82,13 @@ def simulate_batch(
     dynamics = ExactFOANIL(problem.Sigma_star, table["inner_lr"], table["outer_lr"],
                            table["m_in"], table["noise_var"], state.H.shape, dtype)
     trajectories = [Trajectory(None, 0) for _ in range(len(table))]
-    train(ExactStepper(dynamics, lambda_stars(dynamics)), state, trajectories,
-          steps=steps, record_every=record_every, advice=[ADVICE] * len(table), progress=False)
+    train(ExactStepper(dynamics, lambda_stars(dynamics, width)), state, trajectories,
+          schedule=schedule, advice=[ADVICE] * len(table), progress=False)
     rows = []
     for i, (config, trajectory) in enumerate(zip(table.to_dict("records"), trajectories,
                                                  strict=True)):
         by_step = {record["step"]: record for record in trajectory.records}
-        for t in record_steps(steps, record_every):
+        for t in schedule.steps():
             record = by_step.get(t)
             if record is None:  # after the configuration diverged
                 rows.append({"config": i, **config, "step": t, "train_loss": math.nan,

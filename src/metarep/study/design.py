@@ -1,4 +1,4 @@
-"""The study's design (spec section 6) as data: the scales, their settings, and the runs.
+"""The study's design (specification §6) as data: the scales, their settings, and the runs.
 
 The study is a fixed list of runs (:func:`study_runs`), each an ordinary ``metarep run`` of a
 config derived from the scale's base setting:
@@ -6,6 +6,7 @@ config derived from the scale's base setting:
 - ``pool-<method>``: every method (FO-ANIL, ANIL, FO-MAML, MAML, Burer-Monteiro) on one
   finite task pool;
 - ``infinite-fo-anil``: the exact infinite-task FO-ANIL dynamics from the same ``B_0``;
+- ``infinite-w0``: the same from a non-zero head ``w_0``;
 - ``infinite-m_in-<m>``: the same with other inner sample counts, ``inf`` included;
 - ``relu<L>-<method>``: the appendix study with ReLU bodies of ``L`` hidden layers.
 """
@@ -32,14 +33,14 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
             "tasks": {"n": 1000, "m_in": 10, "m_out": 10, "seed": 1},
             "model": {"width": 20, "init_scale": 1.0, "seed": 2},
             "method": {"inner_lr": 0.5, "outer_lr": 0.2, "inner_steps": 1},
-            "train": {"steps": 300, "record_every": 5},
+            "train": {"steps": 300, "record_every": "log"},
             "eval": {"shots": [3, 5, 10, 20, 40], "n_tasks": 500, "adapt_steps": 1, "seed": 3},
         },
         "infinite_steps": 20_000,
-        "infinite_record_every": 20,
+        "infinite_record_every": "log",
         "m_in_values": (5, 10, 40, "inf"),
-        "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 400, "train.record_every": 5,
-                 "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 500},
+        "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
+                 "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 1000},
     },
     "default": {
         "base": {
@@ -47,14 +48,14 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
             "tasks": {"n": 5000, "m_in": 20, "m_out": 10, "seed": 1},
             "model": {"width": 50, "init_scale": 1.0, "seed": 2},
             "method": {"inner_lr": 0.5, "outer_lr": 0.2, "inner_steps": 1},
-            "train": {"steps": 2000, "record_every": 10},
+            "train": {"steps": 2000, "record_every": "log"},
             "eval": {"shots": [5, 10, 20, 40, 80, 160], "n_tasks": 2000, "adapt_steps": 1,
                      "seed": 3},
         },
         "infinite_steps": 200_000,
-        "infinite_record_every": 100,
+        "infinite_record_every": "log",
         "m_in_values": (5, 20, 80, "inf"),
-        "relu": {"problem.d": 60, "tasks.n": 1000, "train.steps": 600, "train.record_every": 10,
+        "relu": {"problem.d": 60, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
                  "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40], "eval.n_tasks": 1000},
     }
 }
@@ -70,10 +71,10 @@ def _merged(tree: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 # The paper scale: the default scale's setting with long runs and more test tasks.
 SCALE_SETTINGS["paper"] = _merged(SCALE_SETTINGS["default"], {
-    "base": {"train": {"steps": 10_000, "record_every": 20}, "eval": {"n_tasks": 5000}},
+    "base": {"train": {"steps": 10_000, "record_every": "log"}, "eval": {"n_tasks": 5000}},
     "infinite_steps": 1_000_000,
-    "infinite_record_every": 500,
-    "relu": {"tasks.n": 5000, "train.steps": 2000, "train.record_every": 20,
+    "infinite_record_every": "log",
+    "relu": {"tasks.n": 5000, "train.steps": 2000, "train.record_every": "log",
              "eval.n_tasks": 2000},
 })
 
@@ -94,6 +95,9 @@ class Runs:
 
     INFINITE = "infinite-fo-anil"
     """Exact infinite-task FO-ANIL from the pool runs' ``B_0`` (the scale's ``m_in``)."""
+
+    INFINITE_HEAD = "infinite-w0"
+    """The same from a non-zero head ``w_0`` (``model.head_scale = 1``)."""
 
     @staticmethod
     def pool(method: str) -> str:
@@ -145,6 +149,7 @@ def study_runs(scale: str) -> list[StudyRun]:
     infinite = {"tasks.n": "infinite", "train.steps": settings["infinite_steps"],
                 "train.record_every": settings["infinite_record_every"]}
     runs.append(StudyRun(Runs.INFINITE, dict(infinite)))
+    runs.append(StudyRun(Runs.INFINITE_HEAD, {**infinite, "model.head_scale": 1.0}))
     base_m_in = settings["base"]["tasks"]["m_in"]
     for m_in in settings["m_in_values"]:
         if m_in != base_m_in:

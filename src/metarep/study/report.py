@@ -20,21 +20,38 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from metarep.core.evaluation import features_row
+from metarep.core.evaluation import REFERENCE_ROWS, features_row
 from metarep.core.measures import projected_gram
 from metarep.core.methods import MTL
 from metarep.run import atomic
+from metarep.run.figures import (
+    REFERENCE_STYLES,
+    closed_form_legend_entry,
+    draw_risk,
+    shots_axis,
+)
 from metarep.run.rundir import RunData
-from metarep.study.claims import Claim
+from metarep.study.claims import Claim, unlearning_law
 from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
 
 MTL_LSQ = features_row(MTL.name)
 COLORS = {"fo-anil": "C0", "anil": "C1", "fo-maml": "C2", "maml": "C3", "mtl": "C4",
-          MTL_LSQ: "C5", "oracle": "k", "regression": "C7"}
+          MTL_LSQ: "C5", **{name: REFERENCE_STYLES[name]["color"] for name in REFERENCE_ROWS}}
 STYLES = {"fo-anil": "-", "anil": "--", "fo-maml": ":", "maml": "-.", "mtl": "-"}
 LABELS = {"fo-anil": "FO-ANIL", "anil": "ANIL", "fo-maml": "FO-MAML", "maml": "MAML",
           "mtl": "Burer-Monteiro (MTL)", MTL_LSQ: "Burer-Monteiro + least squares",
-          "oracle": "oracle (knows B*)", "regression": "regression in d dims"}
+          **{name: REFERENCE_STYLES[name]["label"] for name in REFERENCE_ROWS}}
+"""Colours and legend labels per method and reference row; the references' full styles
+(lower references dashed, least squares dotted and light) are
+:data:`metarep.run.figures.REFERENCE_STYLES`."""
+
+
+def _draw_row(axis: Axes, name: str, rows: pd.DataFrame) -> None:
+    """One row of ``eval.csv`` (a method, ``mtl-lsq`` or a reference) in its report style."""
+    if name in REFERENCE_STYLES:
+        draw_risk(axis, rows, **REFERENCE_STYLES[name])
+    else:
+        draw_risk(axis, rows, LABELS.get(name, name), color=COLORS.get(name))
 
 
 def _steps(metrics: pd.DataFrame) -> np.ndarray:
@@ -66,7 +83,7 @@ def _loglog(axis: Axes, xlabel: str, ylabel: str, title: str) -> None:
 
 def figure_unlearning(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     """(a) ``||B_perp^T B_t||`` against t, log-log, every method on the pool, with the exact
-    infinite-task FO-ANIL curve and the finite-pool floor."""
+    infinite-task FO-ANIL curve and the rate the theory gives for its undriven directions."""
     names = [Runs.pool(m) for m in POOL_METHODS] + [Runs.INFINITE]
     table = _long(runs, names, ["perp_norm"])
     figure = Figure(figsize=(7.5, 5), layout="constrained")
@@ -80,10 +97,10 @@ def figure_unlearning(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     if infinite is not None:
         axis.plot(_steps(infinite.metrics), infinite.metrics["perp_norm"], "k--", linewidth=2,
                   label="FO-ANIL, infinitely many tasks (exact)")
-    pool = runs.get(Runs.pool("fo-anil"))
-    if pool is not None:
-        axis.axhline(pool.metrics["perp_norm"].iloc[-1], color=COLORS["fo-anil"], linestyle=":",
-                     label="finite-pool floor (FO-ANIL at T)")
+        steps = _steps(infinite.metrics)
+        axis.plot(steps, unlearning_law(infinite, steps), color="0.4", linestyle=":",
+                  label=r"theory: $(2\alpha^2\beta c\,t)^{-1/2}$, $c = (\mathrm{tr}\,"
+                  r"\Sigma_* + \sigma^2)/m_{in}$")
     _loglog(axis, "outer step t + 1", r"$\|B_\perp^\top B_t\|_2$",
             "(a) Unlearning the orthogonal complement of span(B*)")
     return figure, table
@@ -159,30 +176,28 @@ def figure_lambda(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
 
 
 def figure_test_risk(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
-    """(d) Test excess risk against m_test after one head step, every method, the oracle and
-    plain regression, with 95% error bars and closed-form curves where known."""
+    """(d) Test excess risk against m_test after one head step, every method, with the
+    reference rows of the FO-ANIL run (the Bayes oracle and ridge as lower references, least
+    squares lighter), 95% error bars where the variance is finite and closed forms where
+    known."""
     frames = []
     for method in POOL_METHODS:
         run = runs.get(Runs.pool(method))
         if run is None or run.eval is None:
             continue
         keep = run.eval["method"].isin([method, MTL_LSQ]) | (
-            (method == "fo-anil") & run.eval["method"].isin(["oracle", "regression"]))
+            (method == "fo-anil") & run.eval["method"].isin(REFERENCE_ROWS))
         frames.append(run.eval[keep].assign(run=Runs.pool(method)))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     figure = Figure(figsize=(7.5, 5.2), layout="constrained")
     axis = figure.subplots()
     for method, rows in (table.groupby("method", sort=False) if len(table) else []):
-        rows = rows.sort_values("shots")
-        color = COLORS.get(str(method), None)
-        axis.errorbar(rows["shots"], rows["excess_risk"], yerr=1.96 * rows["stderr"], marker="o",
-                      markersize=4, capsize=3, color=color, label=LABELS.get(str(method), method))
-        theory = rows["theory"].to_numpy(dtype=float)
-        if np.isfinite(theory).any():
-            axis.plot(rows["shots"], theory, linestyle="--", color=color, linewidth=1)
-    axis.plot([], [], "k--", linewidth=1, label="closed form (dashed)")
+        _draw_row(axis, str(method), rows)
+    closed_form_legend_entry(axis)
     _loglog(axis, "test samples $m_{test}$", r"excess risk $E\|Bw' - B_* w_*\|^2$",
             "(d) Test risk after one head step (95% error bars)")
+    if len(table):
+        shots_axis(axis, table["shots"].to_numpy())
     return figure, table
 
 
@@ -233,24 +248,22 @@ def figure_relu(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
                                 label=LABELS[method])
             if run.eval is not None:
                 for row in ((method, MTL_LSQ) if method == MTL.name else (method,)):
-                    mine = run.eval[run.eval["method"] == row].sort_values("shots")
-                    risk_axis.errorbar(mine["shots"], mine["excess_risk"],
-                                       yerr=1.96 * mine["stderr"], marker="o", markersize=4,
-                                       capsize=3, color=COLORS[row], label=LABELS[row])
+                    _draw_row(risk_axis, row, run.eval[run.eval["method"] == row])
                 risk_frames.append(run.eval.assign(run=Runs.relu(layers, method)))
         reference = runs.get(Runs.relu(layers, "fo-anil"))
         if reference is not None and reference.eval is not None:
-            for baseline in ("oracle", "regression"):
-                rows = reference.eval[reference.eval["method"] == baseline].sort_values("shots")
-                risk_axis.errorbar(rows["shots"], rows["excess_risk"], yerr=1.96 * rows["stderr"],
-                                   marker="s", markersize=4, capsize=3, color=COLORS[baseline],
-                                   label=LABELS[baseline])
+            for baseline in REFERENCE_ROWS:
+                rows = reference.eval[reference.eval["method"] == baseline]
+                if len(rows):
+                    _draw_row(risk_axis, baseline, rows)
         share_axis.set(xscale="log", xlabel="outer step t + 1",
                        ylabel=r"$\|B_\perp^\top W_1\|_F / \|W_1\|_F$",
                        title=f"(f) ReLU, {layers + 1}-layer network: W1 energy outside span(B*)")
         risk_axis.set(xscale="log", yscale="log", xlabel="test samples $m_{test}$",
                       ylabel="test excess risk", title=f"{layers + 1}-layer ReLU: test risk "
                       "after one head step")
+        if reference is not None and reference.eval is not None:
+            shots_axis(risk_axis, reference.eval["shots"].to_numpy())
         for axis in (share_axis, risk_axis):
             axis.grid(alpha=0.3, which="both")
             axis.legend(fontsize=7)
@@ -271,16 +284,25 @@ def _save_figure(figure: Figure, stem: Path) -> None:
 FIGURES: tuple[tuple[str, str], ...] = (
     ("a_unlearning", "Unlearning: the part of B_t outside span(B*) over training. The dashed "
      "black curve is the exact infinite-task FO-ANIL dynamics from the same B_0; the dotted "
-     "line is where FO-ANIL on the finite pool stops (the finite-pool floor)."),
+     "grey line is the rate the theory gives for its undriven directions, (2 alpha^2 beta c "
+     "t)^(-1/2) with c = (tr Sigma* + sigma^2) / m_in. The finite-pool curves leave it at a "
+     "floor set by N, m and the noise. FO-MAML from w_0 = 0 follows FO-ANIL closely, so "
+     "their curves overlap."),
     ("b_singular_values", "Singular values of B_t over training: the model-agnostic methods "
      "end with k large singular values and the rest small; Burer-Monteiro keeps them."),
-    ("c_lambda", "B*^T B_t B_t^T B* approaches Lambda* (spec section 4, claim 3): error over "
+    ("c_lambda", "B*^T B_t B_t^T B* approaches Lambda* (specification §4, claim 3): error over "
      "training and the final eigenvalues against the theory's."),
     ("d_test_risk", "Test excess risk after one head step of size alpha against the number of "
-     "test samples, with the oracle and plain regression; dashed: closed forms. The baselines "
-     "use least squares where m_test >= dim + 2 and ridge below, so their risk peaks just "
-     "above the interpolation threshold (dim = k for the oracle, d for regression, k' for "
-     "Burer-Monteiro + least squares)."),
+     "test samples (error bars: 95%). Lower references, dashed: the Bayes oracle (black), the "
+     "posterior mean of the head knowing B*, Sigma* and sigma^2, which no method can beat in "
+     "expectation at any m_test, and ridge in d dimensions with the prior-optimal isotropic "
+     "penalty sigma^2 d / tr(Sigma*) (grey), which uses no representation. Dotted and light: "
+     "least squares on X B* (k dims) and in d dims, shown only where their expected risk is "
+     "finite (m_test >= dim + 2) and without error bars at m_test = dim + 2, dim + 3, where "
+     "the variance of their risk is infinite. Wide pale lines: closed forms where known (the "
+     "method's one-step risk, sigma^2 dim / (m_test - dim - 1) for least squares; the "
+     "noisy Bayes oracle and ridge have none). Burer-Monteiro + least squares switches to "
+     "ridge below k' + 2 samples, so it peaks just above its interpolation threshold."),
     ("e_m_in", "The role of m_in under the exact infinite-task dynamics: finite inner samples "
      "unlearn the complement, infinitely many do not."),
     ("f_relu", "Appendix: two- and three-layer ReLU networks trained with every method."),

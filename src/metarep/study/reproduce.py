@@ -1,4 +1,4 @@
-"""``metarep reproduce``: the paper's study (spec section 6) as one command.
+"""``metarep reproduce``: the paper's study (specification §6) as one command.
 
 The runs of the study (:mod:`metarep.study.design`) are independent; they execute on a local
 process pool through the sweep machinery (:mod:`metarep.sweeps`), so finished runs are reused

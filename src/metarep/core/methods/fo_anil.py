@@ -1,4 +1,4 @@
-"""First-order ANIL on the linear model, the paper's method (spec section 3), at the memory
+"""First-order ANIL on the linear model, the paper's method (specification §3), at the memory
 bound: the tasks are taken in cache-sized chunks on the threads of
 :mod:`metarep.core.methods.threads`.
 

@@ -1,7 +1,7 @@
 """The squared loss of the linear model and its gradients, vectorised over tasks.
 
 Shapes: ``N`` tasks, ``m`` rows per task, ambient dimension ``d``, width ``k'``. The loss on one
-task is ``L(B, w; X, y) = ||X B w - y||^2 / (2 m)`` (spec section 3). Every per-task quantity is
+task is ``L(B, w; X, y) = ||X B w - y||^2 / (2 m)`` (specification §3). Every per-task quantity is
 a batched contraction over the task axis: no loop over tasks. Tested against the one-task
 functions of :mod:`metarep.core.reference` (``task_loss``, ``head_gradient``, ``adapt_head``).
 """

@@ -1,5 +1,5 @@
 """The methods with an inner loop through which the outer gradient may be taken: ANIL, FO-MAML
-and MAML on the linear model (spec section 3), and their shared outer gradient
+and MAML on the linear model (specification §3), and their shared outer gradient
 :func:`meta_gradient` (exact by reverse mode, or first order), vectorised over tasks.
 
 Tested against the plain per-task loops :func:`metarep.core.reference.inner_loop_step` (exact

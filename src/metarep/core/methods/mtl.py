@@ -1,5 +1,5 @@
 """Multi-task learning (Burer-Monteiro) on the linear model: gradient descent on the shared
-body and one head per pool task (spec section 3), vectorised over tasks.
+body and one head per pool task (specification §3), vectorised over tasks.
 
 Tested against the plain per-task loop :func:`metarep.core.reference.mtl_step`.
 """

@@ -17,7 +17,6 @@ from metarep.core.infinite import (
     InfiniteTaskState,
     coordinate_measures,
     coordinates,
-    lambda_stars,
     undriven_perp_norm,
 )
 from metarep.core.model import LinearParams
@@ -28,11 +27,11 @@ from metarep.run.backends.sources import RunInputs
 
 class ExactStepper:
     """``b`` configurations of the exact dynamics as the loop's
-    :class:`~metarep.run.loop.Stepper`: ``dynamics`` steps them, ``Lambda_star`` (b, k, k)
-    enters their ``lambda_err``, and the measures come from the coordinates alone (no d-sized
-    work)."""
+    :class:`~metarep.run.loop.Stepper`: ``dynamics`` steps them, ``Lambda_star`` (per
+    configuration the (k, k) target of its ``lambda_err``, or ``None``) enters their measures,
+    which come from the coordinates alone (no d-sized work)."""
 
-    def __init__(self, dynamics: ExactFOANIL, Lambda_star: np.ndarray):
+    def __init__(self, dynamics: ExactFOANIL, Lambda_star: Sequence[np.ndarray | None]):
         self.dynamics, self.Lambda_star = dynamics, Lambda_star
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
@@ -72,7 +71,7 @@ class InfiniteTaskBackend(LinearModelRun):
         dynamics = ExactFOANIL(self.problem.Sigma_star, self.alpha, config.method.outer_lr,
                                config.tasks.m_in, self.problem.noise_var, self.initial.H.shape,
                                dtype)
-        self.stepper = ExactStepper(dynamics, lambda_stars(dynamics))
+        self.stepper = ExactStepper(dynamics, [self.Lambda_star])
 
     def params(self, state: InfiniteTaskState) -> LinearParams:
         return self.frame.params(state)
@@ -127,4 +126,4 @@ def batched_stepper(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
     dynamics = ExactFOANIL(first.Sigma_star, [d.alpha[0] for d in parts],
                            [d.beta[0] for d in parts], [d.m_in[0] for d in parts],
                            [d.noise_var[0] for d in parts], (b, *first.shape[1:]), first.dtype)
-    return ExactStepper(dynamics, np.concatenate([bk.stepper.Lambda_star for bk in backends]))
+    return ExactStepper(dynamics, [target for bk in backends for target in bk.stepper.Lambda_star])

@@ -16,7 +16,7 @@ from metarep.core.measures import measure, projected_gram
 from metarep.core.methods import MTLState, State, make_method
 from metarep.core.model import LinearParams, init_linear
 from metarep.core.seeding import Purpose, seed_rng
-from metarep.core.theory import lambda_star, predicted_limits
+from metarep.core.theory import Setting, gram_target, predicted_limits
 from metarep.run.backends.sources import RunInputs, task_source
 from metarep.run.inputs import check_memory, load_params
 
@@ -37,23 +37,34 @@ def initial_params(inputs: RunInputs) -> tuple[RunInputs, LinearParams]:
     check_memory("model.width", 32.0 * d * model.width,
                  f"B, problem.d x model.width = {d} x {model.width}, with its updates")
     return inputs, init_linear(d, model.width, model.init_scale,
-                               seed_rng(model.seed, Purpose.MODEL), dtype)
+                               seed_rng(model.seed, Purpose.MODEL), dtype, model.head_scale)
+
+
+def _finite(value: float) -> float | None:
+    return None if np.isnan(value) else value
 
 
 class LinearModelRun:
     """What the runs of the linear model share, given the run's inputs, its method's name and
     the map from a training state to ``(B, w)`` (:meth:`params`).
 
-    ``alpha`` (``method.inner_lr``, also the test-time head step size) and ``Lambda_star``
-    (:func:`metarep.core.theory.lambda_star` with the run's ``m_in`` and ``alpha``) are read
-    once here.
+    ``alpha`` (``method.inner_lr``, also the test-time head step size), the theory's
+    :class:`~metarep.core.theory.Setting` of the run, and ``Lambda_star``, the target of
+    ``lambda_err`` in force for it (:func:`metarep.core.theory.gram_target`: ``Lambda_star``,
+    its top-k' part for k' < k, or ``None`` where the theory gives none, then ``lambda_err`` is
+    ``nan``), are decided once here.
     """
 
     def __init__(self, inputs: RunInputs, method_name: str):
         self.inputs, self.method_name = inputs, method_name
         self.config, self.problem = inputs.config, inputs.problem
-        self.alpha = self.config.method.inner_lr
-        self.Lambda_star = lambda_star(self.problem, self.config.tasks.m_in, self.alpha)
+        c = self.config
+        self.alpha = c.method.inner_lr
+        regime = c.tasks.n if c.tasks.n in ("infinite", "online") else "pool"
+        self.setting = Setting(method_name, c.model.width, c.method.inner_steps,
+                               c.eval.adapt_steps, regime)
+        self.Lambda_star, self.reference = gram_target(self.problem, c.tasks.m_in, self.alpha,
+                                                       self.setting)
 
     def params(self, state: Any) -> LinearParams:
         """``(B, w)`` of a training state."""
@@ -83,26 +94,48 @@ class LinearModelRun:
         return 0.0
 
     def theory(self, final: Mapping[str, float], rows: list[EvalRow]) -> dict[str, Any]:
-        """Final measures next to their predicted limits (infinite tasks, t -> inf,
-        :func:`metarep.core.theory.predicted_limits`), and the test risk of the method next
-        to its closed form at the learned ``(B, w)`` and at the predicted limit."""
+        """The theory next to the run, each statement with its scope (``summary.json``):
+
+        - ``scope``: the run's setting (method, k' and k, inner steps, test-time steps,
+          regime); ``regime``: the training tasks in words;
+        - ``lambda_star`` and ``reference``: the target of ``lambda_err`` in force and the
+          statement it comes from (:func:`metarep.core.theory.gram_target`; ``null`` and the
+          reason where there is none);
+        - ``limits``: the final measures next to their limits as t -> inf, only for the runs
+          whose limits the theory gives (:func:`metarep.core.theory.predicted_limits`: exact
+          infinite-task FO-ANIL with one inner step); otherwise ``null``, and ``prediction``
+          says why;
+        - ``test_risk``: the simulated test risk of the method next to its closed form at the
+          learned ``(B, w)`` (0 or 1 test-time step, else ``null``) and, with ``limits``, at
+          the limit.
+        """
         c = self.config
-        limits = predicted_limits(self.problem, c.tasks.m_in, self.alpha, c.eval.shots)
-        limits["perp_norm"] = self.predicted_perp_limit()
-        regime = REGIMES.get(str(c.tasks.n), f"a pool of {c.tasks.n} tasks")
+        limits = predicted_limits(self.problem, c.tasks.m_in, self.alpha, self.setting,
+                                  c.eval.shots)
+        if limits is not None:
+            limits["perp_norm"] = self.predicted_perp_limit()
+            prediction = self.reference
+        elif self.setting.regime != "infinite":
+            prediction = ("no limits for a finite pool or online tasks: the theorem is about "
+                          "infinitely many tasks (tasks.n: infinite); a pool stops at a floor "
+                          "set by N, m and the noise")
+        else:
+            prediction = self.reference
         return {
+            "scope": self.setting.scope(self.problem.k),
+            "regime": REGIMES.get(str(c.tasks.n), f"a pool of {c.tasks.n} tasks"),
             "lambda_star": self.Lambda_star,
-            "limits": {name: {"final": final.get(name), "theory": limits[name]}
-                       for name in LIMIT_MEASURES},
+            "reference": self.reference,
+            "prediction": prediction,
+            "limits": None if limits is None else {
+                name: {"final": final.get(name), "theory": limits[name]}
+                for name in LIMIT_MEASURES},
             "test_risk": [{"shots": row.shots, "simulated": row.excess_risk,
-                           "stderr": row.stderr, "closed_form": row.theory,
-                           "limit": limits["test_risk"].get(row.shots)}
+                           "stderr": row.stderr, "closed_form": _finite(row.theory),
+                           "limit": None if limits is None else limits["test_risk"].get(row.shots)}
                           for row in rows if row.method == self.method_name],
-            "regime": regime,
-            "note": "limits as t -> infinity for infinitely many tasks from w_0 = 0 (spec "
-            "section 4); a finite pool stops at a floor set by N, m and the noise. "
-            "closed_form: the expected one-step test risk at the learned (B, w) "
-            "(metarep.core.theory.adapted_risk)",
+            "note": "closed_form: the expected test risk at the learned (B, w) after "
+            "eval.adapt_steps head steps (metarep.core.theory.adapted_risk; 0 or 1 step)",
         }
 
     def projected_gram(self, state: Any) -> np.ndarray | None:
