@@ -239,6 +239,22 @@ BAD_INPUTS = {
     "pool-not-finite": (lambda tmp: ["--set",
                                      f"tasks.from={pool_file(tmp, y=np.full((12, 8), np.nan))}",
                                      *POOL], "tasks.from"),
+    "pool-noise-negative": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp, noise_var=-1.0)}",
+                                         *POOL], "tasks.from"),
+    "pool-Sigma-not-diagonal": (lambda tmp: [
+        "--set", f"tasks.from={pool_file(tmp, Sigma_star=np.ones((2, 2)))}", *POOL],
+        "tasks.from"),
+    "pool-Sigma-shape": (lambda tmp: ["--set",
+                                      f"tasks.from={pool_file(tmp, Sigma_star=np.eye(3))}",
+                                      *POOL], "tasks.from"),
+    "pool-noise-contradicted": (lambda tmp: ["--set",
+                                             f"tasks.from={pool_file(tmp, noise_var=0.25)}",
+                                             *POOL, "--set", "problem.noise_var=1.0"],
+                                "problem.noise_var"),
+    "pool-Sigma-contradicted": (lambda tmp: ["--set",
+                                             f"tasks.from={pool_file(tmp, Sigma_star=np.eye(2))}",
+                                             *POOL, "--set", "problem.head_cov=[1, 3]"],
+                                "problem.head_cov"),
     "pool-split": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", "--set",
                                 "tasks.m_in=4", "--set", "tasks.m_out=3"], "tasks.m_in"),
     "pool-too-few-tasks": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", *POOL,
@@ -524,3 +540,30 @@ def test_a_run_without_evaluation_leaves_no_stale_eval_files(cli, tmp_path):
     result = cli(*args, "--set", f"tasks.from={pool}")
     assert result.exit_code == 0, result.output
     assert not (out / "eval.csv").exists() and not (out / "eval.png").exists()
+
+
+def test_a_pool_with_its_own_noise_and_head_covariance_is_judged_by_them(cli, tmp_path):
+    """The file's sigma^2 and Sigma_star replace the base config's (and are recorded in
+    config.yaml), so the references are those of the file's tasks: least squares on X B_star
+    has the expected risk sigma^2 k / (m - k - 1) of the file's sigma^2."""
+    rng = np.random.default_rng(3)
+    d, k, n, m, noise = 8, 2, 300, 12, 0.25
+    B_star = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    Sigma = np.diag([1.0, 3.0])
+    heads = rng.standard_normal((n, k)) @ np.sqrt(Sigma)
+    X = rng.standard_normal((n, m, d))
+    y = np.einsum("nmd,nd->nm", X, heads @ B_star.T) + np.sqrt(noise) * rng.standard_normal((n, m))
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, X=X, y=y, B_star=B_star, heads=heads, noise_var=noise, Sigma_star=Sigma)
+    out = tmp_path / "out"
+    result = cli("run", "quick", "--set", f"tasks.from={pool}", "--set", "tasks.m_in=6",
+                 "--set", "tasks.m_out=6", "--set", "train.steps=2", "--set", "eval.shots=[8]",
+                 "--set", "eval.n_tasks=4000", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["problem"]
+    assert resolved["noise_var"] == noise and resolved["head_cov"] == [1.0, 3.0]
+    rows = pd.read_csv(out / "eval.csv").set_index("method")
+    assert rows.loc["oracle-lsq", "theory"] == pytest.approx(noise * k / (8 - k - 1))
+    z = (rows.loc["oracle-lsq", "excess_risk"] - rows.loc["oracle-lsq", "theory"]) / rows.loc[
+        "oracle-lsq", "stderr"]
+    assert abs(z) < 4

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from metarep.core.problem import Problem, head_covariance, make_problem, random_orthonormal
-from metarep.core.tasks import TaskBatch, TaskPool, sample_heads, sample_tasks
+from metarep.core.tasks import TaskBatch, TaskPool, sample_heads, sample_tasks, task_pool
 from metarep.errors import ArgumentError, ConfigError
 from metarep.run.inputs import load_pool
 
@@ -255,3 +255,18 @@ def test_load_pool_missing_or_unreadable_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_pool(tmp_path)
     assert info.value.key == "tasks.from"
+
+
+def test_a_pool_may_carry_its_noise_and_diagonal_head_covariance():
+    X, y = np.zeros((4, 3, 5)), np.zeros((4, 3))
+    B_star = np.eye(5)[:, :2]
+    pool = task_pool(X, y, B_star, None, np.array(0.5), np.diag([1.0, 2.0]))
+    assert pool.noise_var == 0.5 and pool.Sigma_star.shape == (2, 2)
+    for noise, Sigma, argument in ((np.array(-1.0), None, "noise_var"),
+                                   (np.zeros(2), None, "noise_var"),
+                                   (None, np.ones((2, 2)), "Sigma_star"),
+                                   (None, np.diag([1.0, 0.0]), "Sigma_star"),
+                                   (None, np.eye(3), "Sigma_star")):
+        with pytest.raises(ArgumentError) as error:
+            task_pool(X, y, B_star, None, noise, Sigma)
+        assert error.value.argument == argument

@@ -103,13 +103,16 @@ def sample_tasks(
 class TaskPool:
     """A task pool given as arrays (e.g. a user's file), with the ground truth where known.
 
-    ``X`` (N, m, d), ``y`` (N, m); ``B_star`` (d, k) or ``None``; ``heads`` (N, k) or ``None``.
+    ``X`` (N, m, d), ``y`` (N, m); ``B_star`` (d, k), ``heads`` (N, k), ``noise_var``
+    (``sigma^2``) and ``Sigma_star`` (k, k, diagonal) where the file has them, else ``None``.
     """
 
     X: np.ndarray
     y: np.ndarray
     B_star: np.ndarray | None
     heads: np.ndarray | None
+    noise_var: float | None = None
+    Sigma_star: np.ndarray | None = None
 
     def split(self, m_in: int) -> TaskBatch:
         """The pool split into the first ``m_in`` rows (inner) and the rest (outer)."""
@@ -122,11 +125,14 @@ class TaskPool:
 
 def task_pool(
     X: np.ndarray, y: np.ndarray, B_star: np.ndarray | None = None,
-    heads: np.ndarray | None = None,
+    heads: np.ndarray | None = None, noise_var: np.ndarray | float | None = None,
+    Sigma_star: np.ndarray | None = None,
 ) -> TaskPool:
     """Check the arrays of a task pool: ``X`` (N, m, d) with N, m, d >= 1, ``y`` (N, m),
     optional ``B_star`` (d, k) with ``k <= d`` and orthonormal columns, optional ``heads``
-    (N, k). Raises :class:`~metarep.errors.ArgumentError` naming the array at fault."""
+    (N, k), optional ``noise_var`` (a number >= 0) and optional ``Sigma_star`` (k, k):
+    diagonal with positive entries (the head covariance a config can state). Raises
+    :class:`~metarep.errors.ArgumentError` naming the array at fault."""
     if X.ndim != 3 or min(X.shape) < 1:
         raise ArgumentError("X", f"must have shape (N, m, d) with N, m, d >= 1, got {X.shape}")
     n, m, d = X.shape
@@ -143,4 +149,18 @@ def task_pool(
         if heads.ndim != 2 or heads.shape[0] != n or (k is not None and heads.shape[1] != k):
             raise ArgumentError("heads", f"must have shape (N, k) = ({n}, {k or 'k'}), "
                                 f"got {heads.shape}")
-    return TaskPool(X, y, B_star, heads)
+    if noise_var is not None:
+        noise_var = np.asarray(noise_var)
+        if noise_var.shape != () or float(noise_var) < 0:
+            raise ArgumentError("noise_var", f"must be one number >= 0, got {noise_var!r}")
+        noise_var = float(noise_var)
+    if Sigma_star is not None:
+        k = next((a.shape[1] for a in (B_star, heads) if a is not None), Sigma_star.shape[0])
+        if Sigma_star.shape != (k, k):
+            raise ArgumentError("Sigma_star", f"must have shape (k, k) = ({k}, {k}), got "
+                                f"{Sigma_star.shape}")
+        diagonal = np.diag(Sigma_star)
+        if np.any(Sigma_star != np.diag(diagonal)) or np.any(diagonal <= 0):
+            raise ArgumentError("Sigma_star", "must be diagonal with positive entries (the "
+                                "head covariance problem.head_cov can state)")
+    return TaskPool(X, y, B_star, heads, noise_var, Sigma_star)

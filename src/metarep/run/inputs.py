@@ -77,15 +77,18 @@ def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str,
 
 
 def load_pool(path: str | Path) -> TaskPool:
-    """Read ``X`` (N, m, d), ``y`` (N, m) and optional ``B_star`` (d, k), ``heads`` (N, k) from
-    a ``.npz`` file (:func:`metarep.core.tasks.task_pool` checks them). Raises
-    :class:`ConfigError` (key ``tasks.from``) for a missing or unreadable file, missing arrays,
-    non-finite values, shapes that do not match, or a ``B_star`` without orthonormal columns.
+    """Read ``X`` (N, m, d), ``y`` (N, m) and optional ``B_star`` (d, k), ``heads`` (N, k),
+    ``noise_var`` (a number) and ``Sigma_star`` (k, k, diagonal) from a ``.npz`` file
+    (:func:`metarep.core.tasks.task_pool` checks them). Raises :class:`ConfigError` (key
+    ``tasks.from``) for a missing or unreadable file, missing arrays, non-finite values, shapes
+    that do not match, a ``B_star`` without orthonormal columns, a negative ``noise_var`` or a
+    ``Sigma_star`` that is not diagonal and positive.
     """
     key = "tasks.from"
     data = read_npz(path, key, required=("X", "y"))
     with config_errors(key):
-        return task_pool(data["X"], data["y"], data.get("B_star"), data.get("heads"))
+        return task_pool(data["X"], data["y"], data.get("B_star"), data.get("heads"),
+                         data.get("noise_var"), data.get("Sigma_star"))
 
 
 def load_params(path: str | Path, d: int) -> LinearParams:

@@ -245,8 +245,10 @@ class TasksConfig:
     seed: int = param(1, "seed of the task pool / online task stream", integer(0))
     from_: str | None = param(
         None,
-        "`.npz` file with `X` (N, m, d) and `y` (N, m), optional `B_star` (d, k) and "
-        "`heads` (N, k); its N and d replace tasks.n and problem.d",
+        "`.npz` file with `X` (N, m, d) and `y` (N, m), optional `B_star` (d, k), `heads` "
+        "(N, k), `noise_var` and a diagonal `Sigma_star` (k, k); its N, d, k, noise_var and "
+        "Sigma_star replace tasks.n, problem.d, problem.k, problem.noise_var and "
+        "problem.head_cov (an explicit --set that contradicts them is refused)",
         optional_path,
         name="from",
     )
@@ -350,7 +352,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A complete, validated run configuration."""
+    """A complete, validated run configuration. ``explicit`` holds the dotted keys the user set
+    on top of the base config (``--set``, a sweep's cell): a value read from a file (a task
+    pool's ``noise_var``, say) may replace a base value, but contradicting an explicit one is
+    an error."""
 
     problem: ProblemConfig = field(default_factory=ProblemConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
@@ -359,16 +364,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "custom"
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def replace(self, **dotted: Any) -> Config:
-        """Return a copy with dotted keys replaced, e.g. ``cfg.replace(**{"problem.d": 10})``."""
-        return from_dict(to_dict(self), dotted, name=self.name)
+        """Return a copy with dotted keys replaced, e.g. ``cfg.replace(**{"problem.d": 10})``
+        (the replaced keys do not become explicit)."""
+        return from_dict(to_dict(self), dotted, name=self.name, explicit=self.explicit)
 
 
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name != "name"
+    if f.name not in ("name", "explicit")
 }
 
 
@@ -426,10 +433,12 @@ def _example_key(section: str) -> str:
 
 
 def from_dict(
-    tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, name: str = "custom"
+    tree: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, name: str = "custom",
+    explicit: frozenset[str] | None = None,
 ) -> Config:
     """Build a validated :class:`Config` from a nested dict plus dotted overrides.
 
+    ``explicit`` (default: the keys of ``overrides``) records which keys the user set.
     Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`.
     """
     if not isinstance(tree, Mapping):
@@ -459,7 +468,8 @@ def from_dict(
             if key in flat:
                 kwargs[f.name] = f.metadata["check"](key, flat[key])
         sections[section] = cls(**kwargs)
-    config = Config(**sections, name=name)
+    config = Config(**sections, name=name,
+                    explicit=frozenset(overrides or {}) if explicit is None else explicit)
     validate(config)
     return config
 

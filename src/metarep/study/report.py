@@ -91,8 +91,9 @@ def figure_unlearning(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     for method in POOL_METHODS:
         run = runs.get(Runs.pool(method))
         if run is not None:
+            overlap = " = FO-ANIL up to the line width" if method == "fo-maml" else ""
             axis.plot(_steps(run.metrics), run.metrics["perp_norm"], color=COLORS[method],
-                      linestyle=STYLES[method], label=f"{LABELS[method]} (N-task pool)")
+                      linestyle=STYLES[method], label=f"{LABELS[method]} (N-task pool){overlap}")
     infinite = runs.get(Runs.INFINITE)
     if infinite is not None:
         axis.plot(_steps(infinite.metrics), infinite.metrics["perp_norm"], "k--", linewidth=2,

@@ -7,12 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from metarep.core.problem import Problem, make_problem
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.core.tasks import TaskBatch, sample_tasks
 from metarep.errors import ConfigError
 from metarep.run.inputs import check_memory, config_errors, load_pool
-from metarep.run.schema import Config
+from metarep.run.schema import Config, flatten, to_dict
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,31 @@ def _loaded(config: Config) -> RunInputs:
     if config.train.tasks_per_step is not None and config.train.tasks_per_step > n:
         raise ConfigError("train.tasks_per_step", f"must be <= the {n} tasks in {t.from_}, got "
                           f"{config.train.tasks_per_step}")
-    config = config.replace(**{"problem.d": d, "problem.k": min(k, d), "tasks.n": n})
+    resolved = {"problem.d": d, "problem.k": min(k, d), "tasks.n": n}
+    if loaded.noise_var is not None:
+        resolved["problem.noise_var"] = loaded.noise_var
+    if loaded.Sigma_star is not None:
+        resolved["problem.head_cov"] = [float(v) for v in np.diag(loaded.Sigma_star)]
+    _refuse_contradictions(config, resolved, t.from_)
+    config = config.replace(**resolved)
     problem = _problem(config)
     if loaded.B_star is not None:
         problem = Problem(loaded.B_star, problem.Sigma_star, problem.noise_var)
     pool = loaded.split(t.m_in).astype(config.train.dtype)
     return RunInputs(config, problem, loaded.B_star is not None, pool)
+
+
+def _refuse_contradictions(config: Config, resolved: dict[str, object], path: str) -> None:
+    """A key the user set explicitly (:attr:`Config.explicit`) that the pool file fixes
+    otherwise is refused; the base config's values are replaced by the file's."""
+    current = flatten(to_dict(config))
+    for key, value in resolved.items():
+        given = current[key]
+        same = (list(given) == list(value) if isinstance(value, list) and
+                isinstance(given, list | tuple) else given == value)
+        if key in config.explicit and not same:
+            raise ConfigError(key, f"{given!r} contradicts the {value!r} of {path}; drop it "
+                              "or set it to the file's value")
 
 
 def task_source(inputs: RunInputs) -> Callable[[int], TaskBatch]:
