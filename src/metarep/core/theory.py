@@ -285,8 +285,9 @@ def predicted_limits(
     stops at a floor set by N, m and the noise; the other methods have no proven limit).
 
     **Returns** a dict: ``gram`` (k, k), the limit ``G`` of ``B_star^T B B^T B_star``
-    (:func:`gram_target`); ``head_norm`` and ``lambda_err``: 0; ``subspace_dist``: 0 for
-    ``k' >= k`` and 1 for ``k' < k`` (a rank-k' span cannot cover span(B_star));
+    (:func:`gram_target`); ``head_norm``, ``lambda_err`` and ``span_outside``: 0;
+    ``subspace_dist`` and ``span_missed``: 0 for ``k' >= k`` and 1 for ``k' < k`` (a rank-k'
+    span cannot cover span(B_star));
     ``rank``: ``min(k, k')``; ``perp_norm``: 0 for finite ``m_in``, ``None`` for ``m_in = inf``
     (the undriven directions keep their size, :func:`metarep.core.infinite.undriven_perp_norm`);
     ``train_loss``: ``(one-step risk with m_in samples + sigma^2) / 2`` at the limit;
@@ -315,6 +316,8 @@ def predicted_limits(
         "head_norm": 0.0,
         "lambda_err": 0.0,
         "subspace_dist": 0.0 if setting.width >= k else 1.0,
+        "span_outside": 0.0,
+        "span_missed": 0.0 if setting.width >= k else 1.0,
         "rank": min(k, setting.width),
         "perp_norm": None if math.isinf(m_in) else 0.0,
         "train_loss": 0.5 * (one_step_risk(limit, in_span, m_in, alpha) + problem.noise_var),

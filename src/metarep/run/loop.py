@@ -174,7 +174,7 @@ def train(
     up to ``schedule.last``, recording at the steps of ``schedule``.
 
     At every step ``t`` each run still training is tested by the divergence rule (module
-    docstring); at record steps (``schedule.contains(t)``) its record is appended to its
+    docstring); at record steps (``schedule.steps()``) its record is appended to its
     trajectory, whose state is set to ``take(state, i)``, and ``on_record(i, trajectory)`` is
     called (e.g. to write a checkpoint). A run that ends (diverged, or at ``schedule.last``)
     keeps its state at that step. Floating-point overflow inside ``step`` is not an error
@@ -193,23 +193,26 @@ def train(
     reference = _references(trajectories)
     active = np.ones(b, dtype=bool)
     outcome: list[Diverged | None] = [None] * b
+    records = (s for s in schedule.steps() if s >= t)  # lazily, in order
+    next_record = next(records)
     bar = tqdm(total=steps, initial=t, disable=not progress, unit="step", dynamic_ncols=True,
                leave=False)
     try:
         while True:
-            with np.errstate(over="ignore", invalid="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"):  # inf - inf: a diverged state
                 new, losses = stepper.step(state, t)
-            reference = np.where(np.isnan(reference), losses, reference)
-            exploded = active & is_diverging(losses, reference)
-            if schedule.contains(t):
+                if np.isnan(reference).any():
+                    reference = np.where(np.isnan(reference), losses, reference)
+                exploded = active & is_diverging(losses, reference)
+                last = t >= steps
+                blown = (np.zeros(b, dtype=bool) if last
+                         else active & ~exploded & ~stepper.finite(new))
+            if t == next_record:
                 for i in np.flatnonzero(active & ~exploded):
                     _record(stepper, state, t, i, float(losses[i]), trajectories[i], on_record)
                 if b == 1:
                     bar.set_postfix(loss=f"{losses[0]:.4g}", refresh=False)
-            last = t >= steps
-            with np.errstate(over="ignore", invalid="ignore"):  # inf - inf is a diverged state
-                blown = (np.zeros(b, dtype=bool) if last
-                         else active & ~exploded & ~stepper.finite(new))
+                next_record = next(records, -1)
             ending = exploded | blown | (active & last)
             for i in np.flatnonzero(ending):
                 outcome[i] = (Diverged(t, float(losses[i]), advice[i]) if exploded[i] else

@@ -20,7 +20,8 @@ from metarep.core.theory import Setting, gram_target, predicted_limits
 from metarep.run.backends.sources import RunInputs, task_source
 from metarep.run.inputs import check_memory, load_params
 
-LIMIT_MEASURES = ("train_loss", "perp_norm", "subspace_dist", "lambda_err", "head_norm")
+LIMIT_MEASURES = ("train_loss", "perp_norm", "subspace_dist", "span_outside", "span_missed",
+                  "lambda_err", "head_norm")
 REGIMES = {"infinite": "infinitely many tasks (exact expected dynamics)",
            "online": "fresh tasks every step"}
 
