@@ -567,3 +567,37 @@ def test_a_pool_with_its_own_noise_and_head_covariance_is_judged_by_them(cli, tm
     z = (rows.loc["oracle-lsq", "excess_risk"] - rows.loc["oracle-lsq", "theory"]) / rows.loc[
         "oracle-lsq", "stderr"]
     assert abs(z) < 4
+
+
+def test_a_pool_without_ground_truth_is_judged_on_its_own_held_out_tasks(cli, tmp_path):
+    rng = np.random.default_rng(4)
+    d, k, m = 6, 2, 8
+    B_star = np.linalg.qr(rng.standard_normal((d, k)))[0]
+
+    def tasks(n: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        X = rng.standard_normal((n, rows, d))
+        heads = rng.standard_normal((n, k))
+        return X, np.einsum("nmd,nd->nm", X, heads @ B_star.T) + 0.3 * rng.standard_normal(
+            (n, rows))
+
+    X, y = tasks(200, m)
+    Xt, yt = tasks(100, 20)
+    pool, held = tmp_path / "pool.npz", tmp_path / "held.npz"
+    np.savez(pool, X=X, y=y)
+    np.savez(held, X=Xt, y=yt)
+    out = tmp_path / "out"
+    base = ["run", "quick", "--set", f"tasks.from={pool}", "--set", "tasks.m_in=4", "--set",
+            "tasks.m_out=4", "--set", "train.steps=50", "--set", "eval.shots=[3,10]"]
+    result = cli(*base, "--set", f"tasks.test_from={held}", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert not (out / "eval.csv").exists()  # no synthetic tasks from config defaults
+    rows = pd.read_csv(out / "heldout.csv")
+    assert list(rows.columns) == ["method", "shots", "risk", "stderr", "n_tasks"]
+    assert set(rows["method"]) == {"fo-anil", "regression-lsq", "zero"}
+    assert (rows["n_tasks"] == 100).all()
+    bad = cli(*base, "--set", f"tasks.test_from={held}", "--set", "eval.shots=[20]",
+              "--out", tmp_path / "bad", "--no-progress")
+    assert bad.exit_code == 2 and "eval.shots" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    alone = cli("run", "quick", "--set", f"tasks.test_from={held}", "--out", tmp_path / "x")
+    assert alone.exit_code == 2 and "tasks.test_from" in alone.stderr

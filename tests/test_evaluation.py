@@ -27,7 +27,7 @@ from metarep.core.evaluation import (
 )
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem, make_problem, random_orthonormal
-from metarep.core.tasks import sample_heads
+from metarep.core.tasks import sample_heads, sample_tasks
 from metarep.core.theory import lambda_star, least_squares_risk, ridge_penalty
 
 Z_MAX = 5.0
@@ -458,3 +458,30 @@ def test_float32_parameters_are_evaluated_in_float64():
     wide_rows = evaluate(params, problem, "m", (6,), 200, 0.3, 1, seed=0)
     narrow_rows = evaluate(narrow, problem, "m", (6,), 200, 0.3, 1, seed=0)
     assert narrow_rows[0].excess_risk == pytest.approx(wide_rows[0].excess_risk, rel=1e-5)
+
+
+def test_held_out_risks_score_each_task_on_its_own_unseen_rows():
+    """Without the ground truth: the method adapts on a held-out task's first m rows and is
+    scored on the others; with the true representation it predicts better than zero, least
+    squares appears only where its risk is finite, and the risk equals a per-task
+    reference."""
+    from metarep.core.evaluation import REGRESSION_LSQ, ZERO, held_out_risks
+    from metarep.core.methods import adapt_head
+
+    problem = make_problem(6, 2, 0.25, "isotropic", np.random.default_rng(0))
+    tasks = sample_tasks(problem, 400, 10, 30, np.random.default_rng(1))
+    X, y = tasks.full()
+    B = problem.B_star / np.sqrt(0.5)  # alpha B^T B = I: one step is unbiased
+    params = LinearParams(B, np.zeros(2))
+    rows = {(row.method, row.shots): row for row in
+            held_out_risks(params, X, y, "fo-anil", (4, 12), 0.5, 1)}
+    assert (REGRESSION_LSQ, 4) not in rows and (REGRESSION_LSQ, 12) in rows  # m >= d + 2
+    assert np.isfinite(rows[(REGRESSION_LSQ, 12)].stderr)
+    assert rows[("fo-anil", 12)].risk < rows[(ZERO, 12)].risk - 5 * rows[(ZERO, 12)].stderr
+    i = 7
+    errors = []
+    for j in (i, i + 1):  # one task at a time
+        head = adapt_head(B, np.zeros(2), X[j:j + 1, :10], y[j:j + 1, :10], 0.5, 1)[0]
+        errors.append(np.mean((X[j, 10:] @ (B @ head) - y[j, 10:]) ** 2))
+    pair = held_out_risks(params, X[i:i + 2], y[i:i + 2], "fo-anil", (10,), 0.5, 1)
+    assert pair[0].risk == pytest.approx(np.mean(errors), rel=1e-12)

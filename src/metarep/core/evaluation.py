@@ -391,3 +391,52 @@ def evaluate_predictors(
         rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),
                                regression_risks(problem, m, n_tasks, regression_rng))
     return rows
+
+
+ZERO = "zero"  # the predictor f = 0: the held-out tasks' label energy
+
+
+@dataclass(frozen=True)
+class HeldOutRow:
+    """One line of ``heldout.csv``: the mean squared prediction error (label noise included:
+    without the ground truth the excess risk cannot be separated) over ``n_tasks`` held-out
+    tasks, and its standard error."""
+
+    method: str
+    shots: int
+    risk: float
+    stderr: float
+    n_tasks: int
+
+
+def held_out_risks(
+    params: LinearParams, X: np.ndarray, y: np.ndarray, method: str,
+    shots: Sequence[int], alpha: float, adapt_steps: int,
+) -> list[HeldOutRow]:
+    """Test-time adaptation on held-out tasks without the ground truth, per ``m_test`` in
+    ``shots``: each task's first ``m_test`` rows adapt, and the squared error
+    ``(f(x) - y)^2`` is averaged over its other rows. Rows: the method (``adapt_steps`` head
+    steps of size ``alpha`` from ``params.w``), least squares in d dimensions where its risk is
+    finite (``m_test >= d + 2``; no standard error below ``d + 4``, where the risk's variance
+    is infinite: :func:`metarep.core.theory.least_squares_has_finite_variance`) and the zero
+    predictor. No prior is known, so there is no ridge or Bayes row.
+    **Arguments:** ``X`` (N', m', d), ``y`` (N', m') with ``m_test < m'``."""
+    B, w = params.B.astype(np.float64), params.w.astype(np.float64)
+    d, rows = X.shape[2], []
+    for m in shots:
+        X_fit, y_fit, X_test, y_test = X[:, :m], y[:, :m], X[:, m:], y[:, m:]
+        heads = (adapt_head(B, w, X_fit, y_fit, alpha, adapt_steps) if adapt_steps
+                 else np.broadcast_to(w, (X.shape[0], w.shape[0])))
+        predictions = {method: np.einsum("nmd,nd->nm", X_test, heads @ B.T)}
+        if least_squares_has_finite_risk(m, d):
+            fitted = fit_least_squares(X_fit, y_fit, 0.0)
+            predictions[REGRESSION_LSQ] = np.einsum("nmd,nd->nm", X_test, fitted)
+        predictions[ZERO] = np.zeros_like(y_test)
+        for name, prediction in predictions.items():
+            errors = np.mean((prediction - y_test) ** 2, axis=1)
+            stderr = float(errors.std(ddof=1) / math.sqrt(errors.size))
+            if name == REGRESSION_LSQ and not least_squares_has_finite_variance(m, d, 1.0):
+                stderr = math.nan
+            rows.append(HeldOutRow(name, int(m), float(errors.mean()), stderr,
+                                   int(errors.size)))
+    return rows

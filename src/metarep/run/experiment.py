@@ -213,6 +213,7 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     directory.write_params({**backend.arrays(state), **truth,
                             "Sigma_star": inputs.problem.Sigma_star})
     eval_frame = directory.write_eval(rows)
+    directory.write_held_out(backend.held_out(state) if diverged is None else [])
     final = dict(trajectory.records[-1]) if trajectory.records else {}
     theory = backend.theory(final, rows)
     summary = {

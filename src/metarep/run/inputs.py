@@ -91,6 +91,24 @@ def load_pool(path: str | Path) -> TaskPool:
                          data.get("noise_var"), data.get("Sigma_star"))
 
 
+def load_heldout(path: str | Path, d: int, shots: tuple[int, ...]) -> TaskPool:
+    """Held-out tasks ``X`` (N', m', d), ``y`` (N', m') from a ``.npz`` file, checked against
+    the pool's ``d`` and against ``eval.shots`` (each ``m_test`` must leave rows to score).
+    :class:`ConfigError` naming ``tasks.test_from`` (or ``eval.shots``)."""
+    key = "tasks.test_from"
+    data = read_npz(path, key, required=("X", "y"))
+    with config_errors(key):
+        pool = task_pool(data["X"], data["y"])
+    if pool.X.shape[2] != d:
+        raise ConfigError(key, f"X must have d = {d} columns like the pool, got {pool.X.shape[2]}")
+    if pool.X.shape[0] < 2:
+        raise ConfigError(key, f"needs at least 2 tasks, got {pool.X.shape[0]}")
+    if max(shots) >= pool.X.shape[1]:
+        raise ConfigError("eval.shots", f"must be < the {pool.X.shape[1]} samples per held-out "
+                          f"task of {path} (the rest are scored), got {max(shots)}")
+    return pool
+
+
 def load_params(path: str | Path, d: int) -> LinearParams:
     """Read ``B`` (d, k') and ``w`` (k',) from a ``.npz`` file, checking shapes against ``d``.
 

@@ -5,6 +5,8 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
 - ``config.yaml``: the fully resolved config (values read from files filled in);
 - ``metrics.csv``: one row per recorded step (``step`` first, then the measures);
 - ``eval.csv``: ``method, shots, excess_risk, stderr, n_tasks, theory``;
+- ``heldout.csv`` for a pool without ground truth given ``tasks.test_from``: ``method, shots,
+  risk, stderr, n_tasks``, the squared prediction error on held-out tasks;
 - ``summary.json``: status, final measures next to the theory's predictions;
 - ``params.npz``: the final state's arrays (``B, w`` and, for ``mtl``, the per-task ``heads``;
   a ReLU network's ``W1``, [``W2``], ``w``), ``B_star`` where known, and ``Sigma_star``;
@@ -24,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from metarep.core.evaluation import EvalRow
+from metarep.core.evaluation import EvalRow, HeldOutRow
 from metarep.errors import ConfigError
 from metarep.run import atomic
 from metarep.run.schema import flatten
@@ -34,8 +36,10 @@ if TYPE_CHECKING:
 
 CONFIG, METRICS, EVAL, SUMMARY = "config.yaml", "metrics.csv", "eval.csv", "summary.json"
 PARAMS, CHECKPOINT, ERROR = "params.npz", "checkpoint.npz", "error.json"
+HELD_OUT = "heldout.csv"
 TRAINING_FIGURE, EVAL_FIGURE = "training.png", "eval.png"
 EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
+HELD_OUT_COLUMNS = ["method", "shots", "risk", "stderr", "n_tasks"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,14 @@ class RunDirectory:
             for stale in (EVAL, EVAL_FIGURE):
                 self.file(stale).unlink(missing_ok=True)
         return frame
+
+    def write_held_out(self, rows: list[HeldOutRow]) -> None:
+        """Write ``heldout.csv`` (or, with no rows, remove a stale one)."""
+        if rows:
+            frame = pd.DataFrame([asdict(row) for row in rows], columns=HELD_OUT_COLUMNS)
+            atomic.write_text(self.file(HELD_OUT), frame.to_csv(index=False))
+        else:
+            self.file(HELD_OUT).unlink(missing_ok=True)
 
     def write_params(self, arrays: dict[str, np.ndarray]) -> None:
         atomic.write_npz(self.file(PARAMS), **arrays)

@@ -252,6 +252,14 @@ class TasksConfig:
         optional_path,
         name="from",
     )
+    test_from: str | None = param(
+        None,
+        "`.npz` file of held-out tasks `X` (N', m', d), `y` (N', m') for a tasks.from pool "
+        "without `B_star`: the method adapts on the first m_test rows of each and is scored by "
+        "its squared error on the others, next to least squares and the zero predictor "
+        "(heldout.csv)",
+        optional_path,
+    )
 
 
 @dataclass(frozen=True)
@@ -495,6 +503,9 @@ def validate(config: Config) -> None:
                           "which keeps one head per pool task; got online")
     if t.from_ is not None and not isinstance(t.n, int):
         raise ConfigError("tasks.from", f"cannot be combined with tasks.n: {t.n}")
+    if t.test_from is not None and (t.from_ is None or m.kind != "linear"):
+        raise ConfigError("tasks.test_from", "needs tasks.from (a pool file) and model.kind: "
+                          "linear")
     _validate_infinite(config)
     if m.init_scale == 0.0 and m.init_from is None:
         raise ConfigError("model.init_scale", "must be > 0 (B_0 = 0 is a fixed point)")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from metarep.core.evaluation import EvalRow
+from metarep.core.evaluation import EvalRow, HeldOutRow
 from metarep.run.backends.engine import EngineBackend
 from metarep.run.backends.infinite import InfiniteTaskBackend
 from metarep.run.backends.linear import LinearBackend
@@ -64,6 +64,10 @@ class Backend(Protocol):
 
     def evaluate(self, state: Any) -> list[EvalRow]:
         """The test-time evaluation of the learned model (``eval.csv``)."""
+        ...
+
+    def held_out(self, state: Any) -> list[HeldOutRow]:
+        """The evaluation on held-out tasks of a pool without ground truth (``heldout.csv``)."""
         ...
 
     def theory(self, final: Mapping[str, float], rows: list[EvalRow]) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ does (a :class:`~metarep.errors.ConfigError` naming ``model.kind`` without PyTor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +54,7 @@ class EngineBackend:
             if model.hidden_layers == 2:
                 widths["model.hidden_width"] = int(self.network.W1.shape[1])
             config = config.replace(**widths)
-            inputs = RunInputs(config, inputs.problem, inputs.has_truth, inputs.pool)
+            inputs = dataclasses.replace(inputs, config=config)
         else:
             self.network = networks.init_relu(d, model.width, model.hidden_layers,
                                               model.hidden_width, model.init_scale,
@@ -119,6 +120,10 @@ class EngineBackend:
             predictors[features_row(name)] = feature_least_squares_predictor(
                 self.learner.feature_map(state.params), self.problem)
         return evaluate_predictors(predictors, self.problem, e.shots, e.n_tasks, e.seed)
+
+    def held_out(self, state: Any) -> list:
+        """No held-out evaluation (``tasks.test_from`` is for the linear model)."""
+        return []
 
     def theory(self, final: Mapping[str, float], rows: list[EvalRow]) -> None:
         """No closed forms for ReLU networks."""

@@ -6,12 +6,19 @@ evaluation, the theory's predictions and ``B_star^T B B^T B_star``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from metarep.core.evaluation import EvalRow, evaluate, features_row
+from metarep.core.evaluation import (
+    EvalRow,
+    HeldOutRow,
+    evaluate,
+    features_row,
+    held_out_risks,
+)
 from metarep.core.measures import measure, projected_gram
 from metarep.core.methods import MTLState, State, make_method
 from metarep.core.model import LinearParams, init_linear
@@ -34,7 +41,7 @@ def initial_params(inputs: RunInputs) -> tuple[RunInputs, LinearParams]:
     if model.init_from is not None:
         params = load_params(model.init_from, d).astype(dtype)
         config = config.replace(**{"model.width": params.width})
-        return RunInputs(config, inputs.problem, inputs.has_truth, inputs.pool), params
+        return dataclasses.replace(inputs, config=config), params
     check_memory("model.width", 32.0 * d * model.width,
                  f"B, problem.d x model.width = {d} x {model.width}, with its updates")
     return inputs, init_linear(d, model.width, model.init_scale,
@@ -89,6 +96,20 @@ class LinearModelRun:
         return evaluate(params, self.problem, self.method_name, e.shots, e.n_tasks, self.alpha,
                         e.adapt_steps, e.seed,
                         features_row=features_row(self.method_name) if per_task else None)
+
+    def held_out(self, state: Any) -> list[HeldOutRow]:
+        """The evaluation on the held-out tasks of ``tasks.test_from``
+        (:func:`metarep.core.evaluation.held_out_risks`; ``mtl`` adapts from ``w = 0``), or
+        none without them."""
+        heldout = self.inputs.heldout
+        if heldout is None:
+            return []
+        params = self.params(state)
+        if isinstance(state, MTLState):
+            params = LinearParams(params.B, np.zeros_like(params.w))
+        e = self.config.eval
+        return held_out_risks(params, heldout.X, heldout.y, self.method_name, e.shots,
+                              self.alpha, e.adapt_steps)
 
     def predicted_perp_limit(self) -> float | None:
         """The limit of ``perp_norm`` the theory predicts for this run (0 by default)."""

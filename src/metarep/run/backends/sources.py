@@ -11,9 +11,9 @@ import numpy as np
 
 from metarep.core.problem import Problem, make_problem
 from metarep.core.seeding import Purpose, seed_rng
-from metarep.core.tasks import TaskBatch, sample_tasks
+from metarep.core.tasks import TaskBatch, TaskPool, sample_tasks
 from metarep.errors import ConfigError
-from metarep.run.inputs import check_memory, config_errors, load_pool
+from metarep.run.inputs import check_memory, config_errors, load_heldout, load_pool
 from metarep.run.schema import Config, flatten, to_dict
 
 
@@ -23,14 +23,16 @@ class RunInputs:
 
     ``config`` is the resolved config (N, d, k taken from a loaded pool where given);
     ``has_truth`` is False when a loaded pool carries no ``B_star`` (then the measures that
-    compare with the ground truth are ``nan`` and there is no test-time evaluation); ``pool``
-    is the task pool, or ``None`` for online and infinitely many tasks.
+    compare with the ground truth are ``nan`` and no test-time evaluation on fresh tasks);
+    ``pool`` is the task pool, or ``None`` for online and infinitely many tasks; ``heldout``
+    the held-out tasks of ``tasks.test_from``, or ``None``.
     """
 
     config: Config
     problem: Problem
     has_truth: bool
     pool: TaskBatch | None
+    heldout: TaskPool | None = None
 
 
 def _problem(config: Config) -> Problem:
@@ -91,7 +93,9 @@ def _loaded(config: Config) -> RunInputs:
     if loaded.B_star is not None:
         problem = Problem(loaded.B_star, problem.Sigma_star, problem.noise_var)
     pool = loaded.split(t.m_in).astype(config.train.dtype)
-    return RunInputs(config, problem, loaded.B_star is not None, pool)
+    heldout = (None if t.test_from is None else
+               load_heldout(t.test_from, d, config.eval.shots))
+    return RunInputs(config, problem, loaded.B_star is not None, pool, heldout)
 
 
 def _refuse_contradictions(config: Config, resolved: dict[str, object], path: str) -> None:
