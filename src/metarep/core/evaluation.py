@@ -220,9 +220,7 @@ def adapted_and_oracle_risks(
     same fresh tasks (common random numbers)."""
     B_r, heads, Z, y = _reduced_tasks(params.B, problem, m, n_tasks, rng)
     k, w = problem.k, params.w.astype(np.float64)
-    adapted = (adapt_head(B_r, w, Z, y, alpha, adapt_steps) if adapt_steps
-               else np.broadcast_to(w, (n_tasks, w.shape[0])))
-    method_risk = _reduced_risk(adapted, B_r, heads)
+    method_risk = _reduced_risk(adapt_head(B_r, w, Z, y, alpha, adapt_steps), B_r, heads)
     return method_risk, oracle_risks(Z[..., :k], y, heads, problem)
 
 
@@ -425,8 +423,7 @@ def held_out_risks(
     d, rows = X.shape[2], []
     for m in shots:
         X_fit, y_fit, X_test, y_test = X[:, :m], y[:, :m], X[:, m:], y[:, m:]
-        heads = (adapt_head(B, w, X_fit, y_fit, alpha, adapt_steps) if adapt_steps
-                 else np.broadcast_to(w, (X.shape[0], w.shape[0])))
+        heads = adapt_head(B, w, X_fit, y_fit, alpha, adapt_steps)  # 0 steps: w itself
         predictions = {method: np.einsum("nmd,nd->nm", X_test, heads @ B.T)}
         if least_squares_has_finite_risk(m, d):
             fitted = fit_least_squares(X_fit, y_fit, 0.0)

@@ -89,7 +89,7 @@ def span_measures(B: np.ndarray, B_star: np.ndarray) -> SpanMeasures:
     outside = float(min(1.0, np.linalg.norm(outside_span(U_B, B_star), 2))) if r else 0.0
     if r < k:
         return SpanMeasures(1.0, outside, 1.0)
-    missed = float(min(1.0, np.linalg.norm(B_star - U_B @ (U_B.T @ B_star), 2)))
+    missed = float(min(1.0, np.linalg.norm(outside_span(B_star, U_B), 2)))
     return SpanMeasures(outside, outside, missed)
 
 

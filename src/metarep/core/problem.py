@@ -45,7 +45,8 @@ class Problem:
 
 def outside_span(M: np.ndarray, B_star: np.ndarray) -> np.ndarray:
     """``B_perp B_perp^T M = (I - B_star B_star^T) M`` for ``M`` (d, n), without forming the
-    d x d projector."""
+    d x d projector (any ``B_star`` with orthonormal columns: the part of ``M`` outside its
+    span)."""
     return M - B_star @ (B_star.T @ M)
 
 

@@ -121,16 +121,19 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
     """
     started = time.monotonic()
     backend, directory, trajectory = _begin(config, out_dir, resume)
-    train_cfg = backend.config.train
     recorder = _Recorder(backend, directory, checkpoint_seconds, on_record)
-    [diverged] = train(backend, trajectory.state, [trajectory],
-                       schedule=RecordSchedule(train_cfg.steps, train_cfg.record_every),
+    [diverged] = train(backend, trajectory.state, [trajectory], schedule=_schedule(backend.config),
                        advice=[divergence_advice(backend.config)], on_record=recorder,
                        progress=progress)
     result = _conclude(backend, directory, trajectory, started, diverged)
     if diverged is not None:
         raise diverged
     return result
+
+
+def _schedule(config: Config) -> RecordSchedule:
+    """The record steps of ``config``'s run (``train.steps``, ``train.record_every``)."""
+    return RecordSchedule(config.train.steps, config.train.record_every)
 
 
 BATCH_KEYS = ("method.inner_lr", "method.outer_lr", "tasks.m_in", "problem.noise_var",
@@ -187,10 +190,9 @@ def run_batch(configs: Sequence[Config],
     if runs:
         backends = [backend for _, backend, _, _ in runs]
         trajectories = [trajectory for *_, trajectory in runs]
-        train_cfg = backends[0].config.train
         state = InfiniteTaskState.stack([trajectory.state for trajectory in trajectories])
         outcomes = train(batched_stepper(backends), state, trajectories,
-                         schedule=RecordSchedule(train_cfg.steps, train_cfg.record_every),
+                         schedule=_schedule(backends[0].config),
                          advice=[divergence_advice(b.config) for b in backends], progress=False)
         for (i, backend, directory, trajectory), diverged in zip(runs, outcomes, strict=True):
             try:

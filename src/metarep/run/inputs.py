@@ -10,6 +10,7 @@ whose :class:`~metarep.errors.ArgumentError` is turned into the key's error here
 
 from __future__ import annotations
 
+import importlib
 import os
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -56,16 +57,14 @@ def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str,
         raise ConfigError(key, f"file not found: {str(path)!r}")
     try:
         loaded = np.load(file, allow_pickle=False)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as data:
+                arrays = {name: np.asarray(data[name]) for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise ConfigError(key, f"{str(path)!r} is a single array (.npy), not an .npz file of "
                           "named arrays")
-    try:
-        with loaded as data:
-            arrays = {name: np.asarray(data[name]) for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
     for name in required:
         if name not in arrays:
             raise ConfigError(key, f"{path} has no array {name!r} (found: {sorted(arrays)})")
@@ -135,7 +134,7 @@ def torch_module(name: str) -> Any:
     """``metarep.engine.NAME``, imported on demand, or a :class:`ConfigError` naming
     ``model.kind`` when PyTorch is not installed."""
     try:
-        module = __import__(f"metarep.engine.{name}", fromlist=[name])
+        module = importlib.import_module(f"metarep.engine.{name}")
     except ModuleNotFoundError as error:
         if error.name != "torch":
             raise

@@ -120,32 +120,28 @@ def pair(a: float, b: float, **fields: Any) -> Measurement:
     return Measurement((a, b), f"{a:.3g} vs {b:.3g}", fields)
 
 
+def each_run(value: Callable[[RunData], float]) -> Measure:
+    """``value`` of one run (:func:`one`), or of each of two runs (:func:`pair`)."""
+    def measured(*runs: RunData) -> Measurement:
+        values = [value(run) for run in runs]
+        return one(values[0]) if len(values) == 1 else pair(*values)
+
+    return measured
+
+
 def final(column: str) -> Measure:
-    """``column`` at the last step of one run."""
-    return lambda run: one(last(run, column))
+    """``column`` at the last step."""
+    return each_run(lambda run: last(run, column))
 
 
 def shrinkage(column: str) -> Measure:
-    """``column(T) / column(0)`` of one run, or of each of several runs (as a pair)."""
-    def measured(*runs: RunData) -> Measurement:
-        ratios = [last(run, column) / first(run, column) for run in runs]
-        return one(ratios[0]) if len(ratios) == 1 else pair(*ratios)
-
-    return measured
-
-
-def final_pair(column: str) -> Measure:
-    """``column`` at the last step of two runs."""
-    return lambda a, b: pair(last(a, column), last(b, column))
+    """``column(T) / column(0)``."""
+    return each_run(lambda run: last(run, column) / first(run, column))
 
 
 def rank_gap(k: int) -> Measure:
-    """:func:`sv_gap` of one run, or of two runs (as a pair)."""
-    def measured(*runs: RunData) -> Measurement:
-        gaps = [sv_gap(run, k) for run in runs]
-        return one(gaps[0]) if len(gaps) == 1 else pair(*gaps)
-
-    return measured
+    """:func:`sv_gap` at the last step."""
+    return each_run(lambda run: sv_gap(run, k))
 
 
 def slope(column: str) -> Measure:
@@ -321,7 +317,7 @@ def claim_rows(k: int, d: int) -> list[ClaimRow]:
     rows += [
         ClaimRow("negative control: Burer-Monteiro does not unlearn the complement when k' > k",
                  (mtl, fo), f"perp_norm at T: {mtl} vs {fo}", "mtl > 1.5 x fo-anil",
-                 final_pair("perp_norm"), lambda kept, unlearned: kept > 1.5 * unlearned),
+                 final("perp_norm"), lambda kept, unlearned: kept > 1.5 * unlearned),
         ClaimRow("negative control: Burer-Monteiro opens no singular-value gap at k", (mtl, fo),
                  f"sv_(k+1) / sv_k at T: {mtl} vs {fo}", "mtl > 1.5 x fo-anil", rank_gap(k),
                  lambda gap, reference: gap > 1.5 * reference),

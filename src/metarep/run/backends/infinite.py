@@ -89,7 +89,7 @@ class InfiniteTaskBackend(LinearModelRun):
                               np.asarray(arrays["w"], np.float64))
         coords = self.frame.state([params])
         return InfiniteTaskState(coords.H.astype(self.initial.H.dtype),
-                               coords.omega.astype(self.initial.omega.dtype))
+                                 coords.omega.astype(self.initial.omega.dtype))
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.stepper.step(state, t)

@@ -90,26 +90,27 @@ class LinearModelRun:
         belong to the training tasks), so it starts from ``w = 0`` and adds the row
         ``mtl-lsq``: least squares on the learned features ``X B``."""
         e, per_task = self.config.eval, isinstance(state, MTLState)
-        params = self.params(state)
-        if per_task:
-            params = LinearParams(params.B, np.zeros_like(params.w))
-        return evaluate(params, self.problem, self.method_name, e.shots, e.n_tasks, self.alpha,
-                        e.adapt_steps, e.seed,
+        return evaluate(self.test_params(state), self.problem, self.method_name, e.shots,
+                        e.n_tasks, self.alpha, e.adapt_steps, e.seed,
                         features_row=features_row(self.method_name) if per_task else None)
+
+    def test_params(self, state: Any) -> LinearParams:
+        """The ``(B, w)`` test-time adaptation starts from: the learned ones, with ``w = 0``
+        for ``mtl`` (its heads belong to the training tasks)."""
+        params = self.params(state)
+        if isinstance(state, MTLState):
+            return LinearParams(params.B, np.zeros_like(params.w))
+        return params
 
     def held_out(self, state: Any) -> list[HeldOutRow]:
         """The evaluation on the held-out tasks of ``tasks.test_from``
         (:func:`metarep.core.evaluation.held_out_risks`; ``mtl`` adapts from ``w = 0``), or
         none without them."""
-        heldout = self.inputs.heldout
+        heldout, e = self.inputs.heldout, self.config.eval
         if heldout is None:
             return []
-        params = self.params(state)
-        if isinstance(state, MTLState):
-            params = LinearParams(params.B, np.zeros_like(params.w))
-        e = self.config.eval
-        return held_out_risks(params, heldout.X, heldout.y, self.method_name, e.shots,
-                              self.alpha, e.adapt_steps)
+        return held_out_risks(self.test_params(state), heldout.X, heldout.y, self.method_name,
+                              e.shots, self.alpha, e.adapt_steps)
 
     def predicted_perp_limit(self) -> float | None:
         """The limit of ``perp_norm`` the theory predicts for this run (0 by default)."""

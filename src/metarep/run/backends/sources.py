@@ -101,12 +101,10 @@ def _loaded(config: Config) -> RunInputs:
 def _refuse_contradictions(config: Config, resolved: dict[str, object], path: str) -> None:
     """A key the user set explicitly (:attr:`Config.explicit`) that the pool file fixes
     otherwise is refused; the base config's values are replaced by the file's."""
-    current = flatten(to_dict(config))
+    current = flatten(to_dict(config))  # sequences as lists, as in ``resolved``
     for key, value in resolved.items():
         given = current[key]
-        same = (list(given) == list(value) if isinstance(value, list) and
-                isinstance(given, list | tuple) else given == value)
-        if key in config.explicit and not same:
+        if key in config.explicit and given != value:
             raise ConfigError(key, f"{given!r} contradicts the {value!r} of {path}; drop it "
                               "or set it to the file's value")
 
