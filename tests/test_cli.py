@@ -601,3 +601,111 @@ def test_a_pool_without_ground_truth_is_judged_on_its_own_held_out_tasks(cli, tm
     assert not (tmp_path / "bad").exists()
     alone = cli("run", "quick", "--set", f"tasks.test_from={held}", "--out", tmp_path / "x")
     assert alone.exit_code == 2 and "tasks.test_from" in alone.stderr
+
+
+def _pool_with_truth(rng: np.random.Generator, n: int, m: int, d: int, Sigma: np.ndarray,
+                     noise: float) -> dict[str, np.ndarray]:
+    k = Sigma.shape[0]
+    B_star = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    heads = rng.standard_normal((n, k)) @ np.linalg.cholesky(Sigma).T
+    X = rng.standard_normal((n, m, d))
+    y = np.einsum("nmd,nd->nm", X, heads @ B_star.T) + np.sqrt(noise) * rng.standard_normal((n, m))
+    return {"X": X, "y": y, "B_star": B_star, "heads": heads}
+
+
+def test_a_pool_with_heads_but_no_stated_noise_or_covariance_is_judged_by_their_estimates(
+        cli, tmp_path):
+    """Without noise_var and Sigma_star in the file, the heads give both: sigma^2 as the mean
+    squared residual and Sigma_star (not diagonal here) as the heads' second moment, written in
+    its eigenframe; summary.json says where each came from. The oracle least-squares risk then
+    matches sigma^2 k / (m - k - 1) of the file's true sigma^2, not the config's."""
+    rng = np.random.default_rng(8)
+    noise, Sigma = 0.25, np.array([[2.0, 0.9, 0.0], [0.9, 1.0, 0.3], [0.0, 0.3, 0.5]])
+    arrays = _pool_with_truth(rng, 2000, 12, 8, Sigma, noise)
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, **arrays)
+    out = tmp_path / "out"
+    base = ["run", "quick", "--set", f"tasks.from={pool}", "--set", "tasks.m_in=6", "--set",
+            "tasks.m_out=6", "--set", "train.steps=2", "--set", "eval.shots=[8]", "--set",
+            "eval.n_tasks=3000", "--set", "model.width=8", "--no-progress"]
+    result = cli(*base, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    estimated = "estimated from the heads of tasks.from"
+    assert summary["ground_truth"] == {"B_star": "tasks.from", "problem.head_cov": estimated,
+                                       "problem.noise_var": estimated}
+    resolved = yaml.safe_load((out / "config.yaml").read_text())["problem"]
+    assert resolved["noise_var"] == pytest.approx(noise, rel=4 * np.sqrt(2 / (2000 * 12)))
+    heads = arrays["heads"]
+    assert resolved["head_cov"] == pytest.approx(
+        sorted(np.linalg.eigvalsh(heads.T @ heads / 2000), reverse=True))
+    params = np.load(out / "params.npz")
+    B_star = params["B_star"]  # the file's span, in the heads' eigenframe
+    assert np.allclose(B_star @ B_star.T, arrays["B_star"] @ arrays["B_star"].T)
+    assert np.allclose(params["Sigma_star"], np.diag(resolved["head_cov"]))
+    rows = pd.read_csv(out / "eval.csv").set_index("method")
+    lsq = rows.loc["oracle-lsq"]
+    assert abs(lsq["excess_risk"] - noise * 3 / (8 - 3 - 1)) < 4 * lsq["stderr"]
+    # A value the user sets wins over the estimate and is said to be the config's.
+    out_set = tmp_path / "set"
+    result = cli(*base, "--set", "problem.noise_var=0.5", "--out", out_set)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out_set / "summary.json").read_text())
+    assert summary["ground_truth"]["problem.noise_var"] == "set in the config"
+    assert yaml.safe_load((out_set / "config.yaml").read_text())["problem"]["noise_var"] == 0.5
+    # B_star alone: the config's values, and the summary says so.
+    np.savez(pool, X=arrays["X"], y=arrays["y"], B_star=arrays["B_star"])
+    out_bare = tmp_path / "bare"
+    assert cli(*base, "--out", out_bare).exit_code == 0
+    sources = json.loads((out_bare / "summary.json").read_text())["ground_truth"]
+    assert sources["problem.noise_var"].startswith("config default")
+
+
+def test_pool_files_whose_heads_cannot_be_used_are_refused(cli, tmp_path):
+    rng = np.random.default_rng(9)
+    arrays = _pool_with_truth(rng, 50, 12, 6, np.eye(2), 0.1)
+    base = ["run", "quick", "--set", "tasks.m_in=6", "--set", "tasks.m_out=6", "--set",
+            "eval.shots=[3]", "--no-progress"]
+    no_truth = tmp_path / "heads_only.npz"
+    np.savez(no_truth, X=arrays["X"], y=arrays["y"], heads=arrays["heads"])
+    result = cli(*base, "--set", f"tasks.from={no_truth}", "--out", tmp_path / "a")
+    assert result.exit_code == 2 and "tasks.from" in result.stderr and "B_star" in result.stderr
+    flat = tmp_path / "flat.npz"
+    np.savez(flat, **{**arrays, "heads": np.outer(np.ones(50), [1.0, 0.0])})
+    result = cli(*base, "--set", f"tasks.from={flat}", "--out", tmp_path / "b")
+    assert result.exit_code == 2 and "problem.head_cov" in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_test_split_holds_out_the_last_tasks_of_the_pool(cli, tmp_path):
+    """The last tasks.test_split tasks are evaluated on as held-out tasks (heldout.csv) and are
+    not trained on: the run equals one on the first N - test_split tasks with those last
+    tasks as tasks.test_from."""
+    rng = np.random.default_rng(10)
+    arrays = _pool_with_truth(rng, 60, 12, 6, np.eye(2), 0.1)
+    X, y = arrays["X"], arrays["y"]
+    whole, first, last = tmp_path / "whole.npz", tmp_path / "first.npz", tmp_path / "last.npz"
+    np.savez(whole, X=X, y=y)
+    np.savez(first, X=X[:45], y=y[:45])
+    np.savez(last, X=X[45:], y=y[45:])
+    base = ["run", "quick", "--set", "tasks.m_in=6", "--set", "tasks.m_out=6", "--set",
+            "train.steps=20", "--set", "eval.shots=[3,8]", "--set", "model.width=4",
+            "--no-progress"]
+    split, apart = tmp_path / "split", tmp_path / "apart"
+    assert cli(*base, "--set", f"tasks.from={whole}", "--set", "tasks.test_split=15",
+               "--out", split).exit_code == 0
+    assert cli(*base, "--set", f"tasks.from={first}", "--set", f"tasks.test_from={last}",
+               "--out", apart).exit_code == 0
+    assert yaml.safe_load((split / "config.yaml").read_text())["tasks"]["n"] == 45
+    pd.testing.assert_frame_equal(pd.read_csv(split / "heldout.csv"),
+                                  pd.read_csv(apart / "heldout.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(split / "metrics.csv"),
+                                  pd.read_csv(apart / "metrics.csv"))
+    for value, key in (("60", "tasks.test_split"), ("1", "tasks.test_split")):
+        bad = cli(*base, "--set", f"tasks.from={whole}", "--set", f"tasks.test_split={value}",
+                  "--out", tmp_path / "bad")
+        assert bad.exit_code == 2 and key in bad.stderr
+    both = cli(*base, "--set", f"tasks.from={first}", "--set", f"tasks.test_from={last}",
+               "--set", "tasks.test_split=5", "--out", tmp_path / "bad")
+    assert both.exit_code == 2 and "tasks.test_split" in both.stderr
+    assert not (tmp_path / "bad").exists()

@@ -11,8 +11,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metarep.core.problem import Problem, head_covariance, make_problem, random_orthonormal
-from metarep.core.tasks import TaskBatch, TaskPool, sample_heads, sample_tasks, task_pool
+from metarep.core.problem import (
+    Problem,
+    diagonal_frame,
+    head_covariance,
+    make_problem,
+    random_orthonormal,
+)
+from metarep.core.tasks import (
+    TaskBatch,
+    TaskPool,
+    head_second_moment,
+    residual_noise_var,
+    sample_heads,
+    sample_tasks,
+    task_pool,
+)
 from metarep.errors import ArgumentError, ConfigError
 from metarep.run.inputs import load_pool
 
@@ -270,3 +284,33 @@ def test_a_pool_may_carry_its_noise_and_diagonal_head_covariance():
         with pytest.raises(ArgumentError) as error:
             task_pool(X, y, B_star, None, noise, Sigma)
         assert error.value.argument == argument
+
+
+def test_the_heads_of_a_pool_estimate_its_noise_and_head_covariance():
+    """residual_noise_var: mean of N m squared N(0, sigma^2) residuals, stderr sigma^2
+    sqrt(2 / (N m)); head_second_moment: entry (a, b) of H^T H / N has variance
+    (S_ab^2 + S_aa S_bb) / N."""
+    rng = np.random.default_rng(11)
+    Sigma = np.array([[2.0, 0.5], [0.5, 1.0]])
+    problem = Problem(random_orthonormal(7, 2, rng), Sigma, 0.3)
+    batch = sample_tasks(problem, 3000, 4, 4, rng)
+    X, y = batch.full()
+    pool = task_pool(X, y, problem.B_star, batch.heads)
+    assert_z(residual_noise_var(pool), 0.3, 0.3 * np.sqrt(2 / (3000 * 8)), "noise variance")
+    stderr = np.sqrt((Sigma**2 + np.outer(np.diag(Sigma), np.diag(Sigma))) / 3000)
+    assert_z(head_second_moment(batch.heads), Sigma, stderr, "head second moment")
+    with pytest.raises(ArgumentError, match="pool"):
+        residual_noise_var(task_pool(X, y))
+
+
+def test_diagonal_frame_writes_a_head_covariance_in_its_eigenbasis():
+    rng = np.random.default_rng(12)
+    A = rng.standard_normal((4, 4))
+    Sigma = A @ A.T + 0.1 * np.eye(4)
+    V, eigenvalues = diagonal_frame(Sigma)
+    assert np.all(np.diff(eigenvalues) <= 0)
+    assert np.allclose(V.T @ V, np.eye(4))
+    assert np.allclose(V @ np.diag(eigenvalues) @ V.T, Sigma)
+    B_star = random_orthonormal(9, 4, rng)
+    # (B_star V) has the same span, and B_star w = (B_star V)(V^T w) for every head w.
+    assert np.allclose((B_star @ V) @ (B_star @ V).T, B_star @ B_star.T)

@@ -50,6 +50,18 @@ def outside_span(M: np.ndarray, B_star: np.ndarray) -> np.ndarray:
     return M - B_star @ (B_star.T @ M)
 
 
+def diagonal_frame(Sigma_star: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(V, eigenvalues)`` with ``Sigma_star = V diag(eigenvalues) V^T``, eigenvalues in
+    decreasing order: the frame in which a head covariance is diagonal.
+
+    The task distribution does not change when written in it: ``B_star w_star`` with
+    ``w_star ~ N(0, Sigma_star)`` has the law of ``(B_star V) u`` with ``u ~ N(0, diag(
+    eigenvalues))``, ``B_star V`` spans span(B_star), and a head ``w_star`` is ``V u``."""
+    eigenvalues, V = np.linalg.eigh(Sigma_star)
+    order = np.argsort(eigenvalues)[::-1]
+    return V[:, order], eigenvalues[order]
+
+
 def head_covariance(spec: str | tuple[float, ...] | list[float], k: int) -> np.ndarray:
     """``Sigma_star`` from its config spelling.
 

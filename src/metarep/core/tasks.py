@@ -164,3 +164,19 @@ def task_pool(
             raise ArgumentError("Sigma_star", "must be diagonal with positive entries (the "
                                 "head covariance problem.head_cov can state)")
     return TaskPool(X, y, B_star, heads, noise_var, Sigma_star)
+
+
+def residual_noise_var(pool: TaskPool) -> float:
+    """The noise variance of a pool with known ``B_star`` and ``heads``: the mean squared
+    residual ``mean_(i, j) (y_ij - x_ij^T B_star w_star_i)^2`` over its ``N m`` labels (unbiased
+    for ``sigma^2``, relative standard error ``sqrt(2 / (N m))`` for Gaussian noise)."""
+    if pool.B_star is None or pool.heads is None:
+        raise ArgumentError("pool", "needs B_star and heads to estimate the noise variance")
+    residual = pool.y - np.einsum("nmd,nd->nm", pool.X, pool.heads @ pool.B_star.T)
+    return float(np.mean(residual**2))
+
+
+def head_second_moment(heads: np.ndarray) -> np.ndarray:
+    """``H^T H / N`` for ``heads`` ``H`` (N, k): the estimate of ``Sigma_star = E[w_star
+    w_star^T]`` (the heads have mean zero) from the heads of ``N`` tasks."""
+    return heads.T @ heads / heads.shape[0]

@@ -226,6 +226,7 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
         "seconds": round(time.monotonic() - started, 3),
         "final": final,
         "theory": theory,
+        **({"ground_truth": dict(inputs.truth)} if inputs.truth else {}),
         "B_star_BBt_B_star": backend.projected_gram(state),
     }
     directory.write_summary(summary)

@@ -91,20 +91,26 @@ def load_pool(path: str | Path) -> TaskPool:
 
 
 def load_heldout(path: str | Path, d: int, shots: tuple[int, ...]) -> TaskPool:
-    """Held-out tasks ``X`` (N', m', d), ``y`` (N', m') from a ``.npz`` file, checked against
-    the pool's ``d`` and against ``eval.shots`` (each ``m_test`` must leave rows to score).
-    :class:`ConfigError` naming ``tasks.test_from`` (or ``eval.shots``)."""
+    """Held-out tasks ``X`` (N', m', d), ``y`` (N', m') from a ``.npz`` file, checked by
+    :func:`check_heldout`. :class:`ConfigError` naming ``tasks.test_from`` (or ``eval.shots``)."""
     key = "tasks.test_from"
     data = read_npz(path, key, required=("X", "y"))
     with config_errors(key):
         pool = task_pool(data["X"], data["y"])
     if pool.X.shape[2] != d:
         raise ConfigError(key, f"X must have d = {d} columns like the pool, got {pool.X.shape[2]}")
+    return check_heldout(pool, shots, key, str(path))
+
+
+def check_heldout(pool: TaskPool, shots: tuple[int, ...], key: str, source: str) -> TaskPool:
+    """``pool`` if it can serve as held-out tasks: at least 2 tasks (else :class:`ConfigError`
+    naming ``key``), and more samples per task than the largest ``m_test`` (each must leave
+    rows to score; else naming ``eval.shots``)."""
     if pool.X.shape[0] < 2:
-        raise ConfigError(key, f"needs at least 2 tasks, got {pool.X.shape[0]}")
+        raise ConfigError(key, f"needs at least 2 held-out tasks, got {pool.X.shape[0]}")
     if max(shots) >= pool.X.shape[1]:
         raise ConfigError("eval.shots", f"must be < the {pool.X.shape[1]} samples per held-out "
-                          f"task of {path} (the rest are scored), got {max(shots)}")
+                          f"task of {source} (the rest are scored), got {max(shots)}")
     return pool
 
 

@@ -5,9 +5,10 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
 - ``config.yaml``: the fully resolved config (values read from files filled in);
 - ``metrics.csv``: one row per recorded step (``step`` first, then the measures);
 - ``eval.csv``: ``method, shots, excess_risk, stderr, n_tasks, theory``;
-- ``heldout.csv`` for a pool without ground truth given ``tasks.test_from``: ``method, shots,
-  risk, stderr, n_tasks``, the squared prediction error on held-out tasks;
-- ``summary.json``: status, final measures next to the theory's predictions;
+- ``heldout.csv`` for a pool given ``tasks.test_from`` or ``tasks.test_split``: ``method,
+  shots, risk, stderr, n_tasks``, the squared prediction error on held-out tasks;
+- ``summary.json``: status, final measures next to the theory's predictions (and, for a pool
+  file with ``B_star``, ``ground_truth``: where its sigma^2 and ``Sigma_star`` came from);
 - ``params.npz``: the final state's arrays (``B, w`` and, for ``mtl``, the per-task ``heads``;
   a ReLU network's ``W1``, [``W2``], ``w``), ``B_star`` where known, and ``Sigma_star``;
 - ``training.png`` and ``eval.png``: the training curves and the test risk against m_test;

@@ -248,17 +248,26 @@ class TasksConfig:
         "`.npz` file with `X` (N, m, d) and `y` (N, m), optional `B_star` (d, k), `heads` "
         "(N, k), `noise_var` and a diagonal `Sigma_star` (k, k); its N, d, k, noise_var and "
         "Sigma_star replace tasks.n, problem.d, problem.k, problem.noise_var and "
-        "problem.head_cov (an explicit --set that contradicts them is refused)",
+        "problem.head_cov (an explicit --set that contradicts them is refused); without "
+        "noise_var or Sigma_star, the heads estimate them unless set (README: Bring your own "
+        "tasks)",
         optional_path,
         name="from",
     )
     test_from: str | None = param(
         None,
         "`.npz` file of held-out tasks `X` (N', m', d), `y` (N', m') for a tasks.from pool "
-        "without `B_star`: the method adapts on the first m_test rows of each and is scored by "
+        "(with or without `B_star`): the method adapts on the first m_test rows of each and is scored by "
         "its squared error on the others, next to least squares and the zero predictor "
         "(heldout.csv)",
         optional_path,
+    )
+    test_split: int = param(
+        0,
+        "hold out the last test_split tasks of the tasks.from pool (0: none; else 2 to N - 1) "
+        "and evaluate on them as on tasks.test_from's; the first N - test_split are trained on "
+        "(tasks.n)",
+        integer(0),
     )
 
 
@@ -506,6 +515,9 @@ def validate(config: Config) -> None:
     if t.test_from is not None and (t.from_ is None or m.kind != "linear"):
         raise ConfigError("tasks.test_from", "needs tasks.from (a pool file) and model.kind: "
                           "linear")
+    if t.test_split and (t.from_ is None or m.kind != "linear" or t.test_from is not None):
+        raise ConfigError("tasks.test_split", "needs tasks.from (a pool file), model.kind: "
+                          "linear and no tasks.test_from")
     _validate_infinite(config)
     if m.init_scale == 0.0 and m.init_from is None:
         raise ConfigError("model.init_scale", "must be > 0 (B_0 = 0 is a fixed point)")

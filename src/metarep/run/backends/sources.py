@@ -4,16 +4,30 @@ with the ``B_star`` of a user's pool), the task pool, and the tasks of each oute
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from metarep.core.problem import Problem, make_problem
+from metarep.core.problem import Problem, diagonal_frame, make_problem
 from metarep.core.seeding import Purpose, seed_rng
-from metarep.core.tasks import TaskBatch, TaskPool, sample_tasks
+from metarep.core.tasks import (
+    TaskBatch,
+    TaskPool,
+    head_second_moment,
+    residual_noise_var,
+    sample_tasks,
+    task_pool,
+)
 from metarep.errors import ConfigError
-from metarep.run.inputs import check_memory, config_errors, load_heldout, load_pool
+from metarep.run.inputs import (
+    check_heldout,
+    check_memory,
+    config_errors,
+    load_heldout,
+    load_pool,
+)
 from metarep.run.schema import Config, flatten, to_dict
 
 
@@ -25,7 +39,8 @@ class RunInputs:
     ``has_truth`` is False when a loaded pool carries no ``B_star`` (then the measures that
     compare with the ground truth are ``nan`` and no test-time evaluation on fresh tasks);
     ``pool`` is the task pool, or ``None`` for online and infinitely many tasks; ``heldout``
-    the held-out tasks of ``tasks.test_from``, or ``None``.
+    the held-out tasks of ``tasks.test_from``, or ``None``; ``truth`` says, for a pool file
+    with ``B_star``, where ``B_star``, ``problem.head_cov`` and ``problem.noise_var`` came from.
     """
 
     config: Config
@@ -33,6 +48,7 @@ class RunInputs:
     has_truth: bool
     pool: TaskBatch | None
     heldout: TaskPool | None = None
+    truth: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _problem(config: Config) -> Problem:
@@ -73,29 +89,88 @@ def _generated(config: Config) -> RunInputs:
 
 def _loaded(config: Config) -> RunInputs:
     p, t = config.problem, config.tasks
-    loaded = load_pool(t.from_)
+    loaded, heldout = _held_out(config, load_pool(t.from_))
     n, m, d = loaded.X.shape
     if t.m_in + t.m_out != m:
         raise ConfigError("tasks.m_in", f"tasks.m_in + tasks.m_out = {t.m_in + t.m_out} must "
                           f"equal the {m} samples per task in {t.from_}")
+    if loaded.heads is not None and loaded.B_star is None:
+        raise ConfigError("tasks.from", f"{t.from_} has heads but no B_star: heads are the "
+                          "coordinates of w_star in B_star's frame; add B_star or drop heads")
     k = p.k if loaded.B_star is None else loaded.B_star.shape[1]
     if config.train.tasks_per_step is not None and config.train.tasks_per_step > n:
         raise ConfigError("train.tasks_per_step", f"must be <= the {n} tasks in {t.from_}, got "
                           f"{config.train.tasks_per_step}")
-    resolved = {"problem.d": d, "problem.k": min(k, d), "tasks.n": n}
+    stated: dict[str, object] = {"problem.d": d, "problem.k": min(k, d), "tasks.n": n}
     if loaded.noise_var is not None:
-        resolved["problem.noise_var"] = loaded.noise_var
+        stated["problem.noise_var"] = loaded.noise_var
     if loaded.Sigma_star is not None:
-        resolved["problem.head_cov"] = [float(v) for v in np.diag(loaded.Sigma_star)]
-    _refuse_contradictions(config, resolved, t.from_)
-    config = config.replace(**resolved)
+        stated["problem.head_cov"] = [float(v) for v in np.diag(loaded.Sigma_star)]
+    _refuse_contradictions(config, stated, t.from_)
+    loaded, estimated = _estimated_truth(config, loaded)
+    config = config.replace(**stated, **estimated)
     problem = _problem(config)
     if loaded.B_star is not None:
         problem = Problem(loaded.B_star, problem.Sigma_star, problem.noise_var)
     pool = loaded.split(t.m_in).astype(config.train.dtype)
-    heldout = (None if t.test_from is None else
-               load_heldout(t.test_from, d, config.eval.shots))
-    return RunInputs(config, problem, loaded.B_star is not None, pool, heldout)
+    truth = ({} if loaded.B_star is None else
+             {"B_star": "tasks.from", **{key: _source(key, stated, estimated, config)
+                                         for key in ("problem.head_cov", "problem.noise_var")}})
+    return RunInputs(config, problem, loaded.B_star is not None, pool, heldout, truth)
+
+
+def _held_out(config: Config, pool: TaskPool) -> tuple[TaskPool, TaskPool | None]:
+    """The tasks to train on and the held-out tasks: ``tasks.test_from``'s, the last
+    ``tasks.test_split`` of the pool, or none."""
+    t, shots = config.tasks, config.eval.shots
+    if t.test_from is not None:
+        return pool, load_heldout(t.test_from, pool.X.shape[2], shots)
+    if not t.test_split:
+        return pool, None
+    n = pool.X.shape[0]
+    if not 2 <= t.test_split <= n - 1:
+        raise ConfigError("tasks.test_split", f"must be 0 or in [2, N - 1] = [2, {n - 1}] for "
+                          f"the {n} tasks of {t.from_}, got {t.test_split}")
+    train, held = slice(0, n - t.test_split), slice(n - t.test_split, n)
+    heads = (None, None) if pool.heads is None else (pool.heads[train], pool.heads[held])
+    kept = dataclasses.replace(pool, X=pool.X[train], y=pool.y[train], heads=heads[0])
+    return kept, check_heldout(task_pool(pool.X[held], pool.y[held]), shots,
+                               "tasks.test_split", f"the tasks held out of {t.from_}")
+
+
+def _estimated_truth(config: Config, pool: TaskPool) -> tuple[TaskPool, dict[str, object]]:
+    """What the heads of a pool with ``B_star`` tell of the truth the file does not state, for
+    the keys the user did not set: ``problem.noise_var`` (the mean squared residual,
+    :func:`~metarep.core.tasks.residual_noise_var`) and ``problem.head_cov`` (the eigenvalues
+    of the heads' second moment, :func:`~metarep.core.tasks.head_second_moment`; the pool is
+    then written in its eigenframe, :func:`~metarep.core.problem.diagonal_frame`, where that
+    covariance is diagonal). Returns the pool (rotated or not) and the estimated keys."""
+    if pool.B_star is None or pool.heads is None:
+        return pool, {}
+    estimated: dict[str, object] = {}
+    if pool.noise_var is None and "problem.noise_var" not in config.explicit:
+        estimated["problem.noise_var"] = residual_noise_var(pool)
+    if pool.Sigma_star is None and "problem.head_cov" not in config.explicit:
+        V, eigenvalues = diagonal_frame(head_second_moment(pool.heads))
+        if eigenvalues[-1] <= 1e-12 * max(eigenvalues[0], 1e-300):
+            raise ConfigError("tasks.from", f"the heads of {config.tasks.from_} span fewer "
+                              f"than k = {pool.heads.shape[1]} dimensions, so they give no head "
+                              "covariance; add Sigma_star or set problem.head_cov")
+        estimated["problem.head_cov"] = [float(v) for v in eigenvalues]
+        pool = dataclasses.replace(pool, B_star=pool.B_star @ V, heads=pool.heads @ V)
+    return pool, estimated
+
+
+def _source(key: str, stated: Mapping[str, object], estimated: Mapping[str, object],
+            config: Config) -> str:
+    """Where the run's value of ``key`` came from (``summary.json``'s ``ground_truth``)."""
+    if key in stated:
+        return "tasks.from"
+    if key in estimated:
+        return "estimated from the heads of tasks.from"
+    if key in config.explicit:
+        return "set in the config"
+    return "config default (tasks.from states no value and has no heads)"
 
 
 def _refuse_contradictions(config: Config, resolved: dict[str, object], path: str) -> None:
