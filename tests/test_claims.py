@@ -16,7 +16,7 @@ def fake_run(name: str, perp_norm: list[float], **columns: list[float]) -> RunDa
 
 
 def test_claims_are_rows_of_runs_measures_and_criteria():
-    rows = claim_rows(k=3, d=20)
+    rows = claim_rows(k=3, d=20, floors=Runs.floors("quick"))
     names = {run.name for run in study_runs("quick")}
     for row in rows:
         assert row.runs and set(row.runs) <= names, row.claim
@@ -65,3 +65,44 @@ def test_the_unlearning_rate_and_constant_claims_hold_only_for_the_predicted_law
     assert float(constant.evaluate(exact).value) == pytest.approx(1.0, rel=1e-9)
     assert not slope.evaluate({Runs.INFINITE: law_run(-0.45)}).passed  # a slower rate
     assert not constant.evaluate({Runs.INFINITE: law_run(-0.5, scale=1.05)}).passed
+
+
+def floor_run(n: int, seed: int, floor: float, drift: float = 0.0) -> RunData:
+    """A pool run of ``n`` tasks whose perp_norm settles at ``floor`` (moving by ``drift``
+    relative over the last fifth of its 1000 steps)."""
+    steps = np.arange(0, 1001, 50)
+    perp = floor * (1 + 2.0 * np.exp(-steps / 50.0)) * (1 - drift * np.clip(
+        (steps - 800) / 200, 0, 1))
+    metrics = pd.DataFrame({"step": steps, "perp_norm": perp})
+    return RunData(Runs.floor(n, seed), {"tasks": {"n": n}}, metrics, None, {"status": "done"},
+                   {})
+
+
+def floor_rows(runs: dict[str, RunData]) -> tuple:
+    rows = {row.claim: row for row in claim_rows(3, 20, floors=tuple(runs))}
+    flat = next(row for claim, row in rows.items() if claim.startswith("the finite-pool floor"))
+    law = next(row for claim, row in rows.items() if claim.startswith("the floor falls"))
+    return flat, law
+
+
+@pytest.mark.parametrize(("exponent", "passes"), [(-0.25, True), (-0.3, True), (-0.5, False),
+                                                  (-0.05, False)])
+def test_the_floor_law_claim_tells_n_to_the_minus_quarter_from_other_laws(exponent, passes):
+    """Floors ``N^e`` with a seed scatter of 2 %: e = -1/4 (and near it) passes; the N^(-1/2)
+    of a statistical error and an N-independent floor fail."""
+    scatter = {1: 1.02, 2: 0.98}
+    runs = {Runs.floor(n, seed): floor_run(n, seed, 3 * n**exponent * scatter[seed])
+            for n in (250, 1000, 4000) for seed in (1, 2)}
+    flat, law = floor_rows(runs)
+    claim = law.evaluate(runs)
+    assert claim.passed is passes, claim
+    assert "250, 1000, 4000" in claim.measure
+    assert flat.evaluate(runs).passed
+
+
+def test_the_floor_is_reached_claim_fails_for_a_run_still_moving():
+    runs = {Runs.floor(n, 1): floor_run(n, 1, n**-0.25, drift=0.03 if n == 1000 else 0.0)
+            for n in (250, 1000, 4000)}
+    flat, _ = floor_rows(runs)
+    claim = flat.evaluate(runs)
+    assert not claim.passed and claim.value.startswith("0.03")

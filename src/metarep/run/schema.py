@@ -257,9 +257,9 @@ class TasksConfig:
     test_from: str | None = param(
         None,
         "`.npz` file of held-out tasks `X` (N', m', d), `y` (N', m') for a tasks.from pool "
-        "(with or without `B_star`): the method adapts on the first m_test rows of each and is scored by "
-        "its squared error on the others, next to least squares and the zero predictor "
-        "(heldout.csv)",
+        "(with or without `B_star`): the method adapts on the first m_test rows of each and is "
+        "scored by its squared error on the others, next to least squares and the zero "
+        "predictor (heldout.csv)",
         optional_path,
     )
     test_split: int = param(

@@ -269,14 +269,43 @@ def at_pool_end(pool: RunData, infinite: RunData) -> Measurement:
     return pair(last(pool, "perp_norm"), at, steps=steps)
 
 
+def flatness(run: RunData, column: str, fraction: float = 0.2) -> float:
+    """``|column(T) / column(t) - 1|`` with ``t`` the last record at or before ``(1 -
+    fraction) T``: how much ``column`` still moved over the last ``fraction`` of the steps."""
+    steps = run.metrics["step"].to_numpy()
+    index = int(np.searchsorted(steps, (1 - fraction) * steps[-1], side="right")) - 1
+    return abs(last(run, column) / float(run.metrics[column].iloc[index]) - 1)
+
+
+def floors_flat(*runs: RunData) -> Measurement:
+    """The largest :func:`flatness` of ``perp_norm`` over the floor runs."""
+    worst = max(flatness(run, "perp_norm") for run in runs)
+    return Measurement((worst,), f"{worst:.2g} (largest of {len(runs)} runs)")
+
+
+def floor_exponent(*runs: RunData) -> Measurement:
+    """The exponent ``e`` of ``floor ~ N^e`` from a least-squares fit of ``log perp_norm(T)``
+    on ``log N`` over the floor runs (several N, several pool seeds each), with its standard
+    error from the fit's residuals; values ``(e, stderr)``."""
+    n = np.log([run.config["tasks"]["n"] for run in runs])
+    floor = np.log([last(run, "perp_norm") for run in runs])
+    (exponent, _), covariance = np.polyfit(n, floor, 1, cov=True)
+    stderr = float(np.sqrt(covariance[0, 0]))
+    sizes = sorted({run.config["tasks"]["n"] for run in runs})
+    return Measurement((float(exponent), stderr), f"{exponent:.3f} +/- {stderr:.3f}",
+                       {"sizes": ", ".join(map(str, sizes)), "runs": len(runs)})
+
+
 # ----------------------------------------------------------------------------- the rows
 
 
-def claim_rows(k: int, d: int) -> list[ClaimRow]:
+def claim_rows(k: int, d: int, floors: Sequence[str] = ()) -> list[ClaimRow]:
     """Every claim of the study for latent dimension ``k`` and ambient dimension ``d``, in the
-    order they are reported. Each criterion comes from the theory (a rate, a constant, a
-    closed form, a lower reference) and can fail; the negative controls (``m_in = inf``,
-    Burer-Monteiro) are claims of their own, next to the claim they control."""
+    order they are reported; ``floors`` names the runs of the finite-pool floor study
+    (:meth:`metarep.study.design.Runs.floors`), none to leave its claims out. Each criterion
+    comes from the theory (a rate, a constant, a closed form, a lower reference, a scaling law)
+    and can fail; the negative controls (``m_in = inf``, Burer-Monteiro) are claims of their
+    own, next to the claim they control."""
     inf, no_unlearning, head = Runs.INFINITE, Runs.m_in("inf"), Runs.INFINITE_HEAD
     fo, mtl = Runs.pool("fo-anil"), Runs.pool("mtl")
     rows = [
@@ -353,6 +382,18 @@ def claim_rows(k: int, d: int) -> list[ClaimRow]:
                  (fo, inf), f"perp_norm at t = {{steps}}: {fo} vs {inf}", "pool > infinite",
                  at_pool_end, lambda pool, infinite: pool > infinite),
     ]
+    if floors:
+        rows += [
+            ClaimRow("the finite-pool floor is reached: FO-ANIL's perp_norm stops moving",
+                     tuple(floors), "|perp_norm(T) / perp_norm(0.8 T) - 1| of each floor run",
+                     "< 0.01", floors_flat, lambda v: v < 0.01),
+            ClaimRow("the floor falls as N^(-1/4) (cubic unlearning against pool noise of "
+                     "order N^(-1/2)), not as the N^(-1/2) of a statistical error",
+                     tuple(floors), "exponent e of perp_norm(T) ~ N^e, N = {sizes} ({runs} "
+                     "runs), +/- its standard error",
+                     "-3/8 < e < -1/8 and |e + 1/2| > 3 stderr",
+                     floor_exponent, lambda e, se: -0.375 < e < -0.125 and abs(e + 0.5) > 3 * se),
+        ]
     return rows
 
 

@@ -8,6 +8,8 @@ config derived from the scale's base setting:
 - ``infinite-fo-anil``: the exact infinite-task FO-ANIL dynamics from the same ``B_0``;
 - ``infinite-w0``: the same from a non-zero head ``w_0``;
 - ``infinite-m_in-<m>``: the same with other inner sample counts, ``inf`` included;
+- ``floor-N<n>-s<seed>``: FO-ANIL trained to its finite-pool floor on pools of several sizes
+  N and seeds (docs/finite_pool_floor.md);
 - ``relu<L>-<method>``: the appendix study with ReLU bodies of ``L`` hidden layers.
 """
 
@@ -39,6 +41,7 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_steps": 20_000,
         "infinite_record_every": "log",
         "m_in_values": (5, 10, 40, "inf"),
+        "floor": {"n_values": (250, 1000, 4000), "seeds": (1, 2), "steps": 3000},
         "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
                  "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 1000},
     },
@@ -55,6 +58,7 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_steps": 200_000,
         "infinite_record_every": "log",
         "m_in_values": (5, 20, 80, "inf"),
+        "floor": {"n_values": (2000, 4000, 8000), "seeds": (1, 2), "steps": 3000},
         "relu": {"problem.d": 60, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
                  "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40], "eval.n_tasks": 1000},
     }
@@ -74,6 +78,7 @@ SCALE_SETTINGS["paper"] = _merged(SCALE_SETTINGS["default"], {
     "base": {"train": {"steps": 10_000, "record_every": "log"}, "eval": {"n_tasks": 5000}},
     "infinite_steps": 1_000_000,
     "infinite_record_every": "log",
+    "floor": {"n_values": (2000, 8000, 32000), "seeds": (1, 2, 3), "steps": 6000},
     "relu": {"tasks.n": 5000, "train.steps": 2000, "train.record_every": "log",
              "eval.n_tasks": 2000},
 })
@@ -108,6 +113,18 @@ class Runs:
     def m_in(m_in: int | str) -> str:
         """Exact infinite-task FO-ANIL with ``m_in`` inner samples (``inf`` included)."""
         return f"infinite-m_in-{m_in}"
+
+    @staticmethod
+    def floor(n: int, seed: int) -> str:
+        """FO-ANIL on a pool of ``n`` tasks drawn with ``tasks.seed = seed``, trained to its
+        finite-pool floor."""
+        return f"floor-N{n}-s{seed}"
+
+    @staticmethod
+    def floors(scale: str) -> tuple[str, ...]:
+        """Every floor run of ``scale``, by N then seed."""
+        floor = SCALE_SETTINGS[check_scale(scale)]["floor"]
+        return tuple(Runs.floor(n, seed) for n in floor["n_values"] for seed in floor["seeds"])
 
     @staticmethod
     def relu(layers: int, method: str) -> str:
@@ -154,6 +171,12 @@ def study_runs(scale: str) -> list[StudyRun]:
     for m_in in settings["m_in_values"]:
         if m_in != base_m_in:
             runs.append(StudyRun(Runs.m_in(m_in), {**infinite, "tasks.m_in": m_in}))
+    floor = settings["floor"]
+    for n in floor["n_values"]:
+        for seed in floor["seeds"]:
+            runs.append(StudyRun(Runs.floor(n, seed), {
+                "tasks.n": n, "tasks.seed": seed, "train.steps": floor["steps"],
+                "eval.n_tasks": 200}))
     for layers in RELU_LAYERS:
         for method in POOL_METHODS:
             runs.append(StudyRun(

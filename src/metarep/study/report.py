@@ -31,7 +31,7 @@ from metarep.run.figures import (
     shots_axis,
 )
 from metarep.run.rundir import RunData
-from metarep.study.claims import Claim, unlearning_law
+from metarep.study.claims import Claim, floor_exponent, unlearning_law
 from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
 
 MTL_LSQ = features_row(MTL.name)
@@ -81,13 +81,16 @@ def _loglog(axis: Axes, xlabel: str, ylabel: str, title: str) -> None:
 # ----------------------------------------------------------------------------- figures
 
 
-def figure_unlearning(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
+def figure_unlearning(runs: dict[str, RunData],
+                      floors: tuple[str, ...] = ()) -> tuple[Figure, pd.DataFrame]:
     """(a) ``||B_perp^T B_t||`` against t, log-log, every method on the pool, with the exact
-    infinite-task FO-ANIL curve and the rate the theory gives for its undriven directions."""
+    infinite-task FO-ANIL curve and the rate the theory gives for its undriven directions;
+    beside it, the finite-pool floor of the ``floors`` runs against N with its fitted power
+    law and the N^(-1/2) of a statistical error for contrast."""
     names = [Runs.pool(m) for m in POOL_METHODS] + [Runs.INFINITE]
     table = _long(runs, names, ["perp_norm"])
-    figure = Figure(figsize=(7.5, 5), layout="constrained")
-    axis = figure.subplots()
+    figure = Figure(figsize=(13, 5), layout="constrained")
+    axis, floor_axis = figure.subplots(1, 2, width_ratios=(3, 2))
     for method in POOL_METHODS:
         run = runs.get(Runs.pool(method))
         if run is not None:
@@ -104,31 +107,73 @@ def figure_unlearning(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
                   r"\Sigma_* + \sigma^2)/m_{in}$")
     _loglog(axis, "outer step t + 1", r"$\|B_\perp^\top B_t\|_2$",
             "(a) Unlearning the orthogonal complement of span(B*)")
+    floor_table = _floor_points(runs, floors)
+    if len(floor_table):
+        _draw_floors(floor_axis, floor_table, [runs[name] for name in floor_table["run"]])
+        table = pd.concat([table, floor_table], ignore_index=True)
+    floor_axis.set_title("The finite-pool floor of FO-ANIL against the pool size N", fontsize=10)
     return figure, table
 
 
+def _floor_points(runs: dict[str, RunData], floors: tuple[str, ...]) -> pd.DataFrame:
+    """One row per finished floor run: ``run, N, floor`` (its final perp_norm)."""
+    rows = [{"run": name, "N": runs[name].config["tasks"]["n"],
+             "floor": float(runs[name].metrics["perp_norm"].iloc[-1])}
+            for name in floors if name in runs]
+    return pd.DataFrame(rows, columns=["run", "N", "floor"])
+
+
+def _draw_floors(axis: Axes, table: pd.DataFrame, floor_runs: list[RunData]) -> None:
+    """The floors (one point per pool seed), the fitted ``N^e`` (the floor-law claim's
+    measure) and ``N^(-1/2)`` through the same centre."""
+    axis.plot(table["N"], table["floor"], "o", color=COLORS["fo-anil"],
+              label="floor of one pool (perp_norm at T)")
+    sizes = np.geomspace(table["N"].min(), table["N"].max(), 50)
+    centre_n, centre_floor = np.exp(np.log(table["N"]).mean()), np.exp(
+        np.log(table["floor"]).mean())
+    if table["N"].nunique() > 1:
+        found = floor_exponent(*floor_runs)
+        exponent, stderr = found.values
+        axis.plot(sizes, centre_floor * (sizes / centre_n) ** exponent, color=COLORS["fo-anil"],
+                  label=f"fit: $N^{{{exponent:.3f} \\pm {stderr:.3f}}}$")
+    axis.plot(sizes, centre_floor * (sizes / centre_n) ** -0.25, color="0.4", linestyle=":",
+              label="$N^{-1/4}$: cubic unlearning against pool noise")
+    axis.plot(sizes, centre_floor * (sizes / centre_n) ** -0.5, color="0.6", linestyle="--",
+              label="$N^{-1/2}$: a statistical error (for contrast)")
+    _loglog(axis, "tasks in the pool N", r"$\|B_\perp^\top B_T\|_2$ at the floor",
+            "The finite-pool floor against N")
+
+
 def figure_singular_values(runs: dict[str, RunData], k: int) -> tuple[Figure, pd.DataFrame]:
-    """(b) The singular values of ``B_t`` over t for each method on the pool: the top k in
-    colour, the rest in grey."""
-    names = [Runs.pool(m) for m in POOL_METHODS]
+    """(b) Rank k at a glance: the gap ``sv_(k+1) / sv_k`` of ``B_t`` over t for each method
+    on the pool and for the exact infinite-task FO-ANIL (which closes it as ``t^(-1/2)``), and
+    the final singular values of each, index against value, with the cut at k."""
+    names = [Runs.pool(m) for m in POOL_METHODS] + [Runs.INFINITE]
     columns = sorted({c for n in names if n in runs for c in runs[n].metrics
                       if c.startswith("sv_")}, key=lambda c: int(c[3:]))
     table = _long(runs, names, columns)
-    figure = Figure(figsize=(18, 4), layout="constrained")
-    axes = figure.subplots(1, len(POOL_METHODS), sharey=True)
-    for axis, method in zip(axes, POOL_METHODS, strict=True):
-        run = runs.get(Runs.pool(method))
-        axis.set(title=LABELS[method], xscale="log", yscale="log", xlabel="outer step t + 1")
-        axis.grid(alpha=0.3, which="both")
-        if run is None:
+    figure = Figure(figsize=(13, 5), layout="constrained")
+    gap_axis, spectrum_axis = figure.subplots(1, 2)
+    curves = [(Runs.pool(m), LABELS[m], COLORS[m], STYLES[m]) for m in POOL_METHODS]
+    curves.append((Runs.INFINITE, "FO-ANIL, infinitely many tasks (exact)", "k", "--"))
+    for name, label, color, style in curves:
+        run = runs.get(name)
+        if run is None or f"sv_{k + 1}" not in run.metrics:
             continue
-        for column in [c for c in columns if c in run.metrics]:
-            top = int(column[3:]) <= k
-            axis.plot(_steps(run.metrics), run.metrics[column].clip(lower=1e-12),
-                      color=COLORS[method] if top else "0.6", linewidth=1.2 if top else 0.6)
-    axes[0].set_ylabel("singular values of $B_t$ (top k coloured)")
-    figure.suptitle(f"(b) Singular values of B_t: rank k = {k} for the model-agnostic methods, "
-                    "not for Burer-Monteiro")
+        gap = run.metrics[f"sv_{k + 1}"] / run.metrics[f"sv_{k}"]
+        gap_axis.plot(_steps(run.metrics), gap, color=color, linestyle=style, label=label)
+        final = run.metrics[[c for c in columns if c in run.metrics]].iloc[-1].to_numpy()
+        spectrum_axis.plot(np.arange(1, len(final) + 1), np.clip(final, 1e-12, None),
+                           color=color, linestyle=style, marker=".", label=label)
+    _loglog(gap_axis, "outer step t + 1", r"$s_{k+1}(B_t) / s_k(B_t)$",
+            f"(b) The gap at k = {k}: closes for the model-agnostic methods, not for "
+            "Burer-Monteiro")
+    spectrum_axis.axvline(k + 0.5, color="0.5", linewidth=0.8)
+    spectrum_axis.set(yscale="log", xlabel="index i", ylabel=r"$s_i(B_T)$",
+                      title=f"Singular values at the last step (line: between k = {k} and "
+                      f"k + 1)")
+    spectrum_axis.grid(alpha=0.3, which="both")
+    spectrum_axis.legend(fontsize=8)
     return figure, table
 
 
@@ -288,9 +333,15 @@ FIGURES: tuple[tuple[str, str], ...] = (
      "grey line is the rate the theory gives for its undriven directions, (2 alpha^2 beta c "
      "t)^(-1/2) with c = (tr Sigma* + sigma^2) / m_in. The finite-pool curves leave it at a "
      "floor set by N, m and the noise. FO-MAML from w_0 = 0 follows FO-ANIL closely, so "
-     "their curves overlap."),
-    ("b_singular_values", "Singular values of B_t over training: the model-agnostic methods "
-     "end with k large singular values and the rest small; Burer-Monteiro keeps them."),
+     "their curves overlap. Right: the floor of FO-ANIL trained to convergence on pools of "
+     "several sizes N (one point per pool seed), its fitted power law, the N^(-1/4) that "
+     "cubic unlearning against pool noise of order N^(-1/2) gives (docs/finite_pool_floor.md) "
+     "and the N^(-1/2) of a statistical error for contrast."),
+    ("b_singular_values", "Rank k at a glance. Left: the gap s_(k+1) / s_k between the k-th "
+     "and (k+1)-th singular values of B_t over training; it closes for the model-agnostic "
+     "methods (as t^(-1/2) with infinitely many tasks, down to a floor on a pool) and stays "
+     "near 1 for Burer-Monteiro. Right: every singular value at the last step; the line "
+     "separates the top k."),
     ("c_lambda", "B*^T B_t B_t^T B* approaches Lambda* (specification §4, claim 3): error over "
      "training and the final eigenvalues against the theory's."),
     ("d_test_risk", "Test excess risk after one head step of size alpha against the number of "
@@ -316,7 +367,7 @@ def write_report(out: Path, runs: dict[str, RunData], claims: list[Claim],
     path of the report."""
     k, base_m_in = context["k"], context["m_in"]
     makers: dict[str, Callable[[], tuple[Figure, pd.DataFrame]]] = {
-        "a_unlearning": lambda: figure_unlearning(runs),
+        "a_unlearning": lambda: figure_unlearning(runs, context.get("floors", ())),
         "b_singular_values": lambda: figure_singular_values(runs, k),
         "c_lambda": lambda: figure_lambda(runs),
         "d_test_risk": lambda: figure_test_risk(runs),

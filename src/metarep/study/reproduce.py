@@ -17,7 +17,7 @@ from metarep import __version__
 from metarep.run.rundir import RunDirectory
 from metarep.run.schema import dump_yaml, from_dict
 from metarep.study.claims import Claim, claim_rows, evaluate_claims
-from metarep.study.design import base_tree, check_scale, study_runs
+from metarep.study.design import Runs, base_tree, check_scale, study_runs
 from metarep.study.report import write_report
 from metarep.sweeps.driver import SweepOptions, execute_plans
 from metarep.sweeps.spec import RunPlan, SweepSpec
@@ -50,8 +50,10 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
             if (data := RunDirectory(root / "runs" / plan.name).read()) is not None}
     failed = [plan.name for plan in plans if plan.name not in runs]
     problem = tree["problem"]
-    claims = evaluate_claims(runs, claim_rows(problem["k"], problem["d"]), failed)
+    rows = claim_rows(problem["k"], problem["d"], Runs.floors(scale))
+    claims = evaluate_claims(runs, rows, failed)
     context = {"scale": scale, "k": problem["k"], "m_in": tree["tasks"]["m_in"],
+               "floors": Runs.floors(scale),
                "n_runs": len(plans), "version": __version__,
                "setting": dump_yaml(from_dict(tree, name=f"reproduce-{scale}")) +
                "\nper-run overrides:\n" + "\n".join(
