@@ -106,3 +106,48 @@ def test_the_floor_is_reached_claim_fails_for_a_run_still_moving():
     flat, _ = floor_rows(runs)
     claim = flat.evaluate(runs)
     assert not claim.passed and claim.value.startswith("0.03")
+
+
+def relu_run(name: str, risk: float, stderr: float = 0.02, ridge: float = 2.0,
+             share: list[float] | None = None) -> RunData:
+    """A ReLU run with ``risk`` for fo-anil (and mtl-lsq) at m_test = 5 and ridge at ``ridge``,
+    and ``w1_perp_share`` over 1000 steps."""
+    share = share if share is not None else [0.9, 0.6, 0.5, 0.5, 0.5, 0.5]
+    steps = np.linspace(0, 1000, len(share)).astype(int)
+    metrics = pd.DataFrame({"step": steps, "w1_perp_share": share})
+    rows = [(method, 5, risk, stderr, 1000, np.nan)
+            for method in ("fo-anil", "anil", "fo-maml", "maml", "mtl-lsq")]
+    rows.append(("ridge", 5, ridge, 0.02, 1000, np.nan))
+    frame = pd.DataFrame(rows, columns=["method", "shots", "excess_risk", "stderr", "n_tasks",
+                                        "theory"])
+    return RunData(name, {}, metrics, frame, {"status": "done"}, {})
+
+
+def relu_study(risks: dict[int, float], early_risk: float,
+               moving: list[float] | None = None) -> dict[str, RunData]:
+    runs = {}
+    for method in ("fo-anil", "anil", "fo-maml", "maml", "mtl"):
+        for seed, value in risks.items():
+            name = Runs.relu(1, method, seed)
+            runs[name] = relu_run(name, value, share=moving if method == "maml" else None)
+        name = Runs.relu_early(1, method, 1)
+        runs[name] = relu_run(name, early_risk)
+    return runs
+
+
+def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
+    rows = [row for row in claim_rows(3, 20, relu_seeds=(1, 2, 3))
+            if row.claim.startswith("ReLU (2 layers)")]
+    converged, *against_ridge = rows
+    fo_anil = next(row for row in against_ridge if "fo-anil" in row.claim)
+    good = relu_study({1: 1.5, 2: 1.52, 3: 1.48}, early_risk=1.505)
+    assert converged.evaluate(good).passed
+    claim = fo_anil.evaluate(good)
+    assert claim.passed and "3 seeds" in claim.measure, claim
+    # Seeds that disagree widely carry a large error: no longer 3 errors below ridge.
+    spread = relu_study({1: 1.0, 2: 2.6, 3: 1.4}, early_risk=1.0)
+    assert not fo_anil.evaluate(spread).passed
+    # A test risk that moved by 10 % over the last fifth, or a W1 share still falling.
+    assert not converged.evaluate(relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.65)).passed
+    falling = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, moving=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    assert not converged.evaluate(falling).passed

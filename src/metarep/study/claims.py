@@ -231,18 +231,54 @@ def predictor_vanishes(run: RunData) -> Measurement:
                        f"{last(run, 'head_norm') / start:.3g})")
 
 
-def relu_against_ridge(method: str) -> Measure:
-    """The z-score of ``risk(ridge) - risk(method)`` (``mtl``: its least-squares row) at the
-    smallest ``m_test`` of one ReLU run, with both risks in the text."""
-    row = features_row(method) if method == MTL.name else method
+def relu_row(method: str) -> str:
+    """The ``eval.csv`` row of ``method`` on a ReLU body (``mtl``: its least-squares row)."""
+    return features_row(method) if method == MTL.name else method
 
-    def measured(run: RunData) -> Measurement:
-        smallest = int(run.eval["shots"].min())
-        mine, mine_se = risk(run, row, smallest)
-        theirs, theirs_se = risk(run, RIDGE, smallest)
+
+def seed_mean(values: Sequence[float], stderrs: Sequence[float]) -> tuple[float, float]:
+    """The mean of one estimate per seed and its standard error: the spread over seeds
+    (``std / sqrt(S)``, 0 for one seed) and the estimates' own standard errors (their mean,
+    as if fully correlated: the seeds share the test tasks), added in quadrature."""
+    spread = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    return float(np.mean(values)), math.hypot(spread, float(np.mean(stderrs)))
+
+
+def relu_against_ridge(method: str) -> Measure:
+    """The z-score of ``risk(ridge) - mean over seeds of risk(method)`` at the smallest
+    ``m_test`` (:func:`seed_mean`; ridge uses no training, so it is the same for every seed),
+    with both risks in the text."""
+    row = relu_row(method)
+
+    def measured(*runs: RunData) -> Measurement:
+        smallest = int(runs[0].eval["shots"].min())
+        estimates = [risk(run, row, smallest) for run in runs]
+        mine, mine_se = seed_mean([e[0] for e in estimates], [e[1] for e in estimates])
+        theirs, theirs_se = risk(runs[0], RIDGE, smallest)
         z = (theirs - mine) / math.hypot(mine_se, theirs_se)
-        return Measurement((z,), f"z = {z:.3g} ({mine:.3g} vs {theirs:.3g})",
-                           {"smallest": smallest, "row": row})
+        return Measurement((z,), f"z = {z:.3g} ({mine:.3g} +/- {mine_se:.2g} vs {theirs:.3g})",
+                           {"smallest": smallest, "row": row, "seeds": len(runs)})
+
+    return measured
+
+
+def relu_converged(methods: Sequence[str], seeds: int) -> Measure:
+    """How much a ReLU study still moved over its last fifth of steps: the largest
+    :func:`flatness` of ``w1_perp_share`` over every run, and the largest relative change of
+    the test risk at the smallest ``m_test`` between each method's first-seed run and its
+    ``-early`` run (stopped at 4/5 of the steps). The runs come as, per method, ``seeds`` runs
+    then the early one."""
+    def measured(*runs: RunData) -> Measurement:
+        groups = [runs[i * (seeds + 1):(i + 1) * (seeds + 1)] for i in range(len(methods))]
+        share = max(flatness(run, "w1_perp_share") for group in groups for run in group[:-1])
+        moved = []
+        for method, group in zip(methods, groups, strict=True):
+            smallest = int(group[0].eval["shots"].min())
+            final, early = (risk(run, relu_row(method), smallest)[0]
+                            for run in (group[0], group[-1]))
+            moved.append(abs(final / early - 1))
+        return Measurement((share, max(moved)), f"{share:.2g} (W1 share), {max(moved):.2g} "
+                           "(test risk)", {"steps": int(groups[0][0].metrics['step'].iloc[-1])})
 
     return measured
 
@@ -299,10 +335,35 @@ def floor_exponent(*runs: RunData) -> Measurement:
 # ----------------------------------------------------------------------------- the rows
 
 
-def claim_rows(k: int, d: int, floors: Sequence[str] = ()) -> list[ClaimRow]:
+def relu_rows(layers: int, seeds: Sequence[int]) -> list[ClaimRow]:
+    """The claims of the ReLU study with ``layers`` hidden layers over ``seeds``: that its runs
+    have stopped moving, then, per method, the test risk against ridge."""
+    runs = tuple(name for method in POOL_METHODS for name in (
+        *(Runs.relu(layers, method, seed) for seed in seeds),
+        Runs.relu_early(layers, method, seeds[0])))
+    rows = [ClaimRow(
+        f"ReLU ({layers + 1} layers): every method is trained until W1 and the test risk stop "
+        "moving", runs, "over the last fifth of T = {steps} steps: the largest relative change "
+        "of W1's share outside span(B*) (every run) and of the test risk at the smallest "
+        "m_test (first seed vs its run stopped at 4T/5)", "< 0.01 and < 0.02",
+        relu_converged(POOL_METHODS, len(seeds)), lambda share, moved: share < 0.01
+        and moved < 0.02)]
+    for method in POOL_METHODS:
+        rows.append(ClaimRow(
+            f"ReLU ({layers + 1} layers), {method}: test risk below ridge regression at small m",
+            tuple(Runs.relu(layers, method, seed) for seed in seeds),
+            "z-score of risk(ridge) - mean risk({row}) over {seeds} seeds at m_test = "
+            "{smallest} (error: seeds and test tasks)", "> 3", relu_against_ridge(method),
+            lambda z: z > 3))
+    return rows
+
+
+def claim_rows(k: int, d: int, floors: Sequence[str] = (),
+               relu_seeds: Sequence[int] = ()) -> list[ClaimRow]:
     """Every claim of the study for latent dimension ``k`` and ambient dimension ``d``, in the
     order they are reported; ``floors`` names the runs of the finite-pool floor study
-    (:meth:`metarep.study.design.Runs.floors`), none to leave its claims out. Each criterion
+    (:meth:`metarep.study.design.Runs.floors`) and ``relu_seeds`` the seeds of the ReLU study
+    (:func:`relu_rows`), none to leave their claims out. Each criterion
     comes from the theory (a rate, a constant, a closed form, a lower reference, a scaling law)
     and can fail; the negative controls (``m_in = inf``, Burer-Monteiro) are claims of their
     own, next to the claim they control."""
@@ -366,13 +427,8 @@ def claim_rows(k: int, d: int, floors: Sequence[str] = ()) -> list[ClaimRow]:
                  f"max over m_test of |risk - closed form| / stderr, {fo}", "< 4",
                  closed_form_gap, lambda v: v < 4),
     ]
-    for layers in RELU_LAYERS:
-        for method in POOL_METHODS:
-            rows.append(ClaimRow(
-                f"ReLU ({layers + 1} layers), {method}: test risk below ridge regression at "
-                "small m", (Runs.relu(layers, method),),
-                "z-score of risk(ridge) - risk({row}) at m_test = {smallest} (over test "
-                "tasks)", "> 3", relu_against_ridge(method), lambda z: z > 3))
+    for layers in RELU_LAYERS if relu_seeds else ():
+        rows += relu_rows(layers, relu_seeds)
     rows += [
         ClaimRow("FO-ANIL (finite pool) learns span(B*) to the pool's statistical accuracy",
                  (fo,), "subspace_dist at T vs a method-of-moments estimate on the same pool",

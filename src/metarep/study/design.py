@@ -10,7 +10,9 @@ config derived from the scale's base setting:
 - ``infinite-m_in-<m>``: the same with other inner sample counts, ``inf`` included;
 - ``floor-N<n>-s<seed>``: FO-ANIL trained to its finite-pool floor on pools of several sizes
   N and seeds (docs/finite_pool_floor.md);
-- ``relu<L>-<method>``: the appendix study with ReLU bodies of ``L`` hidden layers.
+- ``relu<L>-<method>-s<seed>``: the appendix study with ReLU bodies of ``L`` hidden layers,
+  one run per seed (pool and initialisation), and ``relu<L>-<method>-s<seed>-early``: the
+  first seed's run stopped at 4/5 of its steps, which tells whether the test risk still moves.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_steps": 20_000,
         "infinite_record_every": "log",
         "m_in_values": (5, 10, 40, "inf"),
-        "floor": {"n_values": (250, 1000, 4000), "seeds": (1, 2), "steps": 3000},
+        "floor": {"n_values": (250, 1000, 4000), "seeds": (1, 2), "steps": 5000},
         "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
                  "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 1000},
+        "relu_study": {"seeds": (1,), "claims": False},
     },
     "default": {
         "base": {
@@ -59,8 +62,10 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_record_every": "log",
         "m_in_values": (5, 20, 80, "inf"),
         "floor": {"n_values": (2000, 4000, 8000), "seeds": (1, 2), "steps": 3000},
-        "relu": {"problem.d": 60, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
-                 "model.hidden_width": 50, "eval.shots": [5, 10, 20, 40], "eval.n_tasks": 1000},
+        "relu": {"problem.d": 20, "tasks.n": 1000, "train.steps": 5000, "train.record_every": "log",
+                 "model.width": 8, "model.hidden_width": 10, "train.dtype": "float32",
+                 "eval.shots": [5, 10, 20, 40], "eval.n_tasks": 1000},
+        "relu_study": {"seeds": (1, 2, 3), "claims": True},
     }
 }
 
@@ -79,15 +84,17 @@ SCALE_SETTINGS["paper"] = _merged(SCALE_SETTINGS["default"], {
     "infinite_steps": 1_000_000,
     "infinite_record_every": "log",
     "floor": {"n_values": (2000, 8000, 32000), "seeds": (1, 2, 3), "steps": 6000},
-    "relu": {"tasks.n": 5000, "train.steps": 2000, "train.record_every": "log",
-             "eval.n_tasks": 2000},
+    "relu": {"problem.d": 40, "model.width": 16, "model.hidden_width": 20, "tasks.n": 5000,
+             "train.steps": 20_000, "eval.n_tasks": 2000},
 })
 
-# The appendix study's setting (on top of the scale's base): ReLU bodies (width k' = 16) are
-# trained on tasks with k = 2 isotropic heads, less label noise, few inner samples and a
-# larger d (per scale), where a representation pays off against regression at small m_test:
-# ReLU features are non-negative, so one head step recovers only part of a linear signal.
-# alpha = 0.5, beta = 0.1 keeps FO-MAML stable on ReLU bodies (alpha = 1 diverges).
+# The appendix study's setting (on top of the scale's base; d, k', the hidden width, N and
+# the steps per scale): ReLU bodies are trained on tasks with k = 2 isotropic heads, less
+# label noise and few inner samples, where a representation can pay off against regression at
+# small m_test: ReLU features are non-negative, so one head step recovers only part of a
+# linear signal. alpha = 0.5, beta = 0.1 keeps FO-MAML stable on ReLU bodies (alpha = 1
+# diverges). Where claims are made (``relu_study``), the runs are long enough for W1 and the
+# test risk to stop moving, which the study checks.
 RELU_SETTING: dict[str, Any] = {
     "model.kind": "relu", "problem.k": 2, "problem.head_cov": "isotropic",
     "problem.noise_var": 0.25, "tasks.m_in": 5, "tasks.m_out": 10, "model.width": 16,
@@ -127,9 +134,27 @@ class Runs:
         return tuple(Runs.floor(n, seed) for n in floor["n_values"] for seed in floor["seeds"])
 
     @staticmethod
-    def relu(layers: int, method: str) -> str:
-        """``method`` on ReLU bodies with ``layers`` hidden layers (the appendix study)."""
-        return f"relu{layers}-{method}"
+    def relu(layers: int, method: str, seed: int) -> str:
+        """``method`` on ReLU bodies with ``layers`` hidden layers (the appendix study), with
+        the pool and the initialisation of ``seed``."""
+        return f"relu{layers}-{method}-s{seed}"
+
+    @staticmethod
+    def relu_early(layers: int, method: str, seed: int) -> str:
+        """:meth:`relu` stopped at 4/5 of its steps (the same trajectory up to there)."""
+        return f"{Runs.relu(layers, method, seed)}-early"
+
+    @staticmethod
+    def relu_seeds(scale: str) -> tuple[int, ...]:
+        """The seeds of the ReLU study at ``scale``."""
+        return tuple(SCALE_SETTINGS[check_scale(scale)]["relu_study"]["seeds"])
+
+    @staticmethod
+    def relu_claim_seeds(scale: str) -> tuple[int, ...]:
+        """The seeds the ReLU claims are measured over: none at a scale whose ReLU runs are
+        a smoke test, too short to converge (``quick``)."""
+        study = SCALE_SETTINGS[check_scale(scale)]["relu_study"]
+        return tuple(study["seeds"]) if study["claims"] else ()
 
 
 RELU_LAYERS = (1, 2)
@@ -177,14 +202,25 @@ def study_runs(scale: str) -> list[StudyRun]:
             runs.append(StudyRun(Runs.floor(n, seed), {
                 "tasks.n": n, "tasks.seed": seed, "train.steps": floor["steps"],
                 "eval.n_tasks": 200}))
+    relu = settings["relu"]
+    seeds = settings["relu_study"]["seeds"]
     for layers in RELU_LAYERS:
         for method in POOL_METHODS:
-            runs.append(StudyRun(
-                Runs.relu(layers, method),
-                {**RELU_SETTING, **settings["relu"], "method.name": method,
-                 "model.hidden_layers": layers},
-            ))
+            setting = {**RELU_SETTING, **relu, "method.name": method,
+                       "model.hidden_layers": layers}
+            for seed in seeds:
+                seeded = {**setting, "tasks.seed": seed, "model.seed": seed}
+                runs.append(StudyRun(Runs.relu(layers, method, seed), seeded))
+            if settings["relu_study"]["claims"]:
+                runs.append(StudyRun(Runs.relu_early(layers, method, seeds[0]), {
+                    **setting, "tasks.seed": seeds[0], "model.seed": seeds[0],
+                    "train.steps": early_steps(relu["train.steps"])}))
     return runs
+
+
+def early_steps(steps: int) -> int:
+    """The step at which an ``-early`` run stops: 4/5 of ``steps``, rounded down."""
+    return 4 * steps // 5
 
 
 def base_tree(scale: str) -> dict[str, Any]:

@@ -50,10 +50,12 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
             if (data := RunDirectory(root / "runs" / plan.name).read()) is not None}
     failed = [plan.name for plan in plans if plan.name not in runs]
     problem = tree["problem"]
-    rows = claim_rows(problem["k"], problem["d"], Runs.floors(scale))
+    rows = claim_rows(problem["k"], problem["d"], Runs.floors(scale),
+                      Runs.relu_claim_seeds(scale))
     claims = evaluate_claims(runs, rows, failed)
     context = {"scale": scale, "k": problem["k"], "m_in": tree["tasks"]["m_in"],
-               "floors": Runs.floors(scale),
+               "floors": Runs.floors(scale), "relu_seeds": Runs.relu_seeds(scale),
+               "relu_claims": bool(Runs.relu_claim_seeds(scale)),
                "n_runs": len(plans), "version": __version__,
                "setting": dump_yaml(from_dict(tree, name=f"reproduce-{scale}")) +
                "\nper-run overrides:\n" + "\n".join(
