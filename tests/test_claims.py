@@ -138,16 +138,18 @@ def relu_study(risks: dict[int, float], early_risk: float,
 def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
     rows = [row for row in claim_rows(3, 20, relu_seeds=(1, 2, 3))
             if row.claim.startswith("ReLU (2 layers)")]
-    converged, *against_ridge = rows
+    risk_flat, share_flat, *against_ridge = rows
     fo_anil = next(row for row in against_ridge if "fo-anil" in row.claim)
     good = relu_study({1: 1.5, 2: 1.52, 3: 1.48}, early_risk=1.505)
-    assert converged.evaluate(good).passed
+    assert risk_flat.evaluate(good).passed and share_flat.evaluate(good).passed
     claim = fo_anil.evaluate(good)
     assert claim.passed and "3 seeds" in claim.measure, claim
     # Seeds that disagree widely carry a large error: no longer 3 errors below ridge.
     spread = relu_study({1: 1.0, 2: 2.6, 3: 1.4}, early_risk=1.0)
     assert not fo_anil.evaluate(spread).passed
     # A test risk that moved by 10 % over the last fifth, or a W1 share still falling.
-    assert not converged.evaluate(relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.65)).passed
+    assert not risk_flat.evaluate(relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.65)).passed
     falling = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, moving=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    assert not converged.evaluate(falling).passed
+    claim = share_flat.evaluate(falling)
+    assert not claim.passed and "minimum" in claim.value
+    assert risk_flat.evaluate(falling).passed

@@ -32,15 +32,16 @@ def study(cli, tmp_path_factory):
 
 @pytest.mark.parametrize("scale", ["default", "paper"])
 def test_relu_claims_cover_every_seed_and_method_where_the_study_converges(scale):
-    """Every ReLU claim names only runs of the study; the convergence claim includes each
-    method's early run, which follows the same trajectory for 4/5 of the steps."""
+    """Every ReLU claim names only runs of the study; the test-risk convergence claim pairs
+    each method's first-seed run with its early run, which follows the same trajectory for 4/5
+    of the steps."""
     runs = {run.name: run for run in study_runs(scale)}
     seeds = Runs.relu_claim_seeds(scale)
     assert len(seeds) >= 3
     problem = base_tree(scale)["problem"]
     rows = [row for row in claim_rows(problem["k"], problem["d"], (), seeds)
             if row.claim.startswith("ReLU")]
-    assert len(rows) == len(RELU_LAYERS) * (1 + len(POOL_METHODS))
+    assert len(rows) == len(RELU_LAYERS) * (2 + len(POOL_METHODS))
     for row in rows:
         assert set(row.runs) <= set(runs), row.claim
     for layers in RELU_LAYERS:
