@@ -485,3 +485,24 @@ def test_held_out_risks_score_each_task_on_its_own_unseen_rows():
         errors.append(np.mean((X[j, 10:] @ (B @ head) - y[j, 10:]) ** 2))
     pair = held_out_risks(params, X[i:i + 2], y[i:i + 2], "fo-anil", (10,), 0.5, 1)
     assert pair[0].risk == pytest.approx(np.mean(errors), rel=1e-12)
+
+
+def test_least_squares_on_learned_features_has_no_error_bar_where_its_variance_is_infinite():
+    """mtl-lsq fits least squares on k' learned features: ridge below k' + 2 samples (finite
+    variance), no standard error at m = k' + 2, k' + 3 (infinite variance, as for least
+    squares on any Gaussian design), a standard error from k' + 4 on."""
+    rng = np.random.default_rng(21)
+    problem = make_problem(8, 2, 0.5, "isotropic", rng)
+    width = 4
+    params = LinearParams(rng.standard_normal((8, width)) / np.sqrt(8), np.zeros(width))
+    rows = evaluation.evaluate(params, problem, "mtl", (3, 6, 7, 8), 200, 0.5, 1, seed=0,
+                               features_row="mtl-lsq")
+    stderr = {row.shots: row.stderr for row in rows if row.method == "mtl-lsq"}
+    assert np.isfinite(stderr[3]) and np.isfinite(stderr[8])
+    assert np.isnan(stderr[6]) and np.isnan(stderr[7])
+    predictors = {"phi-lsq": evaluation.feature_least_squares_predictor(
+        lambda X: X @ params.B, problem)}
+    rows = evaluation.evaluate_predictors(predictors, problem, (6, 8), 50, seed=0,
+                                          least_squares_widths={"phi-lsq": width})
+    stderr = {row.shots: row.stderr for row in rows if row.method == "phi-lsq"}
+    assert np.isnan(stderr[6]) and np.isfinite(stderr[8])

@@ -148,6 +148,18 @@ def posterior_mean(Z: np.ndarray, y: np.ndarray, problem: Problem) -> np.ndarray
     return fit_least_squares(Z @ L, y, problem.noise_var) @ L.T
 
 
+def features_variance_finite(m: int, width: int, problem: Problem) -> bool:
+    """Whether the risk of least squares on ``width`` learned features has a finite variance,
+    so that its standard error is an error bar: :func:`~metarep.core.theory.
+    least_squares_has_finite_variance` in ``width`` dimensions where least squares is used
+    (``m >= width + 2``; below, the ridge of :func:`features_penalty` has a finite variance).
+    The rule is exact for linear features ``X B`` (Gaussian rows); for ReLU features, whose
+    design can be singular with positive probability, it is the least that holds."""
+    if not least_squares_has_finite_risk(m, width):
+        return True
+    return least_squares_has_finite_variance(m, width, problem.noise_var)
+
+
 def features_penalty(m: int, width: int, problem: Problem) -> float:
     """The penalty of least squares on ``width`` learned features (``mtl-lsq``): 0 where least
     squares has a finite expected risk (``m >= width + 2``), else
@@ -311,7 +323,8 @@ def evaluate(
             rows.append(_summary(features_row, m, np.concatenate([
                 feature_least_squares_risks(params.B, problem, m, min(chunk, n_tasks - start),
                                             features_rng)
-                for start in range(0, n_tasks, chunk)])))
+                for start in range(0, n_tasks, chunk)]), finite_variance=features_variance_finite(
+                    m, params.B.shape[1], problem)))
         rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),
                                regression_risks(problem, m, n_tasks, regression_rng))
     return rows
@@ -372,10 +385,15 @@ def evaluate_predictors(
     shots: tuple[int, ...],
     n_tasks: int,
     seed: int,
+    least_squares_widths: Mapping[str, int] | None = None,
 ) -> list[EvalRow]:
     """:func:`evaluate` for any model given as predictors (e.g. a ReLU network adapted by the
     torch engine): per ``m_test`` in ``shots``, one row per predictor (all on the same fresh
-    tasks), then the reference rows of :func:`evaluate` (the oracle rows on those tasks)."""
+    tasks), then the reference rows of :func:`evaluate` (the oracle rows on those tasks).
+    ``least_squares_widths`` names the predictors that fit least squares on that many learned
+    features: their standard error is ``nan`` where :func:`features_variance_finite` says its
+    variance is infinite."""
+    least_squares_widths = least_squares_widths or {}
     rows = []
     children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
     for m, child in zip(shots, children, strict=True):
@@ -385,7 +403,10 @@ def evaluate_predictors(
                                              min(chunk, n_tasks - start), tasks_rng)
                   for start in range(0, n_tasks, chunk)]
         for name in predictors:
-            rows.append(_summary(name, m, np.concatenate([piece[0][name] for piece in pieces])))
+            finite = (name not in least_squares_widths
+                      or features_variance_finite(m, least_squares_widths[name], problem))
+            rows.append(_summary(name, m, np.concatenate([piece[0][name] for piece in pieces]),
+                                 finite_variance=finite))
         rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),
                                regression_risks(problem, m, n_tasks, regression_rng))
     return rows

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from metarep.core.evaluation import REFERENCE_ROWS, features_row
+from metarep.core.evaluation import REFERENCE_ROWS, RIDGE, features_row
 from metarep.core.measures import projected_gram
 from metarep.core.methods import MTL
 from metarep.run import atomic
@@ -53,6 +53,29 @@ def _draw_row(axis: Axes, name: str, rows: pd.DataFrame) -> None:
         draw_risk(axis, rows, **REFERENCE_STYLES[name])
     else:
         draw_risk(axis, rows, LABELS.get(name, name), color=COLORS.get(name))
+
+
+RISK_CEILING = 10.0
+"""Risk axes stop at this multiple of the largest ridge risk: a row above it (least squares
+near its interpolation threshold, where its risk is heavy-tailed) is marked at the top edge
+with its value instead of stretching the axis over decades."""
+
+
+def _cap_risk_axis(axis: Axes, drawn: list[pd.DataFrame]) -> None:
+    """Stop the risk axis at :data:`RISK_CEILING` times the largest ``ridge`` risk among the
+    ``drawn`` rows, and mark each point above with an arrow and its value."""
+    frame = pd.concat(drawn, ignore_index=True) if drawn else pd.DataFrame()
+    ridge = frame[frame["method"] == RIDGE]["excess_risk"] if len(frame) else pd.Series()
+    if not len(ridge):
+        return
+    ceiling = RISK_CEILING * float(ridge.max())
+    above = frame[frame["excess_risk"] > ceiling]
+    axis.set_ylim(top=ceiling)
+    for _, row in above.iterrows():
+        axis.annotate(f"{row['excess_risk']:.2g}", (row["shots"], ceiling), xytext=(0, -12),
+                      textcoords="offset points", ha="center", fontsize=7,
+                      color=COLORS.get(row["method"], "k"),
+                      arrowprops={"arrowstyle": "->", "color": COLORS.get(row["method"], "k")})
 
 
 def _steps(metrics: pd.DataFrame) -> np.ndarray:
@@ -246,6 +269,7 @@ def figure_test_risk(runs: dict[str, RunData]) -> tuple[Figure, pd.DataFrame]:
     closed_form_legend_entry(axis)
     _loglog(axis, "test samples $m_{test}$", r"excess risk $E\|Bw' - B_* w_*\|^2$",
             "(d) Test risk after one head step (95% error bars)")
+    _cap_risk_axis(axis, [table] if len(table) else [])
     if len(table):
         shots_axis(axis, table["shots"].to_numpy())
     return figure, table
@@ -305,7 +329,7 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
     figure = Figure(figsize=(13, 9), layout="constrained")
     axes = figure.subplots(2, 2)
     for (share_axis, risk_axis), layers in zip(axes, RELU_LAYERS, strict=True):
-        reference = None
+        reference, drawn = None, []
         for method in POOL_METHODS:
             seeded = [run for seed in seeds
                       if (run := runs.get(Runs.relu(layers, method, seed))) is not None]
@@ -322,6 +346,7 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
             for row in ((method, MTL_LSQ) if method == MTL.name else (method,)):
                 averaged = seed_averaged_eval(evaluated, row)
                 _draw_row(risk_axis, row, averaged)
+                drawn.append(averaged)
                 risk_frames.append(averaged.assign(run=f"relu{layers}-{method}",
                                                    seeds=len(evaluated)))
         if reference is not None:
@@ -329,6 +354,7 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
                 rows = reference.eval[reference.eval["method"] == baseline]
                 if len(rows):
                     _draw_row(risk_axis, baseline, rows)
+                    drawn.append(rows)
             shots_axis(risk_axis, reference.eval["shots"].to_numpy())
         share_axis.set(xscale="log", xlabel="outer step t + 1",
                        ylabel=r"$\|B_\perp^\top W_1\|_F / \|W_1\|_F$",
@@ -336,6 +362,7 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
         risk_axis.set(xscale="log", yscale="log", xlabel="test samples $m_{test}$",
                       ylabel="test excess risk", title=f"{layers + 1}-layer ReLU: test risk "
                       f"after one head step (mean of {len(seeds)} seed(s))")
+        _cap_risk_axis(risk_axis, drawn)
         for axis in (share_axis, risk_axis):
             axis.grid(alpha=0.3, which="both")
             axis.legend(fontsize=7)
@@ -414,13 +441,18 @@ FIGURES: tuple[tuple[str, str], ...] = (
      "the variance of their risk is infinite. Wide pale lines: closed forms where known (the "
      "method's one-step risk, sigma^2 dim / (m_test - dim - 1) for least squares; the "
      "noisy Bayes oracle and ridge have none). Burer-Monteiro + least squares switches to "
-     "ridge below k' + 2 samples, so it peaks just above its interpolation threshold."),
+     "ridge below k' + 2 samples, so it peaks just above its interpolation threshold. The risk "
+     "axis stops at 10 times the largest ridge risk; a point above is marked at the top edge "
+     "with its value."),
     ("e_m_in", "The role of m_in under the exact infinite-task dynamics: finite inner samples "
      "unlearn the complement, infinitely many do not."),
     ("f_relu", "Appendix: two- and three-layer ReLU networks trained with every method on a "
      "pool, one line per seed (pool and initialisation) on the left, the test risk averaged "
      "over the seeds on the right (error bars: 1.96 standard errors of the seeds and the test "
-     "tasks), with the Bayes oracle and ridge as lower references."),
+     "tasks), with the Bayes oracle and ridge as lower references. Burer-Monteiro + least "
+     "squares fits its k' features by ridge below k' + 2 samples and by least squares from "
+     "there: just above that threshold its risk is heavy-tailed (no error bar), and a point "
+     "above 10 times the largest ridge risk is marked at the top edge with its value."),
 )
 
 

@@ -111,15 +111,18 @@ class EngineBackend:
         """The same head steps as the linear runs, through the torch engine, scored by
         :func:`metarep.core.evaluation.evaluate_predictors` (the excess risk
         ``E_x (f(x) - x^T B_star w_star)^2`` estimated with fresh inputs); ``mtl`` starts
-        from ``w = 0`` and adds ``mtl-lsq``, least squares on the learned features."""
+        from ``w = 0`` and adds ``mtl-lsq``, least squares on the learned features (no error
+        bar where its variance is infinite)."""
         e, name = self.config.eval, self.method_name
         per_task = state.heads is not None
         predictors = {name: self.learner.test_predictor(state.params, e.adapt_steps, self.alpha,
                                                         from_zero=per_task)}
+        widths = {}
         if per_task:
             predictors[features_row(name)] = feature_least_squares_predictor(
                 self.learner.feature_map(state.params), self.problem)
-        return evaluate_predictors(predictors, self.problem, e.shots, e.n_tasks, e.seed)
+            widths[features_row(name)] = self.config.model.width
+        return evaluate_predictors(predictors, self.problem, e.shots, e.n_tasks, e.seed, widths)
 
     def held_out(self, state: Any) -> list:
         """No held-out evaluation (``tasks.test_from`` is for the linear model)."""
