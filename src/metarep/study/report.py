@@ -181,7 +181,8 @@ def figure_singular_values(runs: dict[str, RunData], k: int) -> tuple[Figure, pd
     table = _long(runs, names, columns)
     figure = Figure(figsize=(13, 5), layout="constrained")
     gap_axis, spectrum_axis = figure.subplots(1, 2)
-    curves = [(Runs.pool(m), LABELS[m], COLORS[m], STYLES[m]) for m in POOL_METHODS]
+    curves = [(Runs.pool(m), LABELS[m] + (" = FO-ANIL up to the line width" if m == "fo-maml"
+                                          else ""), COLORS[m], STYLES[m]) for m in POOL_METHODS]
     curves.append((Runs.INFINITE, "FO-ANIL, infinitely many tasks (exact)", "k", "--"))
     for name, label, color, style in curves:
         run = runs.get(name)
