@@ -414,6 +414,7 @@ def test_resume_continues_an_interrupted_run_to_the_same_result(cli, tmp_path, m
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"),
                                   pd.read_csv(reference / "metrics.csv"))
     assert not (out / "checkpoint.npz").exists()
+    assert json.loads((out / "summary.json").read_text())["provenance"]["resumed_at_step"] == 42
 
 
 def test_log_record_grid_end_to_end(cli, tmp_path):

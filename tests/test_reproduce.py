@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+import metarep
 from metarep.run.schema import from_dict
 from metarep.study.claims import claim_rows
 from metarep.study.design import (
@@ -81,6 +82,7 @@ def test_quick_study_writes_every_figure_table_and_run(study):
         assert len(table) > 0, stem
         assert f'alt="{stem}" src="data:image/png;base64,' in page
     assert "<h2>Claims</h2>" in page and "http" not in page.split("<body>")[1].split("PDF")[0]
+    assert "<h2>Provenance</h2>" in page and metarep.__version__ in page
     for run in study_runs("quick"):
         summary = json.loads((out / "runs" / run.name / "summary.json").read_text())
         assert summary["status"] == "done", run.name

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from metarep.run import figures
 from metarep.run.backends import Backend, build_backend
 from metarep.run.backends.infinite import batched_stepper
 from metarep.run.loop import Diverged, RecordSchedule, Trajectory, train
+from metarep.run.provenance import provenance
 from metarep.run.rundir import CONFIG, EVAL_FIGURE, TRAINING_FIGURE, RunDirectory
 from metarep.run.schema import Config, dump_yaml, flatten, to_dict
 
@@ -119,13 +120,15 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
     :class:`~metarep.run.loop.Diverged` (after writing what was recorded) when training
     diverges.
     """
-    started = time.monotonic()
+    started, origin = time.monotonic(), provenance()
     backend, directory, trajectory = _begin(config, out_dir, resume)
+    if trajectory.step > 0:
+        origin["resumed_at_step"] = trajectory.step
     recorder = _Recorder(backend, directory, checkpoint_seconds, on_record)
     [diverged] = train(backend, trajectory.state, [trajectory], schedule=_schedule(backend.config),
                        advice=[divergence_advice(backend.config)], on_record=recorder,
                        progress=progress)
-    result = _conclude(backend, directory, trajectory, started, diverged)
+    result = _conclude(backend, directory, trajectory, started, diverged, origin)
     if diverged is not None:
         raise diverged
     return result
@@ -179,7 +182,7 @@ def run_batch(configs: Sequence[Config],
     if None in keys or len(keys) > 1:
         raise ValueError("batched runs must be tasks.n: infinite configs that differ only in "
                          + ", ".join(BATCH_KEYS))
-    started = time.monotonic()
+    started, origin = time.monotonic(), provenance()
     results: list[RunResult | Exception | None] = [None] * len(configs)
     runs = []
     for i, (config, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
@@ -196,7 +199,7 @@ def run_batch(configs: Sequence[Config],
                          advice=[divergence_advice(b.config) for b in backends], progress=False)
         for (i, backend, directory, trajectory), diverged in zip(runs, outcomes, strict=True):
             try:
-                result = _conclude(backend, directory, trajectory, started, diverged)
+                result = _conclude(backend, directory, trajectory, started, diverged, origin)
                 results[i] = result if diverged is None else diverged
             except Exception as failure:  # this run fails alone
                 results[i] = failure
@@ -204,9 +207,11 @@ def run_batch(configs: Sequence[Config],
 
 
 def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[Any],
-              started: float, diverged: Diverged | None) -> RunResult:
+              started: float, diverged: Diverged | None,
+              origin: Mapping[str, Any]) -> RunResult:
     """Write a trained run's outputs: its evaluation (none for a run that ``diverged``), the
-    final state, the summary and the figures; remove the checkpoint."""
+    final state, the summary (with ``origin``, the :func:`~metarep.run.provenance.provenance`
+    of the process that started or resumed it) and the figures; remove the checkpoint."""
     status, error = ("done", None) if diverged is None else ("diverged", str(diverged))
     state, inputs = trajectory.state, backend.inputs
     rows = backend.evaluate(state) if diverged is None and inputs.has_truth else []
@@ -228,6 +233,7 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
         "theory": theory,
         **({"ground_truth": dict(inputs.truth)} if inputs.truth else {}),
         "B_star_BBt_B_star": backend.projected_gram(state),
+        "provenance": dict(origin),
     }
     directory.write_summary(summary)
     metrics = pd.DataFrame(trajectory.records)

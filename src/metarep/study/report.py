@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -528,6 +529,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _provenance_html(record: dict[str, Any] | None) -> str:
+    """The report's provenance (:func:`metarep.run.provenance.provenance` of the command that
+    wrote it) as a two-column table; each run's own is in its ``summary.json``."""
+    if not record:
+        return "<p>not recorded</p>"
+    rows = pd.DataFrame({"field": list(record), "value": [
+        json.dumps(v) if isinstance(v, dict) or v is None else str(v) for v in record.values()]})
+    return _table_html(rows) + "<p>Each run's own record is in its <code>summary.json</code>.</p>"
+
+
 def _html_page(context: dict[str, Any], claims: pd.DataFrame, key_numbers: pd.DataFrame,
                sections: list[str]) -> str:
     passed = int(claims["passed"].sum()) if len(claims) else 0
@@ -546,6 +557,7 @@ pre {{ background: #f6f6f6; padding: 1em; }}
 <p>Scale <b>{context['scale']}</b>, {context['n_runs']} runs, written by metarep
 {context['version']}. Claims passed: <b>{passed} / {len(claims)}</b>.</p>
 <h2>Setting</h2><pre>{setting}</pre>
+<h2>Provenance</h2>{_provenance_html(context.get("provenance"))}
 <p>Regimes: the paper's theorem is about infinitely many tasks (runs named
 <code>infinite-*</code>, exact population dynamics); runs named <code>pool-*</code> and
 <code>relu*</code> train on a finite pool of N tasks, where the orthogonal part stops shrinking

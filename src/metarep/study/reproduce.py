@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metarep import __version__
+from metarep.run.provenance import provenance
 from metarep.run.rundir import RunDirectory
 from metarep.run.schema import dump_yaml, from_dict
 from metarep.study.claims import Claim, claim_rows, evaluate_claims
@@ -55,6 +56,7 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
     claims = evaluate_claims(runs, rows, failed)
     context = {"scale": scale, "k": problem["k"], "m_in": tree["tasks"]["m_in"],
                "floors": Runs.floors(scale), "relu_seeds": Runs.relu_seeds(scale),
+               "provenance": provenance(),
                "relu_claims": bool(Runs.relu_claim_seeds(scale)),
                "n_runs": len(plans), "version": __version__,
                "setting": dump_yaml(from_dict(tree, name=f"reproduce-{scale}")) +

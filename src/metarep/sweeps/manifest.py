@@ -1,8 +1,9 @@
 """``sweep.json``, the manifest of a sweep directory: the one owner of its format.
 
 It records the sweep (``spec``: what decides its runs' results; the base file's path is kept
-apart, as it depends on the current directory), its axes, the resolved base config (flat)
-and every run. A directory holds one sweep: a different sweep is refused.
+apart, as it depends on the current directory), its axes, the resolved base config (flat),
+every run and the provenance of the driver that wrote it. A directory holds one sweep: a
+different sweep is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from metarep.errors import ConfigError
 from metarep.run import atomic
+from metarep.run.provenance import provenance
 from metarep.run.schema import flatten, from_dict, to_dict
 from metarep.sweeps.spec import RunPlan, SweepSpec, axes_of
 
@@ -24,7 +26,8 @@ LOCK = ".sweep.lock"
 def build_manifest(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, Any]:
     """``sweep.json``: the sweep (``spec``: what decides its runs' results; the base file's
     path is kept apart, as it depends on the current directory), its axes, the resolved
-    base config (flat) and every run."""
+    base config (flat), every run, and the :func:`~metarep.run.provenance.provenance` of the
+    driver that wrote it (a resumed sweep records its own)."""
     spec_data = json.loads(json.dumps(
         {key: value for key, value in asdict(spec).items() if key != "base"}, default=str))
     base = to_dict(from_dict(spec.tree, spec.fixed, name=spec.config_name))
@@ -35,6 +38,7 @@ def build_manifest(spec: SweepSpec, plans: list[RunPlan]) -> dict[str, Any]:
         "zip_keys": list(spec.zip),
         "base_config": json.loads(json.dumps(flatten(base))),
         "runs": [asdict(plan) for plan in plans],
+        "provenance": provenance(),
     }
 
 
