@@ -71,6 +71,21 @@ def test_source_tree_distinguishes_untracked_clean_and_dirty(tmp_path, monkeypat
     assert unwrapped() == {"commit": head, "dirty": False}
     (package / "__init__.py").write_text("x = 2\n")
     assert unwrapped() == {"commit": head, "dirty": True}
+    assert prov.git_state(tmp_path / "repo") == {"commit": head, "dirty": True}
+    assert prov.git_state(tmp_path) is None  # not inside a work tree
+
+
+def test_the_record_names_the_current_directory_and_its_work_tree(tmp_path, monkeypatch):
+    """The user's project (the current directory) is recorded with its own commit."""
+    monkeypatch.chdir(tmp_path)
+    assert prov.provenance([])["cwd_git"] is None
+    (tmp_path / "config.yaml").write_text("problem: {d: 5}\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "configs")
+    record = prov.provenance([])
+    assert Path(record["cwd"]).resolve() == tmp_path.resolve()
+    assert record["cwd_git"] == {"commit": git(tmp_path, "rev-parse", "HEAD"), "dirty": False}
 
 
 def test_runs_and_sweeps_record_their_provenance(cli, tmp_path):

@@ -2,7 +2,8 @@
 that produced it, recorded in ``summary.json``, ``sweep.json`` and the study's report.
 
 :func:`provenance` is the one record; :func:`source_tree` is the git state of the checkout
-metarep runs from (``None`` when it runs from an installed wheel or git is missing).
+metarep runs from (``None`` when it runs from an installed wheel or git is missing), and
+:func:`git_state` that of any work tree (the user's project in the current directory).
 """
 
 from __future__ import annotations
@@ -47,32 +48,43 @@ def _git(directory: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-@functools.cache
-def source_tree() -> dict[str, Any] | None:
-    """The git state of the checkout metarep is imported from: ``commit`` (the HEAD commit)
-    and ``dirty`` (whether a tracked file differs from it), or ``None`` when metarep's own
-    source files are not tracked by a git repository (an installed wheel, even one inside a
-    repository's ignored virtual environment). Asked once per process."""
-    package = Path(metarep.__file__).resolve().parent
-    if _git(package, "ls-files", "--error-unmatch", "__init__.py") is None:
+def git_state(directory: Path, tracked: str | None = None) -> dict[str, Any] | None:
+    """``commit`` (HEAD) and ``dirty`` (whether a tracked file differs from it) of the git
+    work tree holding ``directory``, or ``None`` when there is none (or git is missing). With
+    ``tracked``, also ``None`` unless that file of ``directory`` is tracked by the tree."""
+    if tracked is not None and _git(directory, "ls-files", "--error-unmatch", tracked) is None:
         return None
-    commit = _git(package, "rev-parse", "HEAD")
-    status = _git(package, "status", "--porcelain", "--untracked-files=no")
+    if _git(directory, "rev-parse", "--is-inside-work-tree") != "true":
+        return None
+    commit = _git(directory, "rev-parse", "HEAD")
+    status = _git(directory, "status", "--porcelain", "--untracked-files=no")
     if commit is None or status is None:
         return None
     return {"commit": commit, "dirty": bool(status)}
 
 
+@functools.cache
+def source_tree() -> dict[str, Any] | None:
+    """The :func:`git_state` of the checkout metarep is imported from, or ``None`` when
+    metarep's own source files are not tracked by a git repository (an installed wheel, even
+    one inside a repository's ignored virtual environment). Asked once per process."""
+    return git_state(Path(metarep.__file__).resolve().parent, tracked="__init__.py")
+
+
 def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The record of a result's origin: metarep's version, Python's and those of
-    :data:`PACKAGES`, the :func:`source_tree`, the host, the platform, the UTC time of this
-    call (ISO 8601, seconds) and the command line (``argv``, default ``sys.argv``, quoted as a
-    shell would need it)."""
+    :data:`PACKAGES`, the git state of metarep's checkout (``git``, :func:`source_tree`) and of
+    the current directory's work tree (``cwd_git``: the user's project, where the configs
+    usually live; :func:`git_state`), the current directory, the host, the platform, the UTC
+    time of this call (ISO 8601, seconds) and the command line (``argv``, default
+    ``sys.argv``, quoted as a shell would need it)."""
     return {
         "metarep": metarep.__version__,
         "python": platform.python_version(),
         **{name: package_version(name) for name in PACKAGES},
         "git": source_tree(),
+        "cwd": str(Path.cwd()),
+        "cwd_git": git_state(Path.cwd()),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
