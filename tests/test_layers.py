@@ -63,7 +63,9 @@ GRAPH = {name: {m for m in imports_of(path) if m in MODULES and m != name}
 
 def layer_of(module: str) -> str | None:
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else None  # None: the package itself (metarep)
+    if len(parts) == 1:
+        return None  # the package itself (metarep)
+    return "cli" if parts[1] == "__main__" else parts[1]  # python -m metarep is the command
 
 
 def test_every_module_belongs_to_a_layer():

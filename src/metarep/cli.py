@@ -25,6 +25,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from metarep import __version__
+
+        typer.echo(f"metarep {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """metarep: meta-learning of shared representations (FO-ANIL and friends)."""
+
+
 def fail(message: str, code: int) -> typer.Exit:
     """Print ``error: message`` on stderr and return the exit to raise."""
     typer.echo(f"error: {message}", err=True)

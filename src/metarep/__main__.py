@@ -1,0 +1,5 @@
+"""``python -m metarep``: the ``metarep`` command."""
+
+from metarep.cli import main
+
+main()
