@@ -710,3 +710,12 @@ def test_test_split_holds_out_the_last_tasks_of_the_pool(cli, tmp_path):
                "--set", "tasks.test_split=5", "--out", tmp_path / "bad")
     assert both.exit_code == 2 and "tasks.test_split" in both.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize(("command", "default"), [("run", "runs/NAME"), ("sweep", "runs/STEM"),
+                                                  ("reproduce", "runs/reproduce-SCALE")])
+def test_help_keeps_the_defaults_written_in_brackets(cli, command, default):
+    """Rich would read ``[default: ...]`` as markup and drop it; the help escapes it."""
+    result = cli(command, "--help")
+    assert result.exit_code == 0 and default in result.stdout and "CPUs" in cli(
+        "sweep", "--help").stdout

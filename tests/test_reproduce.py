@@ -101,3 +101,14 @@ def test_bad_scale_is_exit_2(cli, tmp_path):
     assert result.exit_code == 2
     assert "--scale" in result.output and not (tmp_path / "x").exists()
 
+
+
+def test_reproduce_without_torch_says_so_before_any_run(cli, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "torch" else real(name, *args))
+    result = cli("reproduce", "--scale", "quick", "--out", tmp_path / "x", "--no-progress")
+    assert result.exit_code == 2 and "metarep[torch]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()

@@ -58,7 +58,8 @@ SetOpt = Annotated[
 def run(
     config: ConfigArg,
     overrides: SetOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Output directory [default: runs/NAME].")] = None,
+    out: Annotated[Path | None,
+                   typer.Option(help="Output directory \\[default: runs/NAME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.npz.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -107,8 +108,9 @@ def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: base, set, grid, zip, seeds.")],
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (HEAD:6379).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Runs at once [default: CPUs].")] = None,
-    out: Annotated[Path | None, typer.Option(help="Sweep directory [default: runs/STEM].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Runs at once \\[default: CPUs].")] = None,
+    out: Annotated[Path | None,
+                   typer.Option(help="Sweep directory \\[default: runs/STEM].")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Redo runs that failed before.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     batch: Annotated[bool, typer.Option(help="Batch tasks.n: infinite runs that differ only "
@@ -131,8 +133,9 @@ def sweep(
 @app.command()
 def collect(
     sweep_dir: Annotated[Path, typer.Argument(help="A sweep directory.")],
-    x: Annotated[str | None, typer.Option(help="Axis: a config key [default: first axis].")] = None,
-    y: Annotated[str | None, typer.Option(help="Measure [default: perp_norm].")] = None,
+    x: Annotated[str | None,
+                 typer.Option(help="Axis: a config key \\[default: first axis].")] = None,
+    y: Annotated[str | None, typer.Option(help="Measure \\[default: perp_norm].")] = None,
 ) -> None:
     """Write DIR/collected.parquet and .csv (one row per run) and a plot of y against x."""
     from metarep.sweeps.collect import collect as collect_sweep
@@ -147,11 +150,12 @@ def collect(
 
 @app.command()
 def reproduce(
-    scale: Annotated[str, typer.Option(help="quick (< 2 min), default (< 15 min) or paper.")]
+    scale: Annotated[str, typer.Option(help="quick (about 2 min on 2 cores), default (about "
+                                            "16 min) or paper (hours).")]
     = "default",
     out: Annotated[Path | None, typer.Option(help="Report directory "
-                                             "[default: runs/reproduce-SCALE].")] = None,
-    workers: Annotated[int | None, typer.Option(help="Runs at once [default: CPUs].")] = None,
+                                             "\\[default: runs/reproduce-SCALE].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Runs at once \\[default: CPUs].")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Run the paper's study and write report.html, figures, tables and claims.csv

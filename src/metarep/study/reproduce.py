@@ -10,10 +10,12 @@ the figures and opens offline.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from metarep import __version__
+from metarep.errors import ConfigError
 from metarep.run.provenance import provenance
 from metarep.run.rundir import RunDirectory
 from metarep.run.schema import dump_yaml, from_dict
@@ -38,8 +40,13 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
               workers: int | None = None, progress: bool = True) -> StudyResult:
     """Run the study at ``scale`` into ``out/runs`` (reusing finished runs) and write the
     report, figures, tables and ``claims.csv`` into ``out`` (default ``runs/reproduce-SCALE``).
+    Refuses (:class:`ConfigError`) before any run when torch, which the ReLU runs need, is
+    missing.
     """
     check_scale(scale)
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError("torch", "is not installed, and the study's ReLU runs need it: "
+                          "pip install 'metarep[torch]'")
     root = Path(out) if out is not None else Path("runs") / f"reproduce-{scale}"
     tree = base_tree(scale)
     spec = SweepSpec(base=scale, config_name=f"reproduce-{scale}", tree=tree, fixed={}, grid={},
