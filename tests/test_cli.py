@@ -532,13 +532,14 @@ def test_one_step_on_a_given_pool_and_init_matches_numpy(cli, tmp_path, inner_st
 
 
 def test_a_run_without_evaluation_leaves_no_stale_eval_files(cli, tmp_path):
+    """A run that replaces another (--overwrite) leaves none of the old run's files."""
     out = tmp_path / "out"
     args = ["run", "quick", *POOL, "--set", "train.steps=1", "--set", "eval.n_tasks=20",
             "--out", out, "--no-progress"]
     assert cli(*args).exit_code == 0
     assert (out / "eval.csv").is_file() and (out / "eval.png").is_file()
     pool = pool_file(tmp_path, n=30, m=8, d=6, B_star=None, heads=None)
-    result = cli(*args, "--set", f"tasks.from={pool}")
+    result = cli(*args, "--set", f"tasks.from={pool}", "--overwrite")
     assert result.exit_code == 0, result.output
     assert not (out / "eval.csv").exists() and not (out / "eval.png").exists()
 
@@ -719,3 +720,44 @@ def test_help_keeps_the_defaults_written_in_brackets(cli, command, default):
     result = cli(command, "--help")
     assert result.exit_code == 0 and default in result.stdout and "CPUs" in cli(
         "sweep", "--help").stdout
+
+
+def test_finished_work_is_never_replaced_by_accident(cli, error_line, tmp_path, monkeypatch):
+    """A finished run is refused as --out (also with --resume) unless --overwrite; an
+    interrupted one needs --resume or --overwrite and is named with its step; a directory of
+    other files is refused; each refusal is exit 2 naming --out, with the files untouched."""
+    out = tmp_path / "run"
+    assert cli("run", "quick", *SHORT, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--resume"], ["--set", "model.width=5"]):
+        result = cli("run", "quick", *SHORT, *extra, "--out", out)
+        assert result.exit_code == 2 and "error: --out:" in error_line(result)
+        assert "finished run" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert cli("run", "quick", *SHORT, "--set", "model.width=5", "--out", out,
+               "--overwrite").exit_code == 0
+    assert "width: 5" in (out / "config.yaml").read_text()
+
+    hooks = RunHooks(monkeypatch)
+    hooks.stop_at = 21
+    interrupted = tmp_path / "interrupted"
+    assert cli("run", "quick", *SHORT, "--out", interrupted).exit_code != 0
+    result = cli("run", "quick", *SHORT, "--out", interrupted)
+    message = error_line(result)
+    assert result.exit_code == 2 and message.startswith("error: --out:")
+    assert "step 21" in message and "--resume" in message
+    hooks.stop_at = None
+    assert cli("run", "quick", *SHORT, "--out", interrupted, "--overwrite").exit_code == 0
+    assert hooks.steps[-4:] == [42, 49, 56, 60] and hooks.steps[-10] == 0  # started again
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "draft.txt").write_text("mine\n")
+    result = cli("run", "quick", *SHORT, "--out", foreign, "--overwrite")
+    assert result.exit_code == 2 and "not a run's" in error_line(result)
+    assert result.stderr.startswith("error: --out:")
+    assert [p.name for p in foreign.iterdir()] == ["draft.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".summary.json.x1.tmp").write_text("")  # left by a killed atomic write
+    assert cli("run", "quick", *SHORT, "--out", empty).exit_code == 0

@@ -61,6 +61,8 @@ def run(
     out: Annotated[Path | None,
                    typer.Option(help="Output directory \\[default: runs/NAME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.npz.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the finished or interrupted run in OUT (refused without it).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train one configuration and write metrics, evaluation, summary, params and figures."""
@@ -72,7 +74,7 @@ def run(
         cfg = load_config(config, overrides or [])
         out_dir = out if out is not None else Path("runs") / cfg.name
         result = run_experiment(cfg, out_dir, progress=progress and sys.stderr.isatty(),
-                                resume=resume)
+                                resume=resume, overwrite=overwrite)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     except Diverged as error:

@@ -44,6 +44,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an :func:`atomic_write` (``.NAME.*.tmp``),
+    e.g. left behind by a process killed while writing."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write ``text`` to ``path``."""
     atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -94,14 +94,38 @@ def _resumed(directory: RunDirectory, backend: Backend) -> Trajectory[Any] | Non
     return Trajectory(backend.restore(checkpoint.arrays), checkpoint.step, checkpoint.records)
 
 
-def _begin(config: Config, out_dir: str | Path,
-           resume: bool = False) -> tuple[Backend, RunDirectory, Trajectory[Any]]:
+def _check_occupant(directory: RunDirectory, resume: bool, overwrite: bool) -> None:
+    """Finished work is never replaced by accident: a directory holding a finished run is
+    refused unless ``overwrite``; one holding an interrupted run needs ``resume`` (continue)
+    or ``overwrite`` (start again); one holding files that are not a run's is refused.
+    :class:`ConfigError` naming ``--out``, before anything is written."""
+    occupant, path = directory.occupant(), directory.path
+    if occupant == "foreign":
+        raise ConfigError("--out", f"{path} holds files that are not a run's; give an empty or "
+                          "new directory")
+    if occupant == "finished" and not overwrite:
+        raise ConfigError("--out", f"{path} holds a finished run (summary.json); give a new "
+                          "--out, or --overwrite to replace it")
+    if occupant == "interrupted" and not (resume or overwrite):
+        checkpoint = directory.checkpoint()
+        step = "" if checkpoint is None else f" at step {checkpoint.step}"
+        raise ConfigError("--out", f"{path} holds an interrupted run (checkpoint{step}); "
+                          "--resume continues it, --overwrite starts it again")
+
+
+def _begin(config: Config, out_dir: str | Path, resume: bool = False,
+           overwrite: bool = False) -> tuple[Backend, RunDirectory, Trajectory[Any]]:
     """Prepare ``config``, create ``out_dir`` and write ``config.yaml`` into it; returns the
     backend, the directory and the trajectory to train (from step 0, or from the checkpoint
-    with ``resume``). Raises :class:`ConfigError` before writing anything for bad input."""
+    with ``resume``). Raises :class:`ConfigError` before writing anything for bad input or a
+    directory it may not use (:func:`_check_occupant`); ``overwrite`` first removes the files
+    of the run the directory holds."""
     backend = prepare(config)
     directory = RunDirectory(out_dir)
     directory.create()
+    _check_occupant(directory, resume, overwrite)
+    if overwrite:
+        directory.clear()
     trajectory = _resumed(directory, backend) if resume else None
     directory.write_config(dump_yaml(backend.config))
     if trajectory is None:
@@ -110,18 +134,21 @@ def _begin(config: Config, out_dir: str | Path,
 
 
 def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True,
-                   resume: bool = False, on_record: OnRecord | None = None,
+                   resume: bool = False, overwrite: bool = False,
+                   on_record: OnRecord | None = None,
                    checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RunResult:
     """Run the experiment described by ``config`` and write its outputs to ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.npz`` (written at most every
-    ``checkpoint_seconds`` while training); ``on_record`` is called after each record.
+    ``checkpoint_seconds`` while training); ``overwrite`` replaces the finished or
+    interrupted run ``out_dir`` holds (without it, such a directory is refused);
+    ``on_record`` is called after each record.
     Raises :class:`ConfigError` before writing anything when the input is bad, and
     :class:`~metarep.run.loop.Diverged` (after writing what was recorded) when training
     diverges.
     """
     started, origin = time.monotonic(), provenance()
-    backend, directory, trajectory = _begin(config, out_dir, resume)
+    backend, directory, trajectory = _begin(config, out_dir, resume, overwrite)
     if trajectory.step > 0:
         origin["resumed_at_step"] = trajectory.step
     recorder = _Recorder(backend, directory, checkpoint_seconds, on_record)

@@ -39,6 +39,9 @@ CONFIG, METRICS, EVAL, SUMMARY = "config.yaml", "metrics.csv", "eval.csv", "summ
 PARAMS, CHECKPOINT, ERROR = "params.npz", "checkpoint.npz", "error.json"
 HELD_OUT = "heldout.csv"
 TRAINING_FIGURE, EVAL_FIGURE = "training.png", "eval.png"
+RUN_FILES = frozenset({CONFIG, METRICS, EVAL, SUMMARY, PARAMS, CHECKPOINT, ERROR, HELD_OUT,
+                       TRAINING_FIGURE, EVAL_FIGURE})
+"""Every file a run directory may hold (temporary files of atomic writes aside)."""
 EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
 HELD_OUT_COLUMNS = ["method", "shots", "risk", "stderr", "n_tasks"]
 
@@ -82,6 +85,12 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError("--out", f"{self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> None:
+        """Remove every file of a run (:data:`RUN_FILES`), so that a run started again leaves
+        no stale output of the one it replaces."""
+        for name in RUN_FILES:
+            self.file(name).unlink(missing_ok=True)
 
     def write_config(self, text: str) -> None:
         atomic.write_text(self.file(CONFIG), text)
@@ -164,6 +173,22 @@ class RunDirectory:
     def eval_table(self) -> pd.DataFrame | None:
         file = self.file(EVAL)
         return pd.read_csv(file) if file.is_file() else None
+
+    def occupant(self) -> str:
+        """What the directory holds: ``new`` (absent or empty), ``finished`` (a summary),
+        ``interrupted`` (a checkpoint and no summary), ``partial`` (other run files only: a
+        run that stopped before its first checkpoint) or ``foreign`` (a file that is not a
+        run's; :data:`RUN_FILES`, temporary files of atomic writes aside)."""
+        if not self.path.is_dir():
+            return "new"
+        names = {p.name for p in self.path.iterdir() if not atomic.is_temporary(p)}
+        if names - RUN_FILES:
+            return "foreign"
+        if SUMMARY in names:
+            return "finished"
+        if CHECKPOINT in names:
+            return "interrupted"
+        return "partial" if names else "new"
 
     def status(self) -> str | None:
         """``done`` or ``failed`` for a finished run directory of a sweep, ``None`` if the
