@@ -218,6 +218,9 @@ def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
     report = run_sweep(sweep, out, SweepOptions(workers=2, progress=False))
     assert (report.total, report.done, report.failed, report.ran) == (4, 1, 3, 4)
     plans = plan_runs(load_sweep(sweep))
+    failing = tuple(p.name for p in plans if p.overrides["model.width"] == 0
+                    or p.overrides["method.outer_lr"] == 1000.0)
+    assert report.failed_runs == failing
     assert [p.name for p in finished_runs(out)] == sorted(p.name for p in plans)
     for plan in plans:
         run_dir = out / plan.name
@@ -241,6 +244,7 @@ def test_sweep_runs_records_failures_resumes_and_retries(tmp_path):
                        ).stat().st_mtime_ns for p in finished_runs(out)}
     again = run_sweep(sweep, out, SweepOptions(workers=1, progress=False))
     assert (again.ran, again.done, again.failed) == (0, 1, 3)
+    assert again.failed_runs == failing  # the earlier failures are still named
     retried = run_sweep(sweep, out, SweepOptions(workers=1, retry_failed=True, progress=False))
     assert (retried.ran, retried.done, retried.failed) == (3, 1, 3)
     for path in finished_runs(out):
@@ -689,3 +693,18 @@ def test_readme_example_is_the_example_sweep_file():
     assert block == example.read_text()
     plans = plan_runs(load_sweep(example))
     assert len(plans) == 36 and plans[0].name == "width=2,outer_lr=0.2,d=20,k=3,seed=0"
+
+
+@pytest.mark.slow
+def test_a_sweep_logged_to_a_file_reports_each_run_and_names_the_failed_ones(tmp_path):
+    """Without a terminal (stderr captured, as in a log file) the sweep prints one line per
+    finished run; the summary names the failed runs."""
+    sweep = write_sweep(tmp_path, grid={"model.width": [2, 0]})
+    result = cli("sweep", str(sweep), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and {line.split()[0] for line in lines} == {"[1/2]", "[2/2]"}
+    failed = next(p.name for p in plan_runs(load_sweep(sweep))
+                  if p.overrides["model.width"] == 0)
+    assert any(line.startswith("[") and f"{failed}: failed" in line for line in lines)
+    assert f"failed: {failed} (" in result.stdout

@@ -121,15 +121,19 @@ def sweep(
     """Run every run of a sweep (resuming: finished runs are skipped), one directory each."""
     from metarep.sweeps.driver import SweepOptions, run_sweep
 
+    terminal = sys.stderr.isatty()
     options = SweepOptions(executor=executor, workers=workers, address=address,
-                           retry_failed=retry_failed, progress=progress and sys.stderr.isatty(),
-                           batch_infinite=batch)
+                           retry_failed=retry_failed, progress=progress and terminal,
+                           batch_infinite=batch, log_runs=progress and not terminal)
     try:
         report = run_sweep(sweep_file, out, options)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     typer.echo(f"sweep {report.out_dir}: {report.total} runs, {report.done} done, "
                f"{report.failed} failed ({report.ran} ran now)")
+    if report.failed_runs:
+        typer.echo(f"failed: {', '.join(report.failed_runs)} (each DIR/NAME/error.json says "
+                   "why; --retry-failed redoes them)")
 
 
 @app.command()
@@ -165,7 +169,9 @@ def reproduce(
     from metarep.study.reproduce import reproduce as run_study
 
     try:
-        result = run_study(scale, out, workers=workers, progress=progress and sys.stderr.isatty())
+        terminal = sys.stderr.isatty()
+        result = run_study(scale, out, workers=workers, progress=progress and terminal,
+                           log_runs=progress and not terminal)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     passed = sum(claim.passed for claim in result.claims)

@@ -37,11 +37,13 @@ class StudyResult:
 
 
 def reproduce(scale: str = "default", out: str | Path | None = None, *,
-              workers: int | None = None, progress: bool = True) -> StudyResult:
+              workers: int | None = None, progress: bool = True,
+              log_runs: bool = False) -> StudyResult:
     """Run the study at ``scale`` into ``out/runs`` (reusing finished runs) and write the
     report, figures, tables and ``claims.csv`` into ``out`` (default ``runs/reproduce-SCALE``).
-    Refuses (:class:`ConfigError`) before any run when torch, which the ReLU runs need, is
-    missing.
+    ``progress`` shows a progress bar, ``log_runs`` one line per finished run on stderr (for a
+    log file). Refuses (:class:`ConfigError`) before any run when torch, which the ReLU runs
+    need, is missing.
     """
     check_scale(scale)
     if importlib.util.find_spec("torch") is None:
@@ -53,7 +55,8 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
                      zip={}, seeds=[], seed_keys=[])
     plans = [RunPlan(run.name, run.overrides, {"run": run.name}, None)
              for run in study_runs(scale)]
-    execute_plans(spec, plans, root / "runs", SweepOptions(workers=workers, progress=progress))
+    options = SweepOptions(workers=workers, progress=progress, log_runs=log_runs)
+    execute_plans(spec, plans, root / "runs", options)
     runs = {plan.name: data for plan in plans
             if (data := RunDirectory(root / "runs" / plan.name).read()) is not None}
     failed = [plan.name for plan in plans if plan.name not in runs]

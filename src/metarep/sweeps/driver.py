@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +45,8 @@ class SweepOptions:
     """How a sweep runs: ``executor`` (``local`` or ``ray``) with ``workers`` runs at once
     (default: the CPUs) and a Ray ``address``; ``retry_failed`` redoes failed runs;
     ``batch_infinite`` batches the infinite-task runs that can be batched; ``progress`` shows
-    a progress bar."""
+    a progress bar; ``log_runs`` prints one line per finished run on stderr instead (for
+    output that is not a terminal, such as a log file)."""
 
     executor: str = "local"
     workers: int | None = None
@@ -52,18 +54,21 @@ class SweepOptions:
     retry_failed: bool = False
     progress: bool = True
     batch_infinite: bool = True
+    log_runs: bool = False
 
 
 @dataclass(frozen=True)
 class SweepReport:
     """Counts after a sweep: ``total`` runs, of which ``done`` and ``failed`` are finished;
-    ``ran`` of them ran now, the others were already finished."""
+    ``ran`` of them ran now, the others were already finished; ``failed_runs`` names the
+    failed ones (each has its ``error.json``)."""
 
     out_dir: Path
     total: int
     done: int
     failed: int
     ran: int
+    failed_runs: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -185,12 +190,21 @@ def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
     bar = tqdm(total=len(plans), initial=len(plans) - len(todo), disable=not options.progress,
                unit="run", desc="sweep", dynamic_ncols=True)
     bar.set_postfix(counts)
+    failed = {name for name, state in status.items() if state == "failed" and name not in redo}
     try:
         for outcome in pool.map(jobs):
             _finalize(out, by_name[outcome.name], outcome)
             counts[outcome.status] += 1
+            if outcome.status == "failed":
+                failed.add(outcome.name)
             bar.set_postfix(counts, refresh=False)
             bar.update(1)
+            if options.log_runs:
+                finished = counts["done"] + counts["failed"]
+                print(f"[{finished}/{len(plans)}] {outcome.name}: {outcome.status} "
+                      f"({counts['done']} done, {counts['failed']} failed)", file=sys.stderr,
+                      flush=True)
     finally:
         bar.close()
-    return SweepReport(out, len(plans), counts["done"], counts["failed"], len(tasks))
+    return SweepReport(out, len(plans), counts["done"], counts["failed"], len(tasks),
+                       tuple(plan.name for plan in plans if plan.name in failed))
