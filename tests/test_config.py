@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import pytest
 import yaml
 
 from metarep.errors import ConfigError
 from metarep.run import schema as cfg
-from metarep.run.schema import Config, from_dict, load_config, to_dict
+from metarep.run.schema import Config, from_dict, load_config, read_yaml, to_dict
 
 
 def raises_on(key: str, check, value) -> ConfigError:
@@ -360,3 +361,46 @@ def test_config_file_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty).problem == Config().problem
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A few lines that expand to width^(levels + 1) leaves (9^10 ~ 3.5e9)."""
+    lines = ["a0: &a0 [" + ", ".join(["x"] * width) + "]"]
+    for level in range(1, levels + 1):
+        lines.append(f"a{level}: &a{level} [" + ", ".join([f"*a{level - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE_YAML = [
+    (b"problem:\n  d: 5\n  d: 7\n", "duplicate key 'd'"),
+    (b"problem: {d: 5}\n\xff\xfe\n", "not UTF-8"),
+    (_alias_bomb().encode(), "expands to more than"),
+    (b"a: &a [*a]\n", "expands to more than"),  # a recursive alias
+    (b"problem:\n  d: [1, 2\n", "but got '<stream end>' (line"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), HOSTILE_YAML)
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_hostile_yaml_is_refused_in_one_line_without_a_trace(cli, error_line, tmp_path, data,
+                                                             reason, command):
+    """Config and sweep files share one loader: UTF-8 only, no key twice, a bounded size once
+    aliases are expanded; each refusal is exit 2, one line naming the file's field, nothing
+    written."""
+    path = tmp_path / "hostile.yaml"
+    path.write_bytes(data if command == "run" else b"base: quick\n" + data)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = cli(command, path, "--out", out)
+    assert time.monotonic() - started < 10
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert line.startswith(f"error: {'config' if command == 'run' else 'sweep'}: ")
+    assert reason in line and not out.exists()
+
+
+def test_yaml_anchors_within_bounds_still_work(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("problem: &p {d: 6, k: 2}\nmodel: {width: 4}\n")
+    tree, _ = read_yaml(path)
+    assert tree["problem"] == {"d": 6, "k": 2}

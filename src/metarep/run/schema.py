@@ -559,6 +559,95 @@ def _validate_infinite(config: Config) -> None:
 # ----------------------------------------------------------------------------- loading
 
 
+MAX_YAML_NODES = 100_000
+"""The most nodes a config or sweep file may expand to, aliases counted at every use: a
+hand-written file has a few hundred; a YAML alias bomb (a few lines that expand
+exponentially) is refused before anything walks it."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping."""
+
+
+def _unique_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """The number of nodes of ``node`` with every alias expanded (counted once per use), or
+    ``limit + 1`` as soon as it exceeds ``limit`` (or the graph has a cycle)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(current: yaml.Node) -> int:
+        key = id(current)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:  # a recursive alias: infinite when expanded
+            return limit + 1
+        open_nodes.add(key)
+        if isinstance(current, yaml.MappingNode):
+            children = [child for pair in current.value for child in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            children = list(current.value)
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total = min(limit + 1, total + size(child))
+            if total > limit:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(node)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(error).split())
+
+
+def load_yaml(data: bytes, source: str, key: str) -> Any:
+    """Parse the bytes of a config or sweep file: UTF-8 only, no key twice in a mapping, at
+    most :data:`MAX_YAML_NODES` nodes once aliases are expanded. Raises :class:`ConfigError`
+    naming ``key`` with a one-line reason (and the line and column where there is one)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(key, f"{source} is not UTF-8 text (byte {error.start} is "
+                          f"{data[error.start]:#04x})") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(key, f"{source} expands to more than {MAX_YAML_NODES} YAML nodes "
+                              "(aliases counted at each use); write its values out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        raise ConfigError(key, f"{source} is not valid YAML: {_yaml_problem(error)}") from None
+    finally:
+        loader.dispose()
+
+
 def builtin_path(name: str) -> Path:
     """Path of a built-in config shipped with the package."""
     return Path(str(resources.files("metarep") / "configs" / f"{name}.yaml"))
@@ -577,10 +666,7 @@ def read_yaml(source: str | Path) -> tuple[dict[str, Any], str]:
                 f"no such file {text_source!r}; give a YAML path or one of "
                 f"{', '.join(BUILTIN_CONFIGS)}",
             )
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+    tree = load_yaml(path.read_bytes(), str(path), "config") or {}
     if not isinstance(tree, dict):
         raise ConfigError("config", f"{path} must hold a mapping of sections")
     return tree, name

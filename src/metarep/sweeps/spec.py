@@ -29,7 +29,14 @@ from typing import Any
 import yaml
 
 from metarep.errors import ConfigError
-from metarep.run.schema import BUILTIN_CONFIGS, flatten, from_dict, iter_keys, read_yaml
+from metarep.run.schema import (
+    BUILTIN_CONFIGS,
+    flatten,
+    from_dict,
+    iter_keys,
+    load_yaml,
+    read_yaml,
+)
 
 SWEEP_KEYS = ("base", "set", "grid", "zip", "seeds", "seed_keys")
 SEED_AXIS = "seed"
@@ -122,10 +129,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     file = Path(path)
     if not file.is_file():
         raise ConfigError("sweep", f"no such file {str(path)!r}")
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError("sweep", f"{file} is not valid YAML: {error}") from None
+    raw = load_yaml(file.read_bytes(), str(file), "sweep")
     raw = json.loads(json.dumps(raw, default=str))  # plain JSON data (YAML dates -> text)
     if not isinstance(raw, dict):
         raise ConfigError("sweep", f"{file} must hold a mapping with keys {', '.join(SWEEP_KEYS)}")
