@@ -404,3 +404,10 @@ def test_yaml_anchors_within_bounds_still_work(tmp_path):
     path.write_text("problem: &p {d: 6, k: 2}\nmodel: {width: 4}\n")
     tree, _ = read_yaml(path)
     assert tree["problem"] == {"d": 6, "k": 2}
+
+
+@pytest.mark.parametrize("key", ["train.steps", "method.outer_lr", "tasks.n", "model.seed"])
+def test_numbers_too_large_for_any_use_are_refused_naming_the_key(key):
+    with pytest.raises(ConfigError) as caught:
+        load_config("quick", {key: 10**400})
+    assert caught.value.key == key and len(str(caught.value)) < 300

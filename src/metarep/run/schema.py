@@ -39,9 +39,17 @@ HEAD_COV_NAMES = ("isotropic", "linear")
 # ----------------------------------------------------------------------------- checkers
 
 
+LARGEST_NUMBER = 2**63 - 1
+"""No config value may exceed this in size (int64): larger integers fit no array index, step
+count or seed, and do not convert to a float."""
+
+
 def _number(key: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ConfigError(key, f"expected a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > LARGEST_NUMBER:
+        raise ConfigError(key, f"must be at most 2^63 - 1 in size, got a number of "
+                          f"{len(str(abs(value)))} digits")
     if isinstance(value, str):
         try:
             value = float(value)
@@ -100,6 +108,13 @@ def choice(options: Iterable[str]) -> Checker:
     return check
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a pasted 400-digit number stays one
+    readable line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def one_of(*checkers: Checker, describe: str) -> Checker:
     """Checker accepting whatever the first successful checker accepts."""
 
@@ -109,7 +124,7 @@ def one_of(*checkers: Checker, describe: str) -> Checker:
                 return checker(key, value)
             except ConfigError:
                 continue
-        raise ConfigError(key, f"must be {describe}; got {value!r}")
+        raise ConfigError(key, f"must be {describe}; got {_shown(value)}")
 
     return check
 
