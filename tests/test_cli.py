@@ -761,3 +761,36 @@ def test_finished_work_is_never_replaced_by_accident(cli, error_line, tmp_path, 
     empty.mkdir()
     (empty / ".summary.json.x1.tmp").write_text("")  # left by a killed atomic write
     assert cli("run", "quick", *SHORT, "--out", empty).exit_code == 0
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "reproduce"])
+def test_output_paths_are_checked_before_any_work(cli, error_line, tmp_path, command):
+    """An empty --out, one below a regular file and one that is a file are refused with exit
+    2 naming --out, before anything runs or is written."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: quick\nset: {train.steps: 2}\ngrid: {model.width: [2]}\n")
+    head = {"run": ["run", "quick"], "sweep": ["sweep", sweep],
+            "reproduce": ["reproduce", "--scale", "quick"]}[command]
+    for out, reason in (("", "must not be empty"), (blocker / "below", "not a directory"),
+                        (blocker, "not a directory")):
+        result = cli(*head, "--out", out, "--no-progress")
+        assert result.exit_code == 2, (out, result.output)
+        line = error_line(result)
+        assert line.startswith("error: --out:") and reason in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "s.yaml"]
+
+
+def test_an_unwritable_output_directory_is_refused(error_line, cli, tmp_path, monkeypatch):
+    """(As root every directory is writable to os.access, so the check is driven through it.)"""
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: real(path, mode) and Path(
+        path) != locked)
+    result = cli("run", "quick", "--out", locked / "run", "--no-progress")
+    assert result.exit_code == 2 and "not writable" in error_line(result)
+    assert not (locked / "run").exists()

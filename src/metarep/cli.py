@@ -58,7 +58,7 @@ SetOpt = Annotated[
 def run(
     config: ConfigArg,
     overrides: SetOpt = None,
-    out: Annotated[Path | None,
+    out: Annotated[str | None,
                    typer.Option(help="Output directory \\[default: runs/NAME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.npz.")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -72,7 +72,7 @@ def run(
 
     try:
         cfg = load_config(config, overrides or [])
-        out_dir = out if out is not None else Path("runs") / cfg.name
+        out_dir = out if out is not None else str(Path("runs") / cfg.name)
         result = run_experiment(cfg, out_dir, progress=progress and sys.stderr.isatty(),
                                 resume=resume, overwrite=overwrite)
     except ConfigError as error:
@@ -111,7 +111,7 @@ def sweep(
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (HEAD:6379).")] = None,
     workers: Annotated[int | None, typer.Option(help="Runs at once \\[default: CPUs].")] = None,
-    out: Annotated[Path | None,
+    out: Annotated[str | None,
                    typer.Option(help="Sweep directory \\[default: runs/STEM].")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Redo runs that failed before.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -159,7 +159,7 @@ def reproduce(
     scale: Annotated[str, typer.Option(help="quick (about 2 min on 2 cores), default (about "
                                             "16 min) or paper (hours).")]
     = "default",
-    out: Annotated[Path | None, typer.Option(help="Report directory "
+    out: Annotated[str | None, typer.Option(help="Report directory "
                                              "\\[default: runs/reproduce-SCALE].")] = None,
     workers: Annotated[int | None, typer.Option(help="Runs at once \\[default: CPUs].")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,

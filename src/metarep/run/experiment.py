@@ -27,7 +27,13 @@ from metarep.run.backends import Backend, build_backend
 from metarep.run.backends.infinite import batched_stepper
 from metarep.run.loop import Diverged, RecordSchedule, Trajectory, train
 from metarep.run.provenance import provenance
-from metarep.run.rundir import CONFIG, EVAL_FIGURE, TRAINING_FIGURE, RunDirectory
+from metarep.run.rundir import (
+    CONFIG,
+    EVAL_FIGURE,
+    TRAINING_FIGURE,
+    RunDirectory,
+    check_output_dir,
+)
 from metarep.run.schema import Config, dump_yaml, flatten, to_dict
 
 CHECKPOINT_SECONDS = 10.0
@@ -120,8 +126,8 @@ def _begin(config: Config, out_dir: str | Path, resume: bool = False,
     with ``resume``). Raises :class:`ConfigError` before writing anything for bad input or a
     directory it may not use (:func:`_check_occupant`); ``overwrite`` first removes the files
     of the run the directory holds."""
+    directory = RunDirectory(check_output_dir(out_dir))
     backend = prepare(config)
-    directory = RunDirectory(out_dir)
     directory.create()
     _check_occupant(directory, resume, overwrite)
     if overwrite:

@@ -19,6 +19,7 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,24 @@ RUN_FILES = frozenset({CONFIG, METRICS, EVAL, SUMMARY, PARAMS, CHECKPOINT, ERROR
 """Every file a run directory may hold (temporary files of atomic writes aside)."""
 EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
 HELD_OUT_COLUMNS = ["method", "shots", "risk", "stderr", "n_tasks"]
+
+
+def check_output_dir(path: str | Path, key: str = "--out") -> Path:
+    """``path`` as a directory that can be created or written, checked before any work:
+    :class:`ConfigError` naming ``key`` when it is empty, when it or an existing ancestor is
+    a file, or when the nearest existing ancestor (or itself) is not writable."""
+    if str(path) == "":
+        raise ConfigError(key, "must not be empty; give a directory")
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            raise ConfigError(key, f"{existing} exists and is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(key, f"{existing} is not writable")
+        break
+    return path
 
 
 @dataclass(frozen=True)
@@ -81,9 +100,8 @@ class RunDirectory:
     # ------------------------------------------------------------------ writing
 
     def create(self) -> None:
-        """Create the directory (:class:`ConfigError` ``--out`` when a file is in the way)."""
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError("--out", f"{self.path} exists and is not a directory")
+        """Create the directory, after :func:`check_output_dir`."""
+        check_output_dir(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 
     def clear(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from metarep import __version__
 from metarep.errors import ConfigError
 from metarep.run.provenance import provenance
-from metarep.run.rundir import RunDirectory
+from metarep.run.rundir import RunDirectory, check_output_dir
 from metarep.run.schema import dump_yaml, from_dict
 from metarep.study.claims import Claim, claim_rows, evaluate_claims
 from metarep.study.design import Runs, base_tree, check_scale, study_runs
@@ -49,7 +49,7 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
     if importlib.util.find_spec("torch") is None:
         raise ConfigError("torch", "is not installed, and the study's ReLU runs need it: "
                           "pip install 'metarep[torch]'")
-    root = Path(out) if out is not None else Path("runs") / f"reproduce-{scale}"
+    root = check_output_dir(out) if out is not None else Path("runs") / f"reproduce-{scale}"
     tree = base_tree(scale)
     spec = SweepSpec(base=scale, config_name=f"reproduce-{scale}", tree=tree, fixed={}, grid={},
                      zip={}, seeds=[], seed_keys=[])

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from metarep.errors import ConfigError
 from metarep.run.experiment import batch_key
-from metarep.run.rundir import RunDirectory
+from metarep.run.rundir import RunDirectory, check_output_dir
 from metarep.run.schema import from_dict
 from metarep.sweeps.executors import Executor, Job, Outcome, RunTask, make_executor
 from metarep.sweeps.manifest import LOCK, build_manifest, check_out_dir, write_manifest
@@ -116,7 +116,8 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path | None = None,
     Raises :class:`ConfigError` for a bad sweep file or option, before writing anything.
     """
     spec = load_sweep(sweep_file)
-    out = Path(out_dir) if out_dir is not None else Path("runs") / Path(sweep_file).stem
+    out = check_output_dir(out_dir) if out_dir is not None else Path("runs") / Path(
+        sweep_file).stem
     return execute_plans(spec, plan_runs(spec), out, options)
 
 
@@ -126,6 +127,7 @@ def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: Path,
     :func:`run_sweep`, also used for studies built in code (:mod:`metarep.study.reproduce`).
     Same guarantees and options as :func:`run_sweep`. The directory is checked again once its
     lock is held, so two different sweeps never finish into one directory."""
+    check_output_dir(out)
     manifest = build_manifest(spec, plans)
     check_out_dir(out, manifest)
     pool = make_executor(options.executor, options.workers, options.address)
