@@ -100,8 +100,8 @@ class RunDirectory:
     # ------------------------------------------------------------------ writing
 
     def create(self) -> None:
-        """Create the directory, after :func:`check_output_dir`."""
-        check_output_dir(self.path)
+        """Create the directory (whose path the caller checked with :func:`check_output_dir`,
+        before ``Path`` turned an empty one into the current directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
 
     def clear(self) -> None:

@@ -24,7 +24,13 @@ from metarep.core.theory import undriven_decay
 from metarep.run.backends.sources import resolve_inputs
 from metarep.run.rundir import RunData
 from metarep.run.schema import from_dict
-from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
+from metarep.study.design import (
+    MODEL_AGNOSTIC,
+    POOL_METHODS,
+    RELU_LAYERS,
+    SETTLED_FRACTION,
+    Runs,
+)
 
 
 @dataclass(frozen=True)
@@ -262,12 +268,20 @@ def relu_against_ridge(method: str) -> Measure:
     return measured
 
 
+def share_path(runs: Sequence[RunData]) -> tuple[float, float, float]:
+    """Where W1's share outside span(B*) (``w1_perp_share``) went in ReLU ``runs``: its mean
+    over the runs at step 0, at each run's minimum, and at the last step."""
+    shares = [run.metrics["w1_perp_share"] for run in runs]
+    return (float(np.mean([share.iloc[0] for share in shares])),
+            float(np.mean([share.min() for share in shares])),
+            float(np.mean([share.iloc[-1] for share in shares])))
+
+
 def relu_share_flat(*runs: RunData) -> Measurement:
     """The largest :func:`flatness` of ``w1_perp_share`` over the ReLU runs, and where W1's
-    share outside span(B*) went: its mean at step 0, at its minimum and at the last step."""
+    share outside span(B*) went (:func:`share_path`)."""
     share = max(flatness(run, "w1_perp_share") for run in runs)
-    start, lowest, end = (float(np.mean([f(run.metrics["w1_perp_share"]) for run in runs]))
-                          for f in (lambda c: c.iloc[0], lambda c: c.min(), lambda c: c.iloc[-1]))
+    start, lowest, end = share_path(runs)
     return Measurement((share,), f"{share:.2g} (mean share: {start:.2f} at t = 0, minimum "
                        f"{lowest:.2f}, {end:.2f} at T)",
                        {"steps": int(runs[0].metrics["step"].iloc[-1])})
@@ -312,7 +326,7 @@ def at_pool_end(pool: RunData, infinite: RunData) -> Measurement:
     return pair(last(pool, "perp_norm"), at, steps=steps)
 
 
-def flatness(run: RunData, column: str, fraction: float = 0.2) -> float:
+def flatness(run: RunData, column: str, fraction: float = float(SETTLED_FRACTION)) -> float:
     """``|column(T) / column(t) - 1|`` with ``t`` the last record at or before ``(1 -
     fraction) T``: how much ``column`` still moved over the last ``fraction`` of the steps."""
     steps = run.metrics["step"].to_numpy()

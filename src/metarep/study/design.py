@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from metarep.errors import ConfigError
@@ -208,19 +209,23 @@ def study_runs(scale: str) -> list[StudyRun]:
         for method in POOL_METHODS:
             setting = {**RELU_SETTING, **relu, "method.name": method,
                        "model.hidden_layers": layers}
-            for seed in seeds:
-                seeded = {**setting, "tasks.seed": seed, "model.seed": seed}
-                runs.append(StudyRun(Runs.relu(layers, method, seed), seeded))
-            if settings["relu_study"]["claims"]:
+            seeded = {seed: {**setting, "tasks.seed": seed, "model.seed": seed} for seed in seeds}
+            runs += [StudyRun(Runs.relu(layers, method, seed), seeded[seed]) for seed in seeds]
+            if settings["relu_study"]["claims"]:  # the first seed's run, stopped earlier
                 runs.append(StudyRun(Runs.relu_early(layers, method, seeds[0]), {
-                    **setting, "tasks.seed": seeds[0], "model.seed": seeds[0],
-                    "train.steps": early_steps(relu["train.steps"])}))
+                    **seeded[seeds[0]], "train.steps": early_steps(relu["train.steps"])}))
     return runs
 
 
+SETTLED_FRACTION = Fraction(1, 5)
+"""The last part of training over which the study checks that a run has stopped moving (the
+floor runs, W1's share, the ReLU test risk through the ``-early`` runs)."""
+
+
 def early_steps(steps: int) -> int:
-    """The step at which an ``-early`` run stops: 4/5 of ``steps``, rounded down."""
-    return 4 * steps // 5
+    """The step at which an ``-early`` run stops: ``(1 - SETTLED_FRACTION) steps`` (4/5),
+    rounded down."""
+    return int(steps * (1 - SETTLED_FRACTION))
 
 
 def base_tree(scale: str) -> dict[str, Any]:

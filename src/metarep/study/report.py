@@ -33,7 +33,14 @@ from metarep.run.figures import (
     shots_axis,
 )
 from metarep.run.rundir import RunData
-from metarep.study.claims import Claim, floor_exponent, risk, seed_mean, unlearning_law
+from metarep.study.claims import (
+    Claim,
+    floor_exponent,
+    risk,
+    seed_mean,
+    share_path,
+    unlearning_law,
+)
 from metarep.study.design import MODEL_AGNOSTIC, POOL_METHODS, RELU_LAYERS, Runs
 
 MTL_LSQ = features_row(MTL.name)
@@ -333,8 +340,7 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
     for (share_axis, risk_axis), layers in zip(axes, RELU_LAYERS, strict=True):
         reference, drawn = None, []
         for method in POOL_METHODS:
-            seeded = [run for seed in seeds
-                      if (run := runs.get(Runs.relu(layers, method, seed))) is not None]
+            seeded = _seed_runs(runs, layers, (method,), seeds)
             for i, run in enumerate(seeded):
                 if "w1_perp_share" in run.metrics:
                     share_axis.plot(_steps(run.metrics), run.metrics["w1_perp_share"],
@@ -380,31 +386,37 @@ def relu_statement(runs: dict[str, RunData], seeds: tuple[int, ...]) -> str:
     Burer-Monteiro's features with least squares."""
     parts = []
     for layers in RELU_LAYERS:
-        agnostic = [run for m in MODEL_AGNOSTIC for seed in seeds
-                    if (run := runs.get(Runs.relu(layers, m, seed))) is not None]
-        fo = [run for seed in seeds
-              if (run := runs.get(Runs.relu(layers, "fo-anil", seed))) is not None]
-        mtl = [run for seed in seeds
-               if (run := runs.get(Runs.relu(layers, MTL.name, seed))) is not None]
+        agnostic = _seed_runs(runs, layers, MODEL_AGNOSTIC, seeds)
+        fo = _seed_runs(runs, layers, ("fo-anil",), seeds)
+        mtl = _seed_runs(runs, layers, (MTL.name,), seeds)
         if not agnostic or not fo or fo[0].eval is None:
             continue
-        share = [float(np.mean([f(run.metrics["w1_perp_share"]) for run in agnostic]))
-                 for f in (lambda c: c.iloc[0], lambda c: c.min(), lambda c: c.iloc[-1])]
+        start, lowest, end = share_path(agnostic)
         smallest = int(fo[0].eval["shots"].min())
-
-        def at_smallest(group: list[RunData], row: str, shots: int = smallest) -> float:
-            return float(np.mean([risk(run, row, shots)[0] for run in group]))
-
         text = (f"{layers + 1}-layer networks: W1's share outside span(B*) falls from "
-                f"{share[0]:.2f} to {share[1]:.2f} and ends at {share[2]:.2f} (model-agnostic "
+                f"{start:.2f} to {lowest:.2f} and ends at {end:.2f} (model-agnostic "
                 f"methods, mean over {len(seeds)} seeds); at m_test = {smallest} the test risk "
-                f"is {at_smallest(fo, 'fo-anil'):.3g} for FO-ANIL against "
-                f"{at_smallest(fo[:1], 'ridge'):.3g} for ridge and "
-                f"{at_smallest(fo[:1], 'bayes-oracle'):.3g} for the Bayes oracle")
+                f"is {_mean_risk(fo, 'fo-anil', smallest):.3g} for FO-ANIL against "
+                f"{_mean_risk(fo[:1], 'ridge', smallest):.3g} for ridge and "
+                f"{_mean_risk(fo[:1], 'bayes-oracle', smallest):.3g} for the Bayes oracle")
         if mtl and all(r.eval is not None for r in mtl):
-            text += f", and {at_smallest(mtl, MTL_LSQ):.3g} for Burer-Monteiro + least squares"
+            text += (f", and {_mean_risk(mtl, MTL_LSQ, smallest):.3g} for Burer-Monteiro + "
+                     "least squares")
         parts.append(text + ".")
     return " ".join(parts)
+
+
+def _seed_runs(runs: dict[str, RunData], layers: int, methods: tuple[str, ...],
+               seeds: tuple[int, ...]) -> list[RunData]:
+    """The finished ReLU runs of ``methods`` with ``layers`` hidden layers, by method then
+    seed."""
+    return [run for method in methods for seed in seeds
+            if (run := runs.get(Runs.relu(layers, method, seed))) is not None]
+
+
+def _mean_risk(group: list[RunData], row: str, shots: int) -> float:
+    """The mean over ``group`` of ``row``'s test risk at ``m_test = shots``."""
+    return float(np.mean([risk(run, row, shots)[0] for run in group]))
 
 
 # ----------------------------------------------------------------------------- writing

@@ -116,18 +116,18 @@ def run_sweep(sweep_file: str | Path, out_dir: str | Path | None = None,
     Raises :class:`ConfigError` for a bad sweep file or option, before writing anything.
     """
     spec = load_sweep(sweep_file)
-    out = check_output_dir(out_dir) if out_dir is not None else Path("runs") / Path(
-        sweep_file).stem
+    out = out_dir if out_dir is not None else Path("runs") / Path(sweep_file).stem
     return execute_plans(spec, plan_runs(spec), out, options)
 
 
-def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: Path,
+def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: str | Path,
                   options: SweepOptions = SweepOptions()) -> SweepReport:
     """Run (or resume) the runs ``plans`` of ``spec`` into ``out``: the engine behind
     :func:`run_sweep`, also used for studies built in code (:mod:`metarep.study.reproduce`).
-    Same guarantees and options as :func:`run_sweep`. The directory is checked again once its
-    lock is held, so two different sweeps never finish into one directory."""
-    check_output_dir(out)
+    Same guarantees and options as :func:`run_sweep`. ``out`` is checked first
+    (:func:`~metarep.run.rundir.check_output_dir`: not empty, not a file, writable), and
+    again once its lock is held, so two different sweeps never finish into one directory."""
+    out = check_output_dir(out)
     manifest = build_manifest(spec, plans)
     check_out_dir(out, manifest)
     pool = make_executor(options.executor, options.workers, options.address)

@@ -132,8 +132,8 @@ def _held_out(config: Config, pool: TaskPool) -> tuple[TaskPool, TaskPool | None
         raise ConfigError("tasks.test_split", f"must be 0 or in [2, N - 1] = [2, {n - 1}] for "
                           f"the {n} tasks of {t.from_}, got {t.test_split}")
     train, held = slice(0, n - t.test_split), slice(n - t.test_split, n)
-    heads = (None, None) if pool.heads is None else (pool.heads[train], pool.heads[held])
-    kept = dataclasses.replace(pool, X=pool.X[train], y=pool.y[train], heads=heads[0])
+    kept = dataclasses.replace(pool, X=pool.X[train], y=pool.y[train],
+                               heads=None if pool.heads is None else pool.heads[train])
     return kept, check_heldout(task_pool(pool.X[held], pool.y[held]), shots,
                                "tasks.test_split", f"the tasks held out of {t.from_}")
 
