@@ -44,7 +44,7 @@ from metarep.sweeps.executors import (
     one_thread,
     use_local_token,
 )
-from metarep.sweeps.manifest import MANIFEST
+from metarep.sweeps.manifest import MANIFEST, build_manifest, write_manifest
 from metarep.sweeps.spec import load_sweep, plan_runs, value_token
 
 METAREP = [str(Path(sys.executable).with_name("metarep"))]
@@ -708,3 +708,121 @@ def test_a_sweep_logged_to_a_file_reports_each_run_and_names_the_failed_ones(tmp
                   if p.overrides["model.width"] == 0)
     assert any(line.startswith("[") and f"{failed}: failed" in line for line in lines)
     assert f"failed: {failed} (" in result.stdout
+
+
+# ----------------------------------------------------------------------------- hostile input
+# (the tests taking the ``cli`` fixture call the command in this process, not ``cli`` above)
+
+
+@pytest.mark.parametrize("fields, key", [
+    ({"grid": {"model.width": [2, 2.0]}}, "grid.model.width"),
+    ({"grid": {"model.width": [3, 3]}}, "grid.model.width"),
+    ({"grid": {"method.outer_lr": [0.1, 0.2], "model.width": [3, 3.0]}, "seeds": [0, 1]},
+     "grid.model.width"),
+    ({"zip": {"problem.d": [6, 8, 6], "model.width": [2, 3, 2]}}, "zip"),
+    ({"zip": {"problem.d": [6, 8, 6.0], "model.width": [2, 3, 2]}}, "zip.problem.d"),
+])
+def test_the_same_run_twice_is_refused_before_anything_is_written(tmp_path, cli, error_line,
+                                                                  fields, key):
+    out = tmp_path / "out"
+    result = cli("sweep", write_sweep(tmp_path, **fields), "--out", out, "--workers", "1",
+                 "--no-progress")
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert line.startswith(f"error: {key}: ") and ("twice" in line or "same run" in line)
+    assert not out.exists()
+
+
+def test_distinct_values_and_bad_cells_still_plan(tmp_path):
+    """Values that resolve apart are distinct runs; cells that do not resolve (width 0 and
+    0.0) are not compared: each fails as a run of its own."""
+    sweep = write_sweep(tmp_path, grid={"model.width": [2, 3, 0, 0.0],
+                                        "method.outer_lr": [0.1, 0.10000001]},
+                        zip={"problem.d": [6, 8], "tasks.m_in": [5, 5.5]}, seeds=[0, 1])
+    plans = plan_runs(load_sweep(sweep))
+    assert len(plans) == 4 * 2 * 2 * 2 == len({plan.name for plan in plans})
+
+
+def corrupt_sweep_dir(out: Path, text: bytes) -> Path:
+    out.mkdir(parents=True)
+    (out / MANIFEST).write_bytes(text)
+    return out
+
+
+@pytest.mark.parametrize("text", [b'{"spec": {"grid": {"model.wid', b"", b"[]", b"{}",
+                                  b'{"spec": 3}', b"\xff\xfe\x00garbage", b"[" * 100_000])
+def test_a_corrupt_sweep_json_is_refused_in_one_line(tmp_path, cli, error_line, text):
+    sweep = write_sweep(tmp_path, grid={"model.width": [2, 3]})
+    out = corrupt_sweep_dir(tmp_path / "out", text)
+    result = cli("sweep", sweep, "--out", out, "--workers", "1", "--no-progress")
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"error: --out: {out / MANIFEST} is corrupt (")
+    assert [p.name for p in out.iterdir()] == [MANIFEST]
+    assert (out / MANIFEST).read_bytes() == text
+    result = cli("collect", out)
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"error: DIR: {out / MANIFEST} is corrupt (")
+    assert [p.name for p in out.iterdir()] == [MANIFEST]
+
+
+@pytest.mark.parametrize("runs", [[{"name": "../elsewhere", "overrides": {}, "seed": None}],
+                                  [{"overrides": {}, "seed": None}], ["run"]])
+def test_collect_refuses_a_manifest_with_corrupt_runs(tmp_path, cli, error_line, runs):
+    manifest = {"spec": {}, "axes": [], "zip_keys": [], "base_config": {}, "runs": runs}
+    out = corrupt_sweep_dir(tmp_path / "out", json.dumps(manifest).encode())
+    result = cli("collect", out)
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"error: DIR: {out / MANIFEST} is corrupt (runs[0] ")
+
+
+@pytest.mark.parametrize("file, text", [
+    ("summary.json", b'{"status": "do'), ("summary.json", b"[1, 2]"),
+    ("summary.json", b'{"status": "done", "final": [1]}'), ("summary.json", b"\xff"),
+    (ERROR_FILE, b""), (ERROR_FILE, b"null"), (ERROR_FILE, b'{"status": "failed"}'),
+])
+def test_collect_refuses_a_corrupt_run_file_in_one_line(tmp_path, cli, error_line, file, text):
+    spec = load_sweep(write_sweep(tmp_path, grid={"model.width": [2, 3]}))
+    plans = plan_runs(spec)
+    out = tmp_path / "out"
+    write_manifest(out, build_manifest(spec, plans))
+    (out / plans[1].name).mkdir()
+    (out / plans[1].name / file).write_bytes(text)
+    result = cli("collect", out)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert line.startswith(f"error: DIR: {out / plans[1].name / file} is corrupt (")
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, plans[1].name])
+
+
+@pytest.mark.slow
+def test_two_sweeps_racing_into_one_directory_leave_only_the_winner(tmp_path):
+    """Two different sweeps started at once into one --out, as two processes: one runs, the
+    other is refused in one line naming --out (the lock is held, or the winner's manifest is
+    there already), and the directory holds the winner's sweep and runs only."""
+    quick = {"train.steps": 5, "train.record_every": 5}
+    sweeps = {widths[0]: write_sweep(tmp_path, f"w{widths[0]}.yaml", set=quick,
+                                     grid={"model.width": widths})
+              for widths in ([2, 3], [4, 5])}
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        order = list(sweeps.values())[::1 if attempt % 2 == 0 else -1]
+        processes = [subprocess.Popen(
+            [sys.executable, "-m", "metarep", "sweep", str(sweep), "--out", str(out),
+             "--workers", "1", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for sweep in order]
+        results = [(sweep, process.returncode, *outputs) for sweep, process in
+                   zip(order, processes, strict=True)
+                   if (outputs := process.communicate(timeout=300))]
+        assert sorted(code for _, code, _, _ in results) == [0, 2], results
+        winner = next(sweep for sweep, code, _, _ in results if code == 0)
+        loser_stderr = next(stderr for _, code, _, stderr in results if code == 2)
+        assert loser_stderr.count("\n") == 1 and loser_stderr.startswith("error: --out: ")
+        assert "in use by another sweep" in loser_stderr or "holds a different sweep" in (
+            loser_stderr)
+        manifest = json.loads((out / MANIFEST).read_text())
+        spec = load_sweep(winner)
+        assert manifest["spec"]["grid"] == spec.grid
+        names = {plan.name for plan in plan_runs(spec)}
+        assert {run["name"] for run in manifest["runs"]} == names
+        assert {p.name for p in out.iterdir()} == names | {MANIFEST, ".sweep.lock"}
+        assert all((out / name / "summary.json").is_file() for name in names)

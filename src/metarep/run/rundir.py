@@ -181,12 +181,36 @@ class RunDirectory:
             return Checkpoint(arrays, int(data["step"]), json.loads(str(data["records"])))
 
     def summary(self) -> dict[str, Any] | None:
+        """``summary.json``, or ``None`` when not written yet; :class:`ConfigError` ``DIR``
+        when it is corrupt (not JSON, not an object, ``final`` not an object)."""
         file = self.file(SUMMARY)
-        return json.loads(file.read_text()) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            data = json.loads(file.read_bytes())
+        except (OSError, ValueError, RecursionError) as error:
+            why = "nested too deeply" if isinstance(error, RecursionError) else error
+            raise ConfigError("DIR", f"{file} is corrupt ({why}); it cannot be read") from None
+        if not isinstance(data, dict) or not isinstance(data.get("final", {}), dict | None):
+            raise ConfigError("DIR", f"{file} is corrupt (not a run summary: a JSON object "
+                              "with an object 'final'); it cannot be read")
+        return data
 
     def error(self) -> dict[str, Any] | None:
+        """``error.json``, or ``None`` when the run did not fail; :class:`ConfigError` ``DIR``
+        when it is corrupt (not JSON, not an object, no ``error`` text)."""
         file = self.file(ERROR)
-        return json.loads(file.read_text()) if file.is_file() else None
+        if not file.is_file():
+            return None
+        try:
+            data = json.loads(file.read_bytes())
+        except (OSError, ValueError, RecursionError) as error:
+            why = "nested too deeply" if isinstance(error, RecursionError) else error
+            raise ConfigError("DIR", f"{file} is corrupt ({why}); it cannot be read") from None
+        if not isinstance(data, dict) or not isinstance(data.get("error"), str):
+            raise ConfigError("DIR", f"{file} is corrupt (not a run failure: a JSON object "
+                              "with an 'error' text); it cannot be read")
+        return data
 
     def eval_table(self) -> pd.DataFrame | None:
         file = self.file(EVAL)

@@ -36,6 +36,7 @@ from metarep.run.schema import (
     iter_keys,
     load_yaml,
     read_yaml,
+    to_dict,
 )
 
 SWEEP_KEYS = ("base", "set", "grid", "zip", "seeds", "seed_keys")
@@ -235,6 +236,11 @@ def plan_runs(spec: SweepSpec) -> list[RunPlan]:
 
     A key varies when it takes more than one value; only varying keys (and the seed, with
     more than one) name the run directory.
+
+    Raises :class:`ConfigError` naming the sweep key at fault (``grid.model.width``) when two
+    runs are the same run: their resolved configs are equal (``[2, 2.0]`` for an integer
+    key) or they share a directory name. A cell whose config does not resolve is left out
+    of that check: it fails as a run of its own.
     """
     grid_cells = [dict(zip(spec.grid, values, strict=True))
                   for values in itertools.product(*spec.grid.values())]
@@ -250,7 +256,55 @@ def plan_runs(spec: SweepSpec) -> list[RunPlan]:
         seeded = {} if seed is None else dict.fromkeys(spec.seed_keys, seed)
         name = run_name(varied, labels, seed if len(seeds) > 1 else None)
         plans.append(RunPlan(name, {**spec.fixed, **values, **seeded}, varied, seed))
+    _no_same_runs(spec, plans)
     return plans
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` made hashable, equal where the values are equal (lists become tuples)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _no_same_runs(spec: SweepSpec, plans: list[RunPlan]) -> None:
+    """Refuse two plans with equal resolved configs or the same directory name (each
+    plan's config is resolved once; one that does not resolve is skipped)."""
+    by_config: dict[Any, RunPlan] = {}
+    by_name: dict[str, RunPlan] = {}
+    for plan in plans:
+        other = by_name.get(plan.name)
+        if other is not None:
+            _same_run(spec, other, plan, f"the same run directory {plan.name!r}")
+        by_name[plan.name] = plan
+        try:
+            config = from_dict(spec.tree, plan.overrides, name=spec.config_name)
+        except ConfigError:
+            continue
+        resolved = _frozen(flatten(to_dict(config)))
+        other = by_config.get(resolved)
+        if other is not None:
+            _same_run(spec, other, plan, f"the same run ({other.name} and {plan.name})")
+        by_config[resolved] = plan
+
+
+def _same_run(spec: SweepSpec, first: RunPlan, second: RunPlan, what: str) -> None:
+    """Raise the :class:`ConfigError` of two plans that give ``what``, naming the first
+    sweep key whose values tell them apart (``grid.KEY``, ``zip.KEY`` or ``seeds``)."""
+    def text(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    differ = [key for key in first.varied
+              if text(first.varied[key]) != text(second.varied[key])]
+    if differ:
+        key = differ[0]
+        where = f"grid.{key}" if key in spec.grid else f"zip.{key}"
+        values = f"{text(first.varied[key])} and {text(second.varied[key])}"
+    else:
+        where, values = "seeds", f"{first.seed} and {second.seed}"
+    raise ConfigError(where, f"values {values} give {what}; list each value once")
 
 
 def axes_of(spec: SweepSpec) -> list[str]:
