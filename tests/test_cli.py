@@ -278,7 +278,47 @@ BAD_INPUTS = {
                                  "eval.shots"),
     "width-too-big-for-memory": (lambda tmp: ["--set", "model.width=100000000000000"],
                                  "model.width"),
+    "records-too-many-for-memory": (lambda tmp: ["--set", "train.steps=1e12", "--set",
+                                                 "train.record_every=1"], "train.steps"),
+    "eval-tasks-too-many-for-memory": (lambda tmp: ["--set", "eval.n_tasks=1e12"],
+                                       "eval.n_tasks"),
+    "pool-npy": (lambda tmp: ["--set", f"tasks.from={npy_file(tmp)}"], "tasks.from"),
+    "init-npy": (lambda tmp: ["--set", f"model.init_from={npy_file(tmp)}"], "model.init_from"),
+    "pool-text-file": (lambda tmp: ["--set", f"tasks.from={text_file(tmp)}"], "tasks.from"),
+    "pool-objects": (lambda tmp: ["--set", f"tasks.from={object_file(tmp)}"], "tasks.from"),
+    "pool-truncated": (lambda tmp: ["--set", f"tasks.from={truncated(pool_file(tmp))}", *POOL],
+                       "tasks.from"),
+    "init-zero-fixed-point": (lambda tmp: ["--set", f"tasks.from={pool_file(tmp)}", *POOL,
+                                           "--set", "model.init_from=" + str(init_file(
+                                               tmp, B=np.zeros((6, 4)), w=np.zeros(4)))],
+                              "model.init_from"),
+    "set-without-key": (lambda tmp: ["--set", "=3"], "--set"),
+    "unknown-option": (lambda tmp: ["--bogus"], "--bogus"),
+    "option-of-wrong-type": (lambda tmp: ["--progress=maybe"], "--progress"),
 }
+
+
+def npy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "single.npy"
+    np.save(path, np.zeros((3, 4)))
+    return path
+
+
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.npz"
+    path.write_text("X, y\n1, 2\n")
+    return path
+
+
+def object_file(tmp_path: Path) -> Path:
+    path = tmp_path / "objects.npz"
+    np.savez(path, X=np.array([{"a": 1}], dtype=object), y=np.zeros(2))
+    return path
+
+
+def truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:200])
+    return path
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -289,7 +329,7 @@ def test_bad_input_exit_2_one_line_naming_the_field_nothing_written(cli, error_l
     result = cli("run", "quick", *make_args(tmp_path), "--out", out, "--no-progress")
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     line = error_line(result)
-    assert line.startswith(f"error: {key}") or f" {key}" in line, line
+    assert line.startswith(f"error: {key}") or f" {key}" in line or f"'{key}'" in line, line
     assert result.stdout == ""
     assert not out.exists()
 

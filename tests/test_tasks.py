@@ -265,7 +265,7 @@ def test_load_pool_missing_or_unreadable_file(tmp_path):
     garbage.write_bytes(b"not a zip file at all")
     with pytest.raises(ConfigError) as info:
         load_pool(garbage)
-    assert info.value.key == "tasks.from" and "cannot read" in str(info.value)
+    assert info.value.key == "tasks.from" and "is not an .npz file" in str(info.value)
     with pytest.raises(ConfigError) as info:
         load_pool(tmp_path)
     assert info.value.key == "tasks.from"

@@ -7,17 +7,50 @@ Exit codes: 0 success, 2 bad input (one line naming the field), 3 training diver
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from metarep.errors import ConfigError
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
+_click_errors = sys.modules[typer.BadParameter.__module__]
+"""The exceptions of the click that typer runs on (its vendored copy, or click itself)."""
+
+
+class _OneLineErrors(TyperGroup):
+    """The ``metarep`` command group, whose usage errors (an unknown option, a value of the
+    wrong type, a missing argument) are one line ``error: ...`` on stderr with exit code 2,
+    like every other bad input, instead of click's usage text and rich's framed box."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode,
+                                windows_expand_args, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, windows_expand_args,
+                                **extra)
+        except _click_errors.ClickException as error:
+            hint = ""
+            if isinstance(error, _click_errors.UsageError) and error.ctx is not None:
+                hint = f" (see {error.ctx.command_path} --help)"
+            typer.echo(f"error: {error.format_message()}{hint}", err=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code or 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -46,25 +46,39 @@ def config_errors(keys: str | Mapping[str, str]) -> Iterator[None]:
         raise ConfigError(keys[error.argument], error.message) from None
 
 
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive's first bytes (an .npz)
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _container(file: Path, key: str) -> None:
+    """Check that ``file`` is an ``.npz`` archive by its first bytes, before numpy reads it:
+    :class:`ConfigError` naming ``key`` for a single ``.npy`` array or any other file."""
+    with open(file, "rb") as handle:
+        head = handle.read(6)
+    if head.startswith(NPY_MAGIC):
+        raise ConfigError(key, f"{str(file)!r} is a single array (.npy), not an .npz file of "
+                          "named arrays (write one with numpy.savez)")
+    if not head.startswith(ZIP_MAGIC):
+        raise ConfigError(key, f"{str(file)!r} is not an .npz file (a zip archive of named "
+                          "arrays, written by numpy.savez)")
+
+
 def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Read every array of a user-supplied ``.npz`` file as finite float64.
 
     Raises :class:`ConfigError` naming the config ``key`` for a missing or unreadable file, a
-    missing ``required`` array, or an array that is not all finite numbers.
+    file that is not an ``.npz`` archive (a ``.npy`` array, text), a missing ``required``
+    array, or an array that is not all finite real numbers (objects, complex, text).
     """
     file = Path(path)
     if not file.is_file():
         raise ConfigError(key, f"file not found: {str(path)!r}")
     try:
-        loaded = np.load(file, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded as data:
-                arrays = {name: np.asarray(data[name]) for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        _container(file, key)
+        with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as data:
+            arrays = {name: _array(data, name, key, file) for name in data.files}
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise ConfigError(key, f"cannot read {str(path)!r} as .npz: {error}") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ConfigError(key, f"{str(path)!r} is a single array (.npy), not an .npz file of "
-                          "named arrays")
     for name in required:
         if name not in arrays:
             raise ConfigError(key, f"{path} has no array {name!r} (found: {sorted(arrays)})")
@@ -73,6 +87,17 @@ def read_npz(path: str | Path, key: str, required: tuple[str, ...]) -> dict[str,
         if not real or not np.all(np.isfinite(array)):
             raise ConfigError(key, f"array {name!r} in {path} must hold finite real numbers")
     return {name: array.astype(np.float64) for name, array in arrays.items()}
+
+
+def _array(data: Any, name: str, key: str, file: Path) -> np.ndarray:
+    """The array ``name`` of an open ``.npz``; :class:`ConfigError` for one numpy cannot read
+    without unpickling (Python objects) or a damaged member."""
+    try:
+        return np.asarray(data[name])
+    except ValueError as error:
+        what = ("holds Python objects, not numbers" if "pickle" in str(error)
+                else f"cannot be read: {error}")
+        raise ConfigError(key, f"array {name!r} in {file} {what}") from None
 
 
 def load_pool(path: str | Path) -> TaskPool:
@@ -118,22 +143,31 @@ def load_params(path: str | Path, d: int) -> LinearParams:
     """Read ``B`` (d, k') and ``w`` (k',) from a ``.npz`` file, checking shapes against ``d``.
 
     Raises :class:`ConfigError` (key ``model.init_from``) for a missing file, missing arrays,
-    non-finite values or mismatched shapes.
+    non-finite values, mismatched shapes, or ``B = 0`` with ``w = 0`` (a fixed point).
     """
     key = "model.init_from"
     arrays = read_npz(path, key, required=("B", "w"))
     with config_errors(key):
-        return linear_params(arrays["B"], arrays["w"], d)
+        params = linear_params(arrays["B"], arrays["w"], d)
+    if not params.B.any() and not params.w.any():
+        raise ConfigError(key, f"{path} has B = 0 and w = 0, a fixed point of every method "
+                          "(no gradient moves it); give a nonzero B or w")
+    return params
 
 
 def load_network(path: str | Path, d: int, hidden_layers: int) -> Any:
     """A ReLU network (:class:`metarep.engine.networks.ReLUNet`) from the arrays ``W1``,
-    [``W2``], ``w`` of a ``.npz`` file; :class:`ConfigError` (key ``model.init_from``)."""
+    [``W2``], ``w`` of a ``.npz`` file; :class:`ConfigError` (key ``model.init_from``), also
+    for ``W1 = 0`` (a fixed point)."""
     key = "model.init_from"
     arrays = read_npz(path, key, required=())
     networks = torch_module("networks")
     with config_errors(key):
-        return networks.relu_from_arrays(arrays, d, hidden_layers)
+        network = networks.relu_from_arrays(arrays, d, hidden_layers)
+    if not arrays["W1"].any():
+        raise ConfigError(key, f"{path} has W1 = 0, a fixed point (every hidden unit is "
+                          "ReLU(0) = 0 with zero gradient); give a nonzero W1")
+    return network
 
 
 def torch_module(name: str) -> Any:
@@ -149,13 +183,23 @@ def torch_module(name: str) -> Any:
     return module
 
 
-def check_memory(key: str, n_bytes: float, what: str) -> None:
-    """Raise :class:`ConfigError` naming ``key`` when ``what`` needs more than the machine's
-    memory (instead of failing later with a ``MemoryError``)."""
+def machine_memory() -> float | None:
+    """This machine's memory in bytes (``None`` where the OS does not say)."""
     try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf: nothing to check against
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory(key: str, value: float, bytes_each: float, what: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``what``, ``bytes_each`` bytes for each
+    of ``value`` units (tasks, steps, columns), needs more than the machine's memory (instead
+    of failing later with a ``MemoryError``); the message gives the largest ``value`` that
+    fits."""
+    memory = machine_memory()
+    if memory is None or value * bytes_each <= memory:
         return
-    if n_bytes > memory:
-        raise ConfigError(key, f"{what} needs about {n_bytes / 1e9:.3g} GB, more than the "
-                          f"{memory / 1e9:.3g} GB of memory of this machine")
+    largest = int(memory // bytes_each)
+    raise ConfigError(key, f"{what} needs about {value * bytes_each / 1e9:.3g} GB, more than "
+                      f"the {memory / 1e9:.3g} GB of memory of this machine (at most {key} = "
+                      f"{largest:,} fits)")

@@ -692,6 +692,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError("--set", f"expected key=value, got {text!r}")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError("--set", f"expected key=value, got {text!r} (no key)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:

@@ -42,7 +42,7 @@ def initial_params(inputs: RunInputs) -> tuple[RunInputs, LinearParams]:
         params = load_params(model.init_from, d).astype(dtype)
         config = config.replace(**{"model.width": params.width})
         return dataclasses.replace(inputs, config=config), params
-    check_memory("model.width", 32.0 * d * model.width,
+    check_memory("model.width", model.width, 32.0 * d,
                  f"B, problem.d x model.width = {d} x {model.width}, with its updates")
     return inputs, init_linear(d, model.width, model.init_scale,
                                seed_rng(model.seed, Purpose.MODEL), dtype, model.head_scale)

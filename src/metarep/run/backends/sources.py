@@ -28,6 +28,7 @@ from metarep.run.inputs import (
     load_heldout,
     load_pool,
 )
+from metarep.run.loop import LOG
 from metarep.run.schema import Config, flatten, to_dict
 
 
@@ -66,9 +67,28 @@ def resolve_inputs(config: Config) -> RunInputs:
     inputs = _generated(config) if config.tasks.from_ is None else _loaded(config)
     # Evaluation draws two or more test tasks at once, each in at most d dimensions per method.
     shots = max(inputs.config.eval.shots)
-    check_memory("eval.shots", 64.0 * shots * inputs.problem.d,
+    check_memory("eval.shots", shots, 64.0 * inputs.problem.d,
                  f"test tasks of m_test = {shots} samples in d = {inputs.problem.d}")
+    _check_run_size(config)
     return inputs
+
+
+RECORD_BYTES = 1000.0
+"""Memory of one recorded row (about a dozen measures) while a run holds its records."""
+EVAL_BYTES_PER_TASK = 128.0
+"""Memory per test task of the evaluation: each row's per-task risks, then joined."""
+
+
+def _check_run_size(config: Config) -> None:
+    """Refuse a run whose records (``train.steps`` / ``train.record_every`` rows) or whose
+    evaluation (``eval.n_tasks`` risks per row) cannot be held in memory, naming the key."""
+    train = config.train
+    if train.record_every != LOG:
+        check_memory("train.steps", train.steps, RECORD_BYTES / train.record_every,
+                     f"recording every {train.record_every} of train.steps = {train.steps:,} "
+                     "steps (raise train.record_every, or use log)")
+    check_memory("eval.n_tasks", config.eval.n_tasks, EVAL_BYTES_PER_TASK,
+                 f"evaluating on eval.n_tasks = {config.eval.n_tasks:,} test tasks")
 
 
 def _generated(config: Config) -> RunInputs:
@@ -77,7 +97,7 @@ def _generated(config: Config) -> RunInputs:
     n, key = ((config.train.tasks_per_step, "train.tasks_per_step") if t.n == "online"
               else (t.n, "tasks.n"))
     if isinstance(n, int):  # sampled in float64, then split: two copies of X
-        check_memory(key, 16.0 * n * m * p.d, f"the task data, {key} x (tasks.m_in + "
+        check_memory(key, n, 16.0 * m * p.d, f"the task data, {key} x (tasks.m_in + "
                      f"tasks.m_out) x problem.d = {n} x {m} x {p.d} numbers,")
     problem = _problem(config)
     if t.n in ("online", "infinite"):
