@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +27,39 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
+@contextmanager
+def named_errors(path: str | Path) -> Iterator[None]:
+    """Give an ``OSError`` raised in the block without a file name (a full disk on
+    ``write``) the name ``path``, so that its message says which file could not be
+    written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and then atomically rename ``tmp_path`` to ``path``.
+    """Call ``write(tmp_path)`` and then atomically rename ``tmp_path`` to ``path``; on any
+    failure (a full disk, an interrupt) the temporary file is removed and ``path`` is left
+    as it was.
 
     The file gets the usual permissions (``FILE_MODE``), not ``mkstemp``'s private 0o600.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        os.chmod(tmp, FILE_MODE)
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with named_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                       suffix=".tmp")
+        os.close(handle)
+        try:
+            os.chmod(tmp, FILE_MODE)
+            write(Path(tmp))
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def is_temporary(path: Path) -> bool:

@@ -11,12 +11,14 @@ the same outputs as :func:`run_experiment` of each.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from metarep.core.evaluation import EvalRow
@@ -25,14 +27,18 @@ from metarep.errors import ConfigError
 from metarep.run import figures
 from metarep.run.backends import Backend, build_backend
 from metarep.run.backends.infinite import batched_stepper
-from metarep.run.loop import Diverged, RecordSchedule, Trajectory, train
+from metarep.run.interrupts import deferred_interrupts
+from metarep.run.loop import Diverged, RecordSchedule, Trajectory, is_diverging, train
 from metarep.run.provenance import provenance
 from metarep.run.rundir import (
+    CHECKPOINT,
     CONFIG,
     EVAL_FIGURE,
+    METRICS,
     TRAINING_FIGURE,
     RunDirectory,
     check_output_dir,
+    corrupt_file,
 )
 from metarep.run.schema import Config, dump_yaml, flatten, to_dict
 
@@ -71,33 +77,77 @@ def prepare(config: Config) -> Backend:
 
 
 class _Recorder:
-    """Persists the metrics and a checkpoint at most every ``seconds``, then calls ``hook``."""
+    """Persists a run at most every ``seconds`` (and on :meth:`save`): the records not yet in
+    ``metrics.csv`` are appended to it, then ``checkpoint.npz`` is written with the state of
+    the latest record and the number of rows it stands for; then calls ``hook``.
 
-    def __init__(self, backend: Backend, directory: RunDirectory, seconds: float,
-                 hook: OnRecord | None):
+    A save interrupted half way (a signal, a full disk) leaves the previous checkpoint, which
+    stands for rows that were all written: the next save rewrites from the end of those
+    rows, and a resumed run drops whatever lies beyond them.
+    """
+
+    def __init__(self, backend: Backend, directory: RunDirectory, trajectory: Trajectory[Any],
+                 seconds: float, hook: OnRecord | None):
         self.backend, self.directory, self.seconds, self.hook = backend, directory, seconds, hook
-        self.last = 0.0
+        self.saved = len(trajectory.records)  # records already in metrics.csv
+        self.offset = directory.metrics_size()  # its size in bytes
+        self.last = -math.inf
 
     def __call__(self, index: int, trajectory: Trajectory[Any]) -> None:
         now = time.monotonic()
         if now - self.last >= self.seconds:
             self.last = now
-            self.directory.write_metrics(trajectory.records)
-            self.directory.write_checkpoint(self.backend.arrays(trajectory.state),
-                                            trajectory.step, trajectory.records)
+            self.save(trajectory)
         if self.hook is not None:
             self.hook(trajectory)
 
+    def save(self, trajectory: Trajectory[Any]) -> None:
+        """Append the unsaved records up to ``trajectory.step`` and checkpoint its state."""
+        n = sum(1 for record in trajectory.records if record["step"] <= trajectory.step)
+        if n == 0:
+            return
+        if n > self.saved:
+            self.offset = self.directory.append_metrics(trajectory.records[self.saved:n],
+                                                        self.offset)
+            self.saved = n
+        self.directory.write_checkpoint(self.backend.state_arrays(trajectory.state),
+                                        trajectory.step, n)
+
 
 def _resumed(directory: RunDirectory, backend: Backend) -> Trajectory[Any] | None:
-    """The trajectory in ``directory``'s checkpoint, if it holds one of this very config."""
+    """The trajectory in ``directory``'s checkpoint, if it holds one of this very config:
+    its state (checked against the run's own: names, shapes, dtypes), its step (within
+    ``train.steps``) and the records ``metrics.csv`` holds for it (on the run's record
+    grid). :class:`ConfigError` ``--resume`` for a checkpoint of another config or a corrupt
+    one."""
     checkpoint, config_text = directory.checkpoint(), directory.config_text()
     if checkpoint is None or config_text is None:
         return None
     if config_text != dump_yaml(backend.config):
         raise ConfigError("--resume", f"{directory.file(CONFIG)} differs from this run's "
                           "config; use a new --out directory or drop --resume")
-    return Trajectory(backend.restore(checkpoint.arrays), checkpoint.step, checkpoint.records)
+    file = directory.file(CHECKPOINT)
+    expected = backend.state_arrays(backend.initial_state())
+    found = {name: (a.shape, a.dtype) for name, a in checkpoint.arrays.items()}
+    wanted = {name: (a.shape, a.dtype) for name, a in expected.items()}
+    if found != wanted:
+        raise corrupt_file(file, f"its state {_shapes(found)} is not this run's "
+                           f"{_shapes(wanted)}")
+    schedule = _schedule(backend.config)
+    if checkpoint.n_records == 0 or checkpoint.step > schedule.last:
+        raise corrupt_file(file, f"step {checkpoint.step} with {checkpoint.n_records} records "
+                           f"(train.steps = {schedule.last})")
+    records = directory.recorded_metrics(checkpoint)
+    off_grid = [r["step"] for r in records if not schedule.contains(r["step"])]
+    if off_grid:
+        raise corrupt_file(directory.file(METRICS), f"step {off_grid[0]} is not a record step "
+                           "of this run")
+    directory.keep_metrics(checkpoint.n_records)
+    return Trajectory(backend.restore(checkpoint.arrays), checkpoint.step, records)
+
+
+def _shapes(arrays: Mapping[str, tuple[tuple[int, ...], Any]]) -> str:
+    return ", ".join(f"{name} {shape} {dtype}" for name, (shape, dtype) in sorted(arrays.items()))
 
 
 def _check_occupant(directory: RunDirectory, resume: bool, overwrite: bool) -> None:
@@ -113,57 +163,80 @@ def _check_occupant(directory: RunDirectory, resume: bool, overwrite: bool) -> N
         raise ConfigError("--out", f"{path} holds a finished run (summary.json); give a new "
                           "--out, or --overwrite to replace it")
     if occupant == "interrupted" and not (resume or overwrite):
-        checkpoint = directory.checkpoint()
-        step = "" if checkpoint is None else f" at step {checkpoint.step}"
-        raise ConfigError("--out", f"{path} holds an interrupted run (checkpoint{step}); "
+        try:
+            checkpoint = directory.checkpoint()
+            at = "" if checkpoint is None else f" at step {checkpoint.step}"
+        except ConfigError:
+            at = ", corrupt"
+        raise ConfigError("--out", f"{path} holds an interrupted run (checkpoint{at}); "
                           "--resume continues it, --overwrite starts it again")
 
 
-def _begin(config: Config, out_dir: str | Path, resume: bool = False,
-           overwrite: bool = False) -> tuple[Backend, RunDirectory, Trajectory[Any]]:
+def _begin(config: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
+           restart_unresumable: bool = False) -> tuple[Backend, RunDirectory, Trajectory[Any]]:
     """Prepare ``config``, create ``out_dir`` and write ``config.yaml`` into it; returns the
-    backend, the directory and the trajectory to train (from step 0, or from the checkpoint
-    with ``resume``). Raises :class:`ConfigError` before writing anything for bad input or a
-    directory it may not use (:func:`_check_occupant`); ``overwrite`` first removes the files
-    of the run the directory holds."""
+    backend, the directory and the trajectory to train: from the checkpoint with ``resume``
+    (when there is one), else from step 0 in a directory cleared of any earlier run's files.
+    Raises :class:`ConfigError` before writing anything for bad input or a directory it may
+    not use (:func:`_check_occupant`), and for a checkpoint that cannot be resumed (another
+    config, corrupt) unless ``restart_unresumable``: then the run starts again."""
     directory = RunDirectory(check_output_dir(out_dir))
     backend = prepare(config)
     directory.create()
     _check_occupant(directory, resume, overwrite)
-    if overwrite:
-        directory.clear()
-    trajectory = _resumed(directory, backend) if resume else None
-    directory.write_config(dump_yaml(backend.config))
+    directory.remove_temporaries()
+    trajectory = None
+    if resume:
+        try:
+            trajectory = _resumed(directory, backend)
+        except ConfigError as error:
+            if not (restart_unresumable and error.key == "--resume"):
+                raise
     if trajectory is None:
+        directory.clear()
         trajectory = Trajectory(backend.initial_state(), 0, [])
+    directory.write_config(dump_yaml(backend.config))
     return backend, directory, trajectory
 
 
 def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True,
                    resume: bool = False, overwrite: bool = False,
                    on_record: OnRecord | None = None,
-                   checkpoint_seconds: float = CHECKPOINT_SECONDS) -> RunResult:
+                   checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                   restart_unresumable: bool = False) -> RunResult:
     """Run the experiment described by ``config`` and write its outputs to ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.npz`` (written at most every
-    ``checkpoint_seconds`` while training); ``overwrite`` replaces the finished or
-    interrupted run ``out_dir`` holds (without it, such a directory is refused);
-    ``on_record`` is called after each record.
+    ``checkpoint_seconds`` while training, with the records appended to ``metrics.csv``);
+    ``overwrite`` replaces the finished or interrupted run ``out_dir`` holds (without it, such
+    a directory is refused); ``restart_unresumable`` starts again where the checkpoint cannot
+    be resumed (another config, corrupt) instead of refusing; ``on_record`` is called after
+    each record.
+
     Raises :class:`ConfigError` before writing anything when the input is bad, and
-    :class:`~metarep.run.loop.Diverged` (after writing what was recorded) when training
-    diverges.
+    :class:`~metarep.run.loop.Diverged` (after writing what was recorded) when training, or
+    the test-time adaptation, diverges. On :class:`KeyboardInterrupt` (SIGINT, and SIGTERM
+    under :func:`metarep.run.interrupts.sigterm_interrupts`) the records so far and a
+    checkpoint of the latest one are written before it propagates.
     """
     started, origin = time.monotonic(), provenance()
-    backend, directory, trajectory = _begin(config, out_dir, resume, overwrite)
+    backend, directory, trajectory = _begin(config, out_dir, resume, overwrite,
+                                            restart_unresumable)
     if trajectory.step > 0:
         origin["resumed_at_step"] = trajectory.step
-    recorder = _Recorder(backend, directory, checkpoint_seconds, on_record)
-    [diverged] = train(backend, trajectory.state, [trajectory], schedule=_schedule(backend.config),
-                       advice=[divergence_advice(backend.config)], on_record=recorder,
-                       progress=progress)
-    result = _conclude(backend, directory, trajectory, started, diverged, origin)
-    if diverged is not None:
-        raise diverged
+    recorder = _Recorder(backend, directory, trajectory, checkpoint_seconds, on_record)
+    try:
+        [diverged] = train(backend, trajectory.state, [trajectory],
+                           schedule=_schedule(backend.config),
+                           advice=[divergence_advice(backend.config)], on_record=recorder,
+                           progress=progress)
+        result, failure = _conclude(backend, directory, trajectory, started, diverged, origin)
+    except KeyboardInterrupt:
+        with deferred_interrupts():
+            recorder.save(trajectory)
+        raise
+    if failure is not None:
+        raise failure
     return result
 
 
@@ -191,8 +264,9 @@ def batch_key(config: Config) -> str | None:
     return json.dumps(shared, sort_keys=True)
 
 
-def run_batch(configs: Sequence[Config],
-              out_dirs: Sequence[str | Path]) -> list[RunResult | Exception]:
+def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
+              resume: bool = False,
+              checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[RunResult | Exception]:
     """:func:`run_experiment` of each of ``configs`` into ``out_dirs``, as one batched computation.
 
     The configs must be ``tasks.n: infinite`` and agree on every key but :data:`BATCH_KEYS`
@@ -201,8 +275,13 @@ def run_batch(configs: Sequence[Config],
     steps their stacked coordinates with per-run ``alpha``, ``beta``, ``m_in``, ``sigma^2``
     (each from its own ``B_0``) through the same training loop as :func:`run_experiment`. The
     results equal those of :func:`run_experiment` on each config (``summary.json`` differs in
-    ``seconds``, the time since the batch started). There is no checkpoint: an interrupted
-    batch is redone.
+    ``seconds``, the time since the batch started).
+
+    Each run checkpoints into its directory as a run alone does; with ``resume`` each run
+    continues from its checkpoint (one that cannot be resumed is started again), and runs
+    that stopped at different steps are stepped as one batch per step, with the same
+    numbers. On :class:`KeyboardInterrupt` every run's records and checkpoint are written
+    before it propagates.
 
     **Returns** per run its :class:`RunResult`, or the exception that failed it (a
     :class:`ConfigError` from :func:`prepare`, with nothing written; :class:`Diverged`, after
@@ -220,34 +299,81 @@ def run_batch(configs: Sequence[Config],
     runs = []
     for i, (config, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
         try:
-            runs.append((i, *_begin(config, out_dir)))
+            runs.append((i, *_begin(config, out_dir, resume, restart_unresumable=True)))
         except Exception as error:  # this run fails alone
             results[i] = error
-    if runs:
-        backends = [backend for _, backend, _, _ in runs]
-        trajectories = [trajectory for *_, trajectory in runs]
-        state = InfiniteTaskState.stack([trajectory.state for trajectory in trajectories])
-        outcomes = train(batched_stepper(backends), state, trajectories,
-                         schedule=_schedule(backends[0].config),
-                         advice=[divergence_advice(b.config) for b in backends], progress=False)
-        for (i, backend, directory, trajectory), diverged in zip(runs, outcomes, strict=True):
-            try:
-                result = _conclude(backend, directory, trajectory, started, diverged, origin)
-                results[i] = result if diverged is None else diverged
-            except Exception as failure:  # this run fails alone
-                results[i] = failure
+    recorders = [_Recorder(backend, directory, trajectory, checkpoint_seconds, None)
+                 for _, backend, directory, trajectory in runs]
+    origins = [dict(origin) if trajectory.step == 0 else
+               {**origin, "resumed_at_step": trajectory.step} for *_, trajectory in runs]
+    by_step: dict[int, list[int]] = {}
+    for j, (*_, trajectory) in enumerate(runs):
+        by_step.setdefault(trajectory.step, []).append(j)
+    try:
+        for members in by_step.values():
+            outcomes = _train_together([runs[j][1] for j in members],
+                                       [runs[j][3] for j in members],
+                                       [recorders[j] for j in members])
+            for j, diverged in zip(members, outcomes, strict=True):
+                i, backend, directory, trajectory = runs[j]
+                try:
+                    result, failure = _conclude(backend, directory, trajectory, started,
+                                                diverged, origins[j])
+                    results[i] = result if failure is None else failure
+                except Exception as error:  # this run fails alone
+                    results[i] = error
+    except KeyboardInterrupt:
+        with deferred_interrupts():
+            for j, recorder in enumerate(recorders):
+                if results[runs[j][0]] is None:
+                    recorder.save(runs[j][3])
+        raise
     return results
+
+
+def _train_together(backends: Sequence[Backend], trajectories: Sequence[Trajectory[Any]],
+                    recorders: Sequence[_Recorder]) -> list[Diverged | None]:
+    """Step ``backends`` (infinite-task runs at one step) as one batch through the loop."""
+    state = InfiniteTaskState.stack([trajectory.state for trajectory in trajectories])
+    return train(batched_stepper(backends), state, trajectories,
+                 schedule=_schedule(backends[0].config),
+                 advice=[divergence_advice(b.config) for b in backends],
+                 on_record=lambda i, trajectory: recorders[i](i, trajectory), progress=False)
+
+
+def _test_time_divergence(backend: Backend, rows: list[EvalRow]) -> Diverged | None:
+    """The divergence of the test-time adaptation, by the training's rule
+    (:func:`metarep.run.loop.is_diverging`) with the risk of predicting 0, ``tr(Sigma_star)``,
+    as reference: an excess risk (or its standard error) of the method itself (its rows in
+    ``eval.csv``) that is non-finite or more than ``EXPLOSION_FACTOR`` times that; returned
+    with what to change, ``None`` when there is none."""
+    zero_risk = float(np.trace(backend.inputs.problem.Sigma_star))
+    bad = [row for row in rows if row.method == backend.method_name
+           and (is_diverging(row.excess_risk, zero_risk) or not math.isfinite(row.stderr))]
+    if not bad:
+        return None
+    c = backend.config
+    return Diverged(c.train.steps, bad[0].excess_risk,
+                    f"Excess risk {bad[0].excess_risk:g} at m_test = {bad[0].shots}: lower "
+                    f"method.inner_lr (now "
+                    f"{c.method.inner_lr:g}, also the test-time head step size) or "
+                    f"eval.adapt_steps (now {c.eval.adapt_steps}).", phase="test")
 
 
 def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[Any],
               started: float, diverged: Diverged | None,
-              origin: Mapping[str, Any]) -> RunResult:
+              origin: Mapping[str, Any]) -> tuple[RunResult, Diverged | None]:
     """Write a trained run's outputs: its evaluation (none for a run that ``diverged``), the
-    final state, the summary (with ``origin``, the :func:`~metarep.run.provenance.provenance`
-    of the process that started or resumed it) and the figures; remove the checkpoint."""
-    status, error = ("done", None) if diverged is None else ("diverged", str(diverged))
+    final state, the figures and, last, the summary (with ``origin``, the
+    :func:`~metarep.run.provenance.provenance` of the process that started or resumed it),
+    which marks the run finished; remove the checkpoint. Returns the result and the
+    divergence that stopped the run, in training (``diverged``) or at test time (a
+    non-finite test risk of the method: :func:`_test_time_divergence`), or ``None``."""
     state, inputs = trajectory.state, backend.inputs
-    rows = backend.evaluate(state) if diverged is None and inputs.has_truth else []
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging adaptation: judged below
+        rows = backend.evaluate(state) if diverged is None and inputs.has_truth else []
+    failure = diverged if diverged is not None else _test_time_divergence(backend, rows)
+    status, error = ("done", None) if failure is None else ("diverged", str(failure))
     directory.write_metrics(trajectory.records)
     truth = {"B_star": inputs.problem.B_star} if inputs.has_truth else {}  # else a random one
     directory.write_params({**backend.arrays(state), **truth,
@@ -256,6 +382,14 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     directory.write_held_out(backend.held_out(state) if diverged is None else [])
     final = dict(trajectory.records[-1]) if trajectory.records else {}
     theory = backend.theory(final, rows)
+    metrics = pd.DataFrame(trajectory.records)
+    limits = None if theory is None or theory["limits"] is None else {
+        name: value["theory"] for name, value in theory["limits"].items()
+        if value["theory"] is not None}
+    directory.write_figure(TRAINING_FIGURE,
+                           figures.training_figure(metrics, backend.config.name, limits))
+    if rows:
+        directory.write_figure(EVAL_FIGURE, figures.eval_figure(eval_frame, backend.config.name))
     summary = {
         "status": status,
         "error": error,
@@ -269,13 +403,6 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
         "provenance": dict(origin),
     }
     directory.write_summary(summary)
-    metrics = pd.DataFrame(trajectory.records)
-    limits = None if theory is None or theory["limits"] is None else {
-        name: value["theory"] for name, value in theory["limits"].items()
-        if value["theory"] is not None}
-    directory.write_figure(TRAINING_FIGURE,
-                           figures.training_figure(metrics, backend.config.name, limits))
-    if rows:
-        directory.write_figure(EVAL_FIGURE, figures.eval_figure(eval_frame, backend.config.name))
     directory.remove_checkpoint()
-    return RunResult(directory.path, status, metrics, rows, backend.params(state), summary)
+    result = RunResult(directory.path, status, metrics, rows, backend.params(state), summary)
+    return result, failure

@@ -31,12 +31,16 @@ EXPLOSION_FACTOR = 1e8  # a loss this many times the initial loss counts as dive
 
 
 class Diverged(RuntimeError):
-    """Training produced a non-finite or exploding loss; ``step`` is where it happened."""
+    """A run diverged: in ``phase`` ``"training"``, a non-finite or exploding loss at
+    ``step``; in ``phase`` ``"test"``, the test-time adaptation after ``step`` training steps
+    (``loss``: the non-finite risk). ``advice`` says what to change."""
 
-    def __init__(self, step: int, loss: float, advice: str):
-        super().__init__(f"training diverged at step {step} (train_loss = {loss:.4g}). {advice}")
-        self.step = step
-        self.loss = loss
+    def __init__(self, step: int, loss: float, advice: str, phase: str = "training"):
+        where = (f"training diverged at step {step} (train_loss = {loss:.4g})"
+                 if phase == "training" else f"the test-time adaptation diverged after {step} "
+                 "training steps")
+        super().__init__(f"{where}. {advice}")
+        self.step, self.loss, self.phase = step, loss, phase
 
 
 @dataclass

@@ -12,14 +12,19 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
 - ``params.npz``: the final state's arrays (``B, w`` and, for ``mtl``, the per-task ``heads``;
   a ReLU network's ``W1``, [``W2``], ``w``), ``B_star`` where known, and ``Sigma_star``;
 - ``training.png`` and ``eval.png``: the training curves and the test risk against m_test;
-- ``checkpoint.npz`` while it trains: the latest recorded state, step and records;
+- ``checkpoint.npz`` while it trains: the exact training state at the latest checkpointed
+  record, its step and how many rows of ``metrics.csv`` it stands for (the records are not
+  copied into it: ``metrics.csv`` grows by appended rows, the checkpoint stays the size of
+  the state);
 - ``error.json`` when it failed in a sweep: the error, its config key and traceback.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,13 +70,32 @@ def check_output_dir(path: str | Path, key: str = "--out") -> Path:
     return path
 
 
+CHECKPOINT_FORMAT = 2
+"""The layout of ``checkpoint.npz``: the state's arrays, ``step``, ``n_records``, ``format``."""
+CHECKPOINT_FIELDS = ("step", "n_records", "format")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """The state of an interrupted run: its arrays, its step and its records so far."""
+    """The state of an interrupted run: its arrays at ``step``, where the first ``n_records``
+    rows of ``metrics.csv`` (the last one at ``step``) are its records."""
 
     arrays: dict[str, np.ndarray]
     step: int
-    records: list[dict[str, float]]
+    n_records: int
+
+
+def corrupt_file(file: Path, why: str) -> ConfigError:
+    """The refusal of a damaged file of an interrupted run (which ``--resume`` would need)."""
+    return ConfigError("--resume", f"{file} is corrupt ({why}); --overwrite starts the run "
+                       "again")
+
+
+def _count(value: np.ndarray, name: str, file: Path) -> int:
+    """A non-negative integer scalar of a checkpoint, or :func:`corrupt_file`."""
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer) or int(value) < 0:
+        raise corrupt_file(file, f"{name!r} is not a non-negative integer")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,12 @@ class RunDirectory:
         before ``Path`` turned an empty one into the current directory)."""
         self.path.mkdir(parents=True, exist_ok=True)
 
+    def remove_temporaries(self) -> None:
+        """Remove the temporary files of atomic writes that were killed half way."""
+        for path in self.path.iterdir():
+            if atomic.is_temporary(path) and path.is_file():
+                path.unlink(missing_ok=True)
+
     def clear(self) -> None:
         """Remove every file of a run (:data:`RUN_FILES`), so that a run started again leaves
         no stale output of the one it replaces."""
@@ -114,12 +144,36 @@ class RunDirectory:
         atomic.write_text(self.file(CONFIG), text)
 
     def write_metrics(self, records: list[dict[str, float]]) -> None:
+        """Write ``metrics.csv`` whole (atomically): one row per record, ``step`` first."""
         atomic.write_text(self.file(METRICS), pd.DataFrame(records).to_csv(index=False))
 
+    def metrics_size(self) -> int:
+        """The size of ``metrics.csv`` in bytes (0 when absent)."""
+        file = self.file(METRICS)
+        return file.stat().st_size if file.is_file() else 0
+
+    def append_metrics(self, rows: list[dict[str, float]], offset: int) -> int:
+        """Write ``rows`` into ``metrics.csv`` from byte ``offset`` (the end of the rows
+        written so far; 0: a new file, with its header), cutting whatever lies beyond it (a
+        write torn by a signal or a full disk), and flush them to the disk, so that a
+        checkpoint written next may count them. Returns the new end."""
+        text = pd.DataFrame(rows).to_csv(index=False, header=offset == 0).encode()
+        file = self.file(METRICS)
+        with atomic.named_errors(file), \
+                open(file, "r+b" if offset and file.is_file() else "wb") as handle:
+            handle.seek(offset)
+            handle.truncate()
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return offset + len(text)
+
     def write_checkpoint(self, arrays: dict[str, np.ndarray], step: int,
-                         records: list[dict[str, float]]) -> None:
+                         n_records: int) -> None:
+        """Write ``checkpoint.npz`` (atomically): the state ``arrays`` at ``step``, standing
+        for the first ``n_records`` rows of ``metrics.csv``."""
         atomic.write_npz(self.file(CHECKPOINT), **arrays, step=np.array(step),
-                         records=np.array(json.dumps(records)))
+                         n_records=np.array(n_records), format=np.array(CHECKPOINT_FORMAT))
 
     def remove_checkpoint(self) -> None:
         self.file(CHECKPOINT).unlink(missing_ok=True)
@@ -173,12 +227,62 @@ class RunDirectory:
         return None if text is None else flatten(yaml.safe_load(text))
 
     def checkpoint(self) -> Checkpoint | None:
+        """``checkpoint.npz`` (``None`` if absent), checked as a container: a readable
+        archive of this format with ``step`` and ``n_records`` (non-negative integers) and
+        state arrays of finite real numbers. Whether the arrays fit the run is for its
+        backend to check. Raises :class:`ConfigError` ``--resume`` when it is corrupt."""
         file = self.file(CHECKPOINT)
         if not file.is_file():
             return None
-        with np.load(file, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files if name not in ("step", "records")}
-            return Checkpoint(arrays, int(data["step"]), json.loads(str(data["records"])))
+        try:
+            with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as data:
+                loaded = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise corrupt_file(file, f"not a readable .npz: {error}") from None
+        missing = [name for name in CHECKPOINT_FIELDS if name not in loaded]
+        if missing:
+            raise corrupt_file(file, f"no {', '.join(missing)}")
+        if _count(loaded["format"], "format", file) != CHECKPOINT_FORMAT:
+            raise corrupt_file(file, f"format {int(loaded['format'])}, this version reads "
+                           f"{CHECKPOINT_FORMAT}")
+        arrays = {name: a for name, a in loaded.items() if name not in CHECKPOINT_FIELDS}
+        for name, array in arrays.items():
+            if not (np.issubdtype(array.dtype, np.floating)
+                    or np.issubdtype(array.dtype, np.integer)) or not np.isfinite(array).all():
+                raise corrupt_file(file, f"array {name!r} does not hold finite real numbers")
+        return Checkpoint(arrays, _count(loaded["step"], "step", file),
+                          _count(loaded["n_records"], "n_records", file))
+
+    def recorded_metrics(self, checkpoint: Checkpoint) -> list[dict[str, float]]:
+        """The records ``checkpoint`` stands for: the first ``n_records`` rows of
+        ``metrics.csv``, checked (a header with ``step`` first, complete rows of numbers,
+        steps increasing, the last at the checkpoint's step). Rows after them (appended
+        after the checkpoint, or torn by a crash) are ignored (:meth:`keep_metrics` cuts
+        them). Raises :class:`ConfigError` ``--resume`` when the file cannot back the
+        checkpoint."""
+        file, n = self.file(METRICS), checkpoint.n_records
+        try:
+            lines = file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise corrupt_file(file, f"cannot be read: {error}") from None
+        if len(lines) < n + 1:
+            raise corrupt_file(file, f"{max(len(lines) - 1, 0)} rows, the checkpoint stands "
+                               f"for {n}")
+        columns = lines[0].split(",")
+        if columns[0] != "step" or len(set(columns)) != len(columns):
+            raise corrupt_file(file, "its header does not start with step")
+        records = [_record(line, columns, file) for line in lines[1:n + 1]]
+        steps = [record["step"] for record in records]
+        if steps != sorted(set(steps)) or (records and steps[-1] != checkpoint.step):
+            raise corrupt_file(file, f"its steps do not end at the checkpoint's step "
+                           f"{checkpoint.step} in increasing order")
+        return records
+
+    def keep_metrics(self, n_records: int) -> None:
+        """Cut ``metrics.csv`` to its header and first ``n_records`` rows (atomically)."""
+        lines = self.file(METRICS).read_text().splitlines()
+        if len(lines) > n_records + 1:
+            atomic.write_text(self.file(METRICS), "\n".join(lines[:n_records + 1]) + "\n")
 
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or ``None`` when not written yet; :class:`ConfigError` ``DIR``
@@ -248,3 +352,20 @@ class RunDirectory:
             params = {key: data[key] for key in data.files}
         return RunData(self.path.name, yaml.safe_load(self.config_text() or "{}"),
                        pd.read_csv(self.file(METRICS)), self.eval_table(), summary, params)
+
+
+def _record(line: str, columns: list[str], file: Path) -> dict[str, float]:
+    """One row of ``metrics.csv`` as the record it was written from (``step`` an integer,
+    the measures floats read back exactly; an empty field is ``nan``)."""
+    fields = line.split(",")
+    if len(fields) != len(columns):
+        raise corrupt_file(file, f"a row has {len(fields)} fields for {len(columns)} columns")
+    try:
+        values = [math.nan if field == "" else float(field) for field in fields]
+    except ValueError:
+        raise corrupt_file(file, f"a row holds something that is not a number: {line[:60]!r}") \
+            from None
+    step = values[0]
+    if not (math.isfinite(step) and step == int(step) and step >= 0):
+        raise corrupt_file(file, f"a row's step is not an integer: {fields[0]!r}")
+    return {"step": int(step), **dict(zip(columns[1:], values[1:], strict=True))}

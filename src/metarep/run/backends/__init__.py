@@ -41,11 +41,16 @@ class Backend(Protocol):
         ...
 
     def arrays(self, state: Any) -> dict[str, np.ndarray]:
-        """Named arrays of a state (``checkpoint.npz``, ``params.npz``)."""
+        """The model's named arrays at a state (``params.npz``)."""
+        ...
+
+    def state_arrays(self, state: Any) -> dict[str, np.ndarray]:
+        """The exact training state as named arrays (``checkpoint.npz``): :meth:`restore`
+        gives back the very same state, so a resumed run is bit-identical."""
         ...
 
     def restore(self, arrays: Mapping[str, np.ndarray]) -> Any:
-        """The state holding ``arrays`` (the inverse of :meth:`arrays`)."""
+        """The state holding ``arrays`` (the inverse of :meth:`state_arrays`)."""
         ...
 
     def params(self, state: Any) -> Any:

@@ -80,6 +80,10 @@ class EngineBackend:
     def arrays(self, state: Any) -> dict[str, np.ndarray]:
         return state.arrays()
 
+    def state_arrays(self, state: Any) -> dict[str, np.ndarray]:
+        """The network's arrays (and per-task heads): the whole engine state."""
+        return state.arrays()
+
     def restore(self, arrays: Mapping[str, np.ndarray]) -> Any:
         return self.initial_state().with_arrays(arrays)
 

@@ -77,19 +77,25 @@ class InfiniteTaskBackend(LinearModelRun):
         return self.frame.params(state)
 
     def initial_state(self) -> InfiniteTaskState:
-        return self.restore({"B": self.init.B, "w": self.init.w})
+        """The coordinates of ``(B_0, w_0)`` on this run's frame, in the run's dtype."""
+        coords = self.frame.state([LinearParams(np.asarray(self.init.B, np.float64),
+                                                np.asarray(self.init.w, np.float64))])
+        return InfiniteTaskState(coords.H.astype(self.initial.H.dtype),
+                                 coords.omega.astype(self.initial.omega.dtype))
 
     def arrays(self, state: InfiniteTaskState) -> dict[str, np.ndarray]:
         B, w = self.frame.params(state)
         return {"B": B, "w": w}
 
+    def state_arrays(self, state: InfiniteTaskState) -> dict[str, np.ndarray]:
+        """The coordinates ``H`` (1, k + r, p) and ``omega`` (1, p) themselves (mapping them to
+        ``(B, w)`` and back would round)."""
+        return {"H": state.H, "omega": state.omega}
+
     def restore(self, arrays: Mapping[str, np.ndarray]) -> InfiniteTaskState:
-        """The coordinates of ``B``, ``w`` (on this run's frame), in the run's dtype."""
-        params = LinearParams(np.asarray(arrays["B"], np.float64),
-                              np.asarray(arrays["w"], np.float64))
-        coords = self.frame.state([params])
-        return InfiniteTaskState(coords.H.astype(self.initial.H.dtype),
-                                 coords.omega.astype(self.initial.omega.dtype))
+        """The coordinates ``H``, ``omega`` of :meth:`state_arrays`, in the run's dtype."""
+        return InfiniteTaskState(np.array(arrays["H"], self.initial.H.dtype),
+                                 np.array(arrays["omega"], self.initial.omega.dtype))
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.stepper.step(state, t)

@@ -191,6 +191,10 @@ class LinearBackend(LinearModelRun):
     def arrays(self, state: State) -> dict[str, np.ndarray]:
         return state._asdict()
 
+    def state_arrays(self, state: State) -> dict[str, np.ndarray]:
+        """``B``, ``w`` (and the per-task ``heads`` of ``mtl``): the state itself."""
+        return state._asdict()
+
     def restore(self, arrays: Mapping[str, np.ndarray]) -> State:
         initial, dtype = self.initial_state(), self.config.train.dtype
         return initial._make(arrays[name].astype(dtype) for name in initial._fields)
