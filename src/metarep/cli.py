@@ -1,13 +1,17 @@
 """Command-line interface: a thin layer over :mod:`metarep.run`, :mod:`metarep.sweeps` and
 :mod:`metarep.study`. Each command imports what it needs when it runs, so ``--help`` is fast.
 
-Exit codes: 0 success, 2 bad input (one line naming the field), 3 training diverged.
+Exit codes: 0 success, 1 the system failed a write (a full disk, a lost permission), 2 bad
+input (one line naming the field), 3 a run diverged, 130 / 143 stopped by SIGINT / SIGTERM
+(everything recorded is kept; the same command with ``--resume``, or again for a sweep,
+continues). Every failure is one line on stderr.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +20,7 @@ from typer.core import TyperGroup
 
 from metarep.errors import ConfigError
 
+EXIT_SYSTEM = 1
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
@@ -80,6 +85,25 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextmanager
+def reported(stopped: str, kept: str) -> Iterator[None]:
+    """Run the block with SIGTERM raising an interrupt, as SIGINT does; an interrupt or a
+    failed write (``OSError``: a full disk) becomes one ``error:`` line: what ``stopped``,
+    then ``kept``, what was kept and how to go on. Exit 128 + the signal, or
+    :data:`EXIT_SYSTEM`."""
+    from metarep.run.interrupts import exit_code, signal_name, sigterm_interrupts
+
+    try:
+        with sigterm_interrupts():
+            yield
+    except KeyboardInterrupt as error:
+        raise fail(f"{stopped} by {signal_name(error)}; {kept}", exit_code(error)) from None
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        raise fail(f"{stopped}: cannot write{where}: {error.strerror or error}; {kept}",
+                   EXIT_SYSTEM) from None
+
+
 ConfigArg = Annotated[str, typer.Argument(help="YAML path or built-in name: paper, quick.")]
 SetOpt = Annotated[
     list[str] | None,
@@ -106,8 +130,10 @@ def run(
     try:
         cfg = load_config(config, overrides or [])
         out_dir = out if out is not None else str(Path("runs") / cfg.name)
-        result = run_experiment(cfg, out_dir, progress=progress and sys.stderr.isatty(),
-                                resume=resume, overwrite=overwrite)
+        with reported("run stopped", f"what was recorded is in {out_dir}; --resume continues "
+                      "from its last checkpoint"):
+            result = run_experiment(cfg, out_dir, progress=progress and sys.stderr.isatty(),
+                                    resume=resume, overwrite=overwrite)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     except Diverged as error:
@@ -159,7 +185,9 @@ def sweep(
                            retry_failed=retry_failed, progress=progress and terminal,
                            batch_infinite=batch, log_runs=progress and not terminal)
     try:
-        report = run_sweep(sweep_file, out, options)
+        with reported("sweep stopped", "finished runs are kept and interrupted ones resume: "
+                      "run the same command again"):
+            report = run_sweep(sweep_file, out, options)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     typer.echo(f"sweep {report.out_dir}: {report.total} runs, {report.done} done, "
@@ -203,8 +231,10 @@ def reproduce(
 
     try:
         terminal = sys.stderr.isatty()
-        result = run_study(scale, out, workers=workers, progress=progress and terminal,
-                           log_runs=progress and not terminal)
+        with reported("reproduce stopped", "finished runs are kept and interrupted ones "
+                      "resume: run the same command again"):
+            result = run_study(scale, out, workers=workers, progress=progress and terminal,
+                               log_runs=progress and not terminal)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     passed = sum(claim.passed for claim in result.claims)

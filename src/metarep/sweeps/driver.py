@@ -3,9 +3,12 @@
 
 Each run's directory holds exactly what ``metarep run`` writes; a failed run (bad config
 cell, divergence, crash) holds ``error.json`` (and whatever the run wrote before failing). A
-run directory is written under a temporary name and renamed into place when complete, so a
-directory with a run's name is always a finished run: re-running the sweep skips finished
-runs, deletes leftover temporary directories and redoes the rest.
+run directory is written under a temporary name (``.NAME.tmp``) and renamed into place when
+complete, so a directory with a run's name is always a finished run. Re-running the sweep
+skips finished runs, moves into place a run that finished just before the sweep stopped,
+resumes from its checkpoint a run that was interrupted (runs on the local executor
+checkpoint into ``.NAME.tmp`` as ``metarep run`` does; a checkpoint that cannot be resumed is
+started again), deletes every other leftover temporary directory and redoes the rest.
 
 Runs with ``tasks.n: infinite`` that differ only in step sizes, ``m_in``, noise and seeds
 (:data:`metarep.run.experiment.BATCH_KEYS`) are batched: each batch is one job that steps the
@@ -30,13 +33,15 @@ from tqdm.auto import tqdm
 
 from metarep.errors import ConfigError
 from metarep.run.experiment import batch_key
-from metarep.run.rundir import RunDirectory, check_output_dir
+from metarep.run.rundir import ERROR, RunDirectory, check_output_dir
 from metarep.run.schema import from_dict
 from metarep.sweeps.executors import Executor, Job, Outcome, RunTask, make_executor
 from metarep.sweeps.manifest import LOCK, build_manifest, check_out_dir, write_manifest
 from metarep.sweeps.spec import RunPlan, SweepSpec, load_sweep, plan_runs
 
-TEMP_DIR = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old-[0-9a-f]{8})$")
+"""A run's temporary directory: ``.NAME.tmp`` while it runs, ``.NAME.old-XXXXXXXX`` for a
+failed run being replaced."""
 MAX_BATCH = 64
 
 
@@ -83,17 +88,48 @@ def _locked(out: Path) -> Iterator[None]:
         yield
 
 
-def _clean_temporaries(out: Path) -> None:
+def workdir(out: Path, name: str) -> Path:
+    """Where run ``name`` of the sweep in ``out`` runs until it is complete."""
+    return out / f".{name}.tmp"
+
+
+def _clean_temporaries(out: Path, names: set[str]) -> None:
+    """Tidy the temporary directories of an earlier sweep in ``out``: a run of ``names``
+    that finished (``summary.json``, no ``error.json``) before it could be moved into place
+    is moved now; one that was interrupted stays, for its run to resume; every other one
+    (replaced runs, failed attempts, runs no longer planned) is deleted."""
     for path in out.iterdir():
-        if path.is_dir() and TEMP_DIR.match(path.name):
-            shutil.rmtree(path)
+        match = TEMP_DIR.match(path.name)
+        if not (path.is_dir() and match):
+            continue
+        name, run = match["name"], RunDirectory(path)
+        if match["kind"] == "tmp" and name in names and not (out / name).exists():
+            occupant = run.occupant()
+            if occupant == "finished" and not run.file(ERROR).exists() \
+                    and _finished_well(run):
+                run.remove_checkpoint()
+                os.rename(path, out / name)
+                continue
+            if occupant in ("interrupted", "partial", "new"):
+                continue
+        shutil.rmtree(path)
+
+
+def _finished_well(run: RunDirectory) -> bool:
+    """Whether ``run`` holds a readable summary of a run that is done."""
+    try:
+        summary = run.summary()
+    except ConfigError:
+        return False
+    return summary is not None and summary.get("status") == "done"
 
 
 def _finalize(out: Path, task: RunTask, outcome: Outcome) -> None:
     """Move a run's temporary directory into place (replacing a failed run being redone)."""
     workdir, final = Path(task.workdir), out / task.name
-    if outcome.files is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if outcome.files is not None:  # ran elsewhere: its files replace anything left here
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
         for name, data in outcome.files.items():
             (workdir / name).write_bytes(data)
     if final.exists():
@@ -135,7 +171,7 @@ def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: str | Path,
         with _locked(out):
             check_out_dir(out, manifest)
             write_manifest(out, manifest)
-            _clean_temporaries(out)
+            _clean_temporaries(out, {plan.name for plan in plans})
             return _drive(spec, plans, out, pool, options)
     finally:
         pool.close()
@@ -184,7 +220,7 @@ def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
             counts[state] += 1
     cwd, where = os.getcwd(), out.resolve()
     tasks = [RunTask(plan.name, spec.tree, plan.overrides, spec.config_name,
-                     str(where / f".{plan.name}.tmp-{uuid.uuid4().hex[:8]}"), cwd)
+                     str(workdir(where, plan.name)), cwd)
              for plan in todo]
     by_name = {task.name: task for task in tasks}
     jobs = (batch_jobs(tasks, pool.workers) if options.batch_infinite

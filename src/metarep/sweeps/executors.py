@@ -9,10 +9,12 @@ computation (:func:`metarep.run.experiment.run_batch`, with the same results).
 
 - :class:`LocalExecutor` with one worker runs in this process (the sequential baseline);
   with ``n`` workers it uses a ``spawn`` process pool. Its workers write straight into the
-  temporary run directory the driver chose.
+  temporary run directory the driver chose, and exit when the driver dies
+  (:func:`watch_parent`).
 - :class:`RayExecutor` sends each job to a Ray task (``num_cpus=1``); the task runs into a
   node-local temporary directory and returns the files' bytes, so the nodes need no shared
-  filesystem.
+  filesystem; the directories of killed tasks are deleted by later ones
+  (:func:`remove_stale_scratch`).
 
 Each job is limited to one thread (BLAS, OpenMP, torch: :func:`one_thread`), so ``n`` workers
 use ``n`` cores and a run gives bit-identical numbers on every executor.
@@ -21,15 +23,20 @@ use ``n`` cores and a run gives bit-identical numbers on every executor.
 from __future__ import annotations
 
 import concurrent.futures as futures
+import ctypes
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,12 +44,19 @@ from typing import Any, Protocol
 from threadpoolctl import threadpool_limits
 
 from metarep.errors import ConfigError
+from metarep.run.interrupts import Terminated
 from metarep.run.loop import Diverged
 from metarep.run.rundir import RunDirectory
 from metarep.run.schema import from_dict
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 EXECUTORS = ("local", "ray")
+PARENT_POLL_S = 0.2
+"""How often a local pool worker checks that the driver still lives (:func:`watch_parent`)."""
+SCRATCH_PREFIX = "metarep-run-"
+SCRATCH = re.compile(rf"^{SCRATCH_PREFIX}(?P<pid>[0-9]{{1,9}})-")
+"""A Ray task's scratch directory in the system temp dir: ``metarep-run-PID-XXXXXXXX``."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -107,17 +121,19 @@ Job = tuple[RunTask, ...]
 def execute(task: RunTask, workdir: str | Path) -> Outcome:
     """Run ``task`` into ``workdir`` on one thread; never raises for a failing run.
 
-    A bad config cell (:class:`ConfigError`), a divergence (:class:`Diverged`) or any other
-    exception makes the run ``failed``: ``workdir/error.json`` records the error (with the
-    config key at fault, the run's overrides and the traceback) next to whatever the run
-    wrote before failing (a diverged run keeps its recorded measures).
+    A run interrupted earlier resumes from the checkpoint in ``workdir`` (one that cannot be
+    resumed is started again). A bad config cell (:class:`ConfigError`), a divergence
+    (:class:`Diverged`) or any other exception makes the run ``failed``:
+    ``workdir/error.json`` records the error (with the config key at fault, the run's
+    overrides and the traceback) next to whatever the run wrote before failing (a diverged
+    run keeps its recorded measures).
     """
     from metarep.run.experiment import run_experiment  # heavy import, deferred to the worker
 
     try:
         with one_thread():
             run_experiment(from_dict(task.tree, task.overrides, name=task.config_name), workdir,
-                           progress=False)
+                           progress=False, resume=True, restart_unresumable=True)
     except Exception as error:
         return failed(task, workdir, error)
     return Outcome(task.name, "done", None)
@@ -144,7 +160,7 @@ def execute_group(tasks: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
     try:
         configs = [from_dict(task.tree, task.overrides, name=task.config_name) for task in tasks]
         with one_thread():
-            results = run_batch(configs, workdirs)
+            results = run_batch(configs, workdirs, resume=True)
     except Exception as error:
         results = [error] * len(tasks)
     return [failed(task, workdir, result) if isinstance(result, Exception)
@@ -160,15 +176,52 @@ def execute_job(job: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
     return execute_group(job, workdirs)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (here, in this process's pid namespace); a zombie, dead
+    but not yet reaped, does not (where ``/proc`` tells)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS)
+        return True
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def remove_stale_scratch(root: str | Path | None = None) -> None:
+    """Delete the scratch directories that dead processes left in ``root`` (default: the
+    system temp dir), as a Ray task killed mid-run leaves its own: only ``metarep-run-PID-*``
+    (:data:`SCRATCH`) and only where ``PID`` no longer exists. Errors are ignored (another
+    task may be deleting the same directory)."""
+    root = Path(tempfile.gettempdir() if root is None else root)
+    with suppress(OSError):
+        for path in list(root.iterdir()):
+            match = SCRATCH.match(path.name)
+            with suppress(OSError):
+                if match and not pid_alive(int(match["pid"])) and not path.is_symlink() \
+                        and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+
+
 def execute_packed(job: Job) -> list[Outcome]:
     """:func:`execute_job` into private temporary directories; returns the files as bytes.
 
     Runs in the driver's directory where that directory exists (a single machine or a shared
     filesystem), so relative paths in the config resolve as they would for ``metarep run``.
+    The scratch directory is ``metarep-run-PID-*`` in the system temp dir, ``PID`` this
+    process's; those of dead processes (tasks killed mid-run) are deleted first
+    (:func:`remove_stale_scratch`).
     """
     if os.path.isdir(job[0].cwd):
         os.chdir(job[0].cwd)
-    with tempfile.TemporaryDirectory(prefix="metarep-run-") as scratch:
+    remove_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         workdirs = [Path(scratch) / str(i) for i in range(len(job))]
         outcomes = execute_job(job, workdirs)
         return [Outcome(outcome.name, outcome.status, outcome.error,
@@ -182,6 +235,83 @@ def worker_died(task: RunTask, reason: str) -> Outcome:
     error = f"worker died: {reason}"
     RunDirectory(task.workdir).write_error(error, "WorkerDied", None, task.overrides, None)
     return Outcome(task.name, "failed", error)
+
+
+def watch_parent(poll: float = PARENT_POLL_S) -> None:
+    """Pool initializer: this worker exits once the driver that started it is gone, even in
+    the middle of a run, so that a killed sweep leaves no orphaned workers (the next sweep
+    resumes or deletes the run's temporary directory).
+
+    The rule: a daemon thread checks every ``poll`` seconds that this process's parent is
+    still the one it had at start (``os.getppid()``; an orphan is re-parented) and that the
+    driver (:func:`multiprocessing.parent_process`: with ``spawn``, the parent itself) still
+    runs (:func:`pid_alive`), and ends the process (``os._exit``) when either fails. On
+    Linux the kernel also kills the worker when the parent dies (``PR_SET_PDEATHSIG``:
+    strictly, when the parent's thread that started it ends; :meth:`LocalExecutor._pool_map`
+    starts and shuts down a pool in one thread).
+    """
+    parent = os.getppid()
+    creator = multiprocessing.parent_process()
+    driver = creator.pid if creator is not None else parent
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent and pid_alive(driver):
+            time.sleep(poll)
+        os._exit(1)  # nobody is left to take this worker's result
+
+    threading.Thread(target=watch, name="metarep-watch-parent", daemon=True).start()
+
+
+_job_running = False
+"""In a pool worker: whether a job is running (SIGTERM then stops it, saving its runs)."""
+_stopping = False
+"""In a pool worker: whether SIGTERM arrived (no job starts after it)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """A pool worker's SIGTERM: stop the running job as an interrupt (its runs write their
+    records and checkpoints on the way out); an idle worker only notes it, so that it starts
+    no job after it and leaves when the pool shuts down (ending it here could leave the
+    pool's queue locked)."""
+    global _stopping
+    if _job_running and not _stopping:
+        _stopping = True
+        raise Terminated(signum)
+    _stopping = True
+
+
+def init_worker() -> None:
+    """Pool initializer: exit with the driver (:func:`watch_parent`); leave SIGINT to the
+    driver (a Ctrl-C reaches every process of the terminal, and the driver decides); stop
+    the running job on SIGTERM (:func:`_on_sigterm`), which the driver sends to its workers
+    when it is interrupted."""
+    watch_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def run_pool_job(job: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
+    """:func:`execute_job` in a pool worker, marked as running for :func:`_on_sigterm`;
+    none starts once the worker was told to stop."""
+    global _job_running
+    _job_running = True
+    try:
+        if _stopping:
+            raise Terminated()
+        return execute_job(job, workdirs)
+    finally:
+        _job_running = False
+
+
+def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
+    """Send SIGTERM to the pool's worker processes (their running runs checkpoint)."""
+    processes = getattr(pool, "_processes", None) or {}
+    for process in list(processes.values()):
+        with suppress(OSError, AttributeError):
+            process.terminate()
 
 
 class Executor(Protocol):
@@ -209,13 +339,15 @@ class LocalExecutor:
         yield from self._pool_map(listed, retries_left={job[0].name: 1 for job in listed})
 
     def _pool_map(self, jobs: list[Job], retries_left: dict[str, int]) -> Iterator[Outcome]:
-        """Run ``jobs`` on a fresh pool; if a worker dies (which breaks the pool), retry
-        the unfinished jobs once on a new pool and record their runs failed the second time."""
+        """Run ``jobs`` on a fresh pool (its workers exit if this process dies:
+        :func:`watch_parent`); if a worker dies (which breaks the pool), retry the
+        unfinished jobs once on a new pool and record their runs failed the second time."""
         context = multiprocessing.get_context("spawn")
         broken: list[Job] = []
-        pool = futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        pool = futures.ProcessPoolExecutor(self.workers, mp_context=context,
+                                           initializer=init_worker)
         try:
-            pending = {pool.submit(execute_job, job, [task.workdir for task in job]): job
+            pending = {pool.submit(run_pool_job, job, [task.workdir for task in job]): job
                        for job in jobs}
             for future in futures.as_completed(pending):
                 job = pending[future]
@@ -227,7 +359,10 @@ class LocalExecutor:
                     else:
                         for task in job:
                             yield worker_died(task, str(error))
-        finally:  # on an early exit (Ctrl-C) drop the queued jobs, finish the running ones
+        except BaseException:  # interrupted (SIGINT, SIGTERM) or closed early: stop the runs
+            _stop_workers(pool)
+            raise
+        finally:  # drop the queued jobs; the running ones end (checkpointed if stopped)
             pool.shutdown(wait=True, cancel_futures=True)
         for job in broken:
             retries_left[job[0].name] -= 1
