@@ -287,23 +287,25 @@ class RunDirectory:
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or ``None`` when not written yet; :class:`ConfigError` ``DIR``
         when it is corrupt (not JSON, not an object, ``final`` not an object)."""
-        file = self.file(SUMMARY)
-        if not file.is_file():
-            return None
-        try:
-            data = json.loads(file.read_bytes())
-        except (OSError, ValueError, RecursionError) as error:
-            why = "nested too deeply" if isinstance(error, RecursionError) else error
-            raise ConfigError("DIR", f"{file} is corrupt ({why}); it cannot be read") from None
-        if not isinstance(data, dict) or not isinstance(data.get("final", {}), dict | None):
-            raise ConfigError("DIR", f"{file} is corrupt (not a run summary: a JSON object "
-                              "with an object 'final'); it cannot be read")
+        data = self._json(SUMMARY)
+        if data is not None and not isinstance(data.get("final", {}), dict | None):
+            raise ConfigError("DIR", f"{self.file(SUMMARY)} is corrupt (not a run summary: "
+                              "its 'final' is not an object); it cannot be read")
         return data
 
     def error(self) -> dict[str, Any] | None:
         """``error.json``, or ``None`` when the run did not fail; :class:`ConfigError` ``DIR``
         when it is corrupt (not JSON, not an object, no ``error`` text)."""
-        file = self.file(ERROR)
+        data = self._json(ERROR)
+        if data is not None and not isinstance(data.get("error"), str):
+            raise ConfigError("DIR", f"{self.file(ERROR)} is corrupt (not a run failure: no "
+                              "'error' text); it cannot be read")
+        return data
+
+    def _json(self, name: str) -> dict[str, Any] | None:
+        """The JSON object in file ``name``, ``None`` when absent; :class:`ConfigError`
+        ``DIR`` when it is not readable JSON or not an object."""
+        file = self.file(name)
         if not file.is_file():
             return None
         try:
@@ -311,9 +313,9 @@ class RunDirectory:
         except (OSError, ValueError, RecursionError) as error:
             why = "nested too deeply" if isinstance(error, RecursionError) else error
             raise ConfigError("DIR", f"{file} is corrupt ({why}); it cannot be read") from None
-        if not isinstance(data, dict) or not isinstance(data.get("error"), str):
-            raise ConfigError("DIR", f"{file} is corrupt (not a run failure: a JSON object "
-                              "with an 'error' text); it cannot be read")
+        if not isinstance(data, dict):
+            raise ConfigError("DIR", f"{file} is corrupt (not a JSON object); it cannot be "
+                              "read")
         return data
 
     def eval_table(self) -> pd.DataFrame | None:
