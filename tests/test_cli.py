@@ -293,6 +293,7 @@ BAD_INPUTS = {
                                                tmp, B=np.zeros((6, 4)), w=np.zeros(4)))],
                               "model.init_from"),
     "set-without-key": (lambda tmp: ["--set", "=3"], "--set"),
+    "integer-as-huge-float": (lambda tmp: ["--set", "tasks.m_in=1e30"], "tasks.m_in"),
     "unknown-option": (lambda tmp: ["--bogus"], "--bogus"),
     "option-of-wrong-type": (lambda tmp: ["--progress=maybe"], "--progress"),
 }

@@ -68,6 +68,8 @@ def integer(lo: int | None = None, hi: int | None = None) -> Checker:
         if not math.isfinite(number) or number != int(number):
             raise ConfigError(key, f"expected an integer, got {value!r}")
         number = int(number)
+        if abs(number) > LARGEST_NUMBER:  # a float such as 1e30
+            raise ConfigError(key, f"must be at most 2^63 - 1 in size, got {value!r}")
         _check_bounds(key, number, lo, hi, "an integer")
         return number
 
