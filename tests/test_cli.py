@@ -280,6 +280,8 @@ BAD_INPUTS = {
                                  "model.width"),
     "records-too-many-for-memory": (lambda tmp: ["--set", "train.steps=1e12", "--set",
                                                  "train.record_every=1"], "train.steps"),
+    "steps-beyond-a-lifetime": (lambda tmp: ["--set", "train.steps=1e15", "--set",
+                                             "train.record_every=log"], "train.steps"),
     "eval-tasks-too-many-for-memory": (lambda tmp: ["--set", "eval.n_tasks=1e12"],
                                        "eval.n_tasks"),
     "pool-npy": (lambda tmp: ["--set", f"tasks.from={npy_file(tmp)}"], "tasks.from"),

@@ -354,3 +354,49 @@ def test_sigkill_of_a_ray_sweep_ends_its_ray_instance_and_clears_scratch(tmp_pat
         process.wait()
         kill_left(pids)
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_proc
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_ray_sweep_cleanly_then_resume_completes(tmp_path, signum):
+    """SIGINT to the process group (Ctrl-C) or SIGTERM to the driver of a Ray sweep (its own
+    local instance): exit 128 + signal with one line, the running tasks cancelled and the
+    instance shut down (no Ray process left); the same command then redoes the interrupted
+    runs, each once."""
+    pytest.importorskip("ray")
+    short = Path(tempfile.mkdtemp(prefix="wf", dir="/tmp"))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(short), TMPDIR=str(short), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
+    sweep, out, log = write_sweep(tmp_path), tmp_path / "out", tmp_path / "driver.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(sweep_command(sweep, out, "ray"), cwd=tmp_path, env=env,
+                                   start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    pids: dict[int, int] = {}
+    try:
+        def running() -> bool:
+            if process.poll() is not None and "cannot connect to Ray" in log.read_text():
+                pytest.skip(f"Ray cannot start here: {log.read_text().strip()}")
+            live = [pid for pid in scratch_dirs(short).values() if executors.pid_alive(pid)]
+            return len(live) == 2
+
+        wait_until(running, 120, "two Ray tasks in progress", process, log)
+        pids = family(process.pid)
+        if signum == signal.SIGINT:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        assert process.wait(timeout=60) == 128 + signum, log.read_text()
+        lines = log.read_text().splitlines()
+        name = signal.Signals(signum).name
+        assert len(lines) == 1 and lines[0].startswith(f"error: sweep stopped by {name}"), lines
+        wait_until(lambda: not alive(pids), 30, "the Ray instance to shut down")
+        assert len(finished(out)) < len(WIDTHS), "the signal must land midway"
+        resume_and_check(sweep, out, "ray", env)
+    finally:
+        process.kill()
+        process.wait()
+        kill_left(pids)
+        shutil.rmtree(short, ignore_errors=True)

@@ -203,3 +203,18 @@ def check_memory(key: str, value: float, bytes_each: float, what: str) -> None:
     raise ConfigError(key, f"{what} needs about {value * bytes_each / 1e9:.3g} GB, more than "
                       f"the {memory / 1e9:.3g} GB of memory of this machine (at most {key} = "
                       f"{largest:,} fits)")
+
+
+YEAR_SECONDS = 365.25 * 24 * 3600.0
+"""The longest a run may take: what needs more, even at the fastest, is refused."""
+
+
+def check_time(key: str, value: float, seconds_each: float, what: str) -> None:
+    """Raise :class:`ConfigError` naming ``key`` when ``what``, at least ``seconds_each``
+    seconds for each of ``value`` units (an optimistic floor), cannot finish within a year;
+    the message gives the largest ``value`` that can."""
+    if value * seconds_each <= YEAR_SECONDS:
+        return
+    raise ConfigError(key, f"{what} takes at least {value * seconds_each / YEAR_SECONDS:.3g} "
+                      f"years (>= {seconds_each * 1e6:g} us each); at most {key} = "
+                      f"{int(YEAR_SECONDS // seconds_each):,} can finish within a year")

@@ -25,7 +25,13 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []
+"""The signals :func:`_raise_terminated` turned into interrupts, latest last (a library
+between the signal and its handler, such as Ray, may re-raise a plain KeyboardInterrupt)."""
+
+
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
     raise Terminated(signum)
 
 
@@ -44,20 +50,28 @@ def sigterm_interrupts() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _signum(error: KeyboardInterrupt) -> int:
+    """The signal behind ``error``: its own (:class:`Terminated`), else the last one turned
+    into an interrupt here, else SIGINT (Python's own KeyboardInterrupt)."""
+    return int(getattr(error, "signum", None) or (_received[-1] if _received
+                                                  else signal.SIGINT))
+
+
 def signal_name(error: KeyboardInterrupt) -> str:
-    """``SIGTERM`` for :class:`Terminated`, ``SIGINT`` for any other interrupt."""
-    return signal.Signals(getattr(error, "signum", signal.SIGINT)).name
+    """``SIGTERM`` for :class:`Terminated` (or a re-raised one), ``SIGINT`` otherwise."""
+    return signal.Signals(_signum(error)).name
 
 
 def exit_code(error: KeyboardInterrupt) -> int:
     """128 + the signal's number: 130 for SIGINT (Ctrl-C), 143 for SIGTERM."""
-    return 128 + int(getattr(error, "signum", signal.SIGINT))
+    return 128 + _signum(error)
 
 
 @contextmanager

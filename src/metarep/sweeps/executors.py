@@ -409,6 +409,19 @@ def use_local_token(address: str) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+@contextmanager
+def _keeping_sigterm() -> Iterator[None]:
+    """Restore this process's SIGTERM handler after the block (in the main thread), so that
+    a SIGTERM still stops the sweep as :mod:`metarep.run.interrupts` says."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 class RayExecutor:
     """Ray tasks on the cluster at ``address`` (``None``: Ray's default discovery, else a new
     local instance), one per job, at most ``workers`` in flight (default: the cluster's
@@ -426,8 +439,9 @@ class RayExecutor:
         self.owns_connection = not ray.is_initialized()
         if self.owns_connection:
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                         logging_level="warning")
+                with _keeping_sigterm():  # Ray's core would take SIGTERM over (and exit 1)
+                    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                             logging_level="warning")
             except (ConnectionError, ValueError, RuntimeError) as error:
                 hint = ("" if os.environ.get("RAY_AUTH_MODE") else
                         " (a cluster with token authentication, Ray's default, also needs "

@@ -24,6 +24,7 @@ from metarep.errors import ConfigError
 from metarep.run.inputs import (
     check_heldout,
     check_memory,
+    check_time,
     config_errors,
     load_heldout,
     load_pool,
@@ -77,12 +78,18 @@ RECORD_BYTES = 1000.0
 """Memory of one recorded row (about a dozen measures) while a run holds its records."""
 EVAL_BYTES_PER_TASK = 128.0
 """Memory per test task of the evaluation: each row's per-task risks, then joined."""
+STEP_SECONDS_FLOOR = 2e-5
+"""The least time an outer step takes, whatever the run (the smallest exact infinite-task run
+takes about 1e-4 s per step on a 2-core machine; this allows a machine 5 times faster)."""
 
 
 def _check_run_size(config: Config) -> None:
     """Refuse a run whose records (``train.steps`` / ``train.record_every`` rows) or whose
-    evaluation (``eval.n_tasks`` risks per row) cannot be held in memory, naming the key."""
+    evaluation (``eval.n_tasks`` risks per row) cannot be held in memory, or whose steps
+    cannot finish within a year even at :data:`STEP_SECONDS_FLOOR` each, naming the key."""
     train = config.train
+    check_time("train.steps", train.steps, STEP_SECONDS_FLOOR,
+               f"train.steps = {train.steps:,} outer steps")
     if train.record_every != LOG:
         check_memory("train.steps", train.steps, RECORD_BYTES / train.record_every,
                      f"recording every {train.record_every} of train.steps = {train.steps:,} "
