@@ -766,19 +766,20 @@ def test_help_keeps_the_defaults_written_in_brackets(cli, command, default):
 
 
 def test_finished_work_is_never_replaced_by_accident(cli, error_line, tmp_path, monkeypatch):
-    """A finished run is refused as --out (also with --resume) unless --overwrite; an
-    interrupted one needs --resume or --overwrite and is named with its step; a directory of
-    other files is refused; each refusal is exit 2 naming --out, with the files untouched."""
+    """A finished run is refused as --out (also with --resume) unless --force (alias
+    --overwrite), which the refusal names; an interrupted one needs --resume or --force and
+    is named with its step; a directory of other files is refused; each refusal is exit 2
+    naming --out, with the files untouched."""
     out = tmp_path / "run"
     assert cli("run", "quick", *SHORT, "--out", out).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     for extra in ([], ["--resume"], ["--set", "model.width=5"]):
         result = cli("run", "quick", *SHORT, *extra, "--out", out)
         assert result.exit_code == 2 and "error: --out:" in error_line(result)
-        assert "finished run" in result.stderr
+        assert "finished run" in result.stderr and "--force" in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert cli("run", "quick", *SHORT, "--set", "model.width=5", "--out", out,
-               "--overwrite").exit_code == 0
+               "--force").exit_code == 0
     assert "width: 5" in (out / "config.yaml").read_text()
 
     hooks = RunHooks(monkeypatch)
@@ -788,7 +789,7 @@ def test_finished_work_is_never_replaced_by_accident(cli, error_line, tmp_path, 
     result = cli("run", "quick", *SHORT, "--out", interrupted)
     message = error_line(result)
     assert result.exit_code == 2 and message.startswith("error: --out:")
-    assert "step 21" in message and "--resume" in message
+    assert "step 21" in message and "--resume" in message and "--force" in message
     hooks.stop_at = None
     assert cli("run", "quick", *SHORT, "--out", interrupted, "--overwrite").exit_code == 0
     assert hooks.steps[-4:] == [42, 49, 56, 60] and hooks.steps[-10] == 0  # started again

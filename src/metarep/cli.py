@@ -119,6 +119,7 @@ def run(
                    typer.Option(help="Output directory \\[default: runs/NAME].")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.npz.")] = False,
     overwrite: Annotated[bool, typer.Option(
+        "--force", "--overwrite",
         help="Replace the finished or interrupted run in OUT (refused without it).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:

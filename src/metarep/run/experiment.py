@@ -161,7 +161,7 @@ def _check_occupant(directory: RunDirectory, resume: bool, overwrite: bool) -> N
                           "new directory")
     if occupant == "finished" and not overwrite:
         raise ConfigError("--out", f"{path} holds a finished run (summary.json); give a new "
-                          "--out, or --overwrite to replace it")
+                          "--out, or --force to replace it")
     if occupant == "interrupted" and not (resume or overwrite):
         try:
             checkpoint = directory.checkpoint()
@@ -169,7 +169,7 @@ def _check_occupant(directory: RunDirectory, resume: bool, overwrite: bool) -> N
         except ConfigError:
             at = ", corrupt"
         raise ConfigError("--out", f"{path} holds an interrupted run (checkpoint{at}); "
-                          "--resume continues it, --overwrite starts it again")
+                          "--resume continues it, --force starts it again")
 
 
 def _begin(config: Config, out_dir: str | Path, resume: bool = False, overwrite: bool = False,

@@ -87,7 +87,7 @@ class Checkpoint:
 
 def corrupt_file(file: Path, why: str) -> ConfigError:
     """The refusal of a damaged file of an interrupted run (which ``--resume`` would need)."""
-    return ConfigError("--resume", f"{file} is corrupt ({why}); --overwrite starts the run "
+    return ConfigError("--resume", f"{file} is corrupt ({why}); --force starts the run "
                        "again")
 
 
