@@ -435,3 +435,16 @@ def test_a_signal_stops_a_sweep_cleanly_and_the_same_command_finishes_it(tmp_pat
         with threadpool_limits(limits=1):
             experiment.run_experiment(with_width, straight, progress=False)
         same_outputs(out / f"width={width}", straight)
+
+
+def test_an_interrupt_sent_back_by_a_pool_worker_unpickles_with_its_signal():
+    """A worker's stopped job returns its Terminated to the driver; one that cannot be
+    unpickled would break the pool (which then kills the other workers mid-save)."""
+    import pickle
+
+    from metarep.run.interrupts import Terminated, exit_code
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        back = pickle.loads(pickle.dumps(Terminated(signum)))
+        assert isinstance(back, KeyboardInterrupt) and back.signum == signum
+        assert exit_code(back) == 128 + signum

@@ -24,6 +24,11 @@ class Terminated(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self) -> tuple[type[Terminated], tuple[int]]:
+        """Pickled by its signal number (a pool worker sends it back to the driver; an
+        exception that cannot be unpickled would break the pool)."""
+        return Terminated, (self.signum,)
+
 
 _received: list[int] = []
 """The signals :func:`_raise_terminated` turned into interrupts, latest last (a library

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from metarep.errors import ArgumentError
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from metarep.errors import ConfigError
 from metarep.run.interrupts import Terminated
@@ -265,37 +266,41 @@ def watch_parent(poll: float = PARENT_POLL_S) -> None:
     threading.Thread(target=watch, name="metarep-watch-parent", daemon=True).start()
 
 
+STOP_SIGNAL = signal.SIGUSR1
+"""What the driver sends its pool workers when it is interrupted: stop the running job,
+saving its runs (SIGTERM keeps its default, ending a worker at once, which the pool relies
+on to clear out a broken pool)."""
 _job_running = False
-"""In a pool worker: whether a job is running (SIGTERM then stops it, saving its runs)."""
+"""In a pool worker: whether a job is running (:data:`STOP_SIGNAL` then stops it)."""
 _stopping = False
-"""In a pool worker: whether SIGTERM arrived (no job starts after it)."""
+"""In a pool worker: whether the driver asked it to stop (no job starts after that)."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """A pool worker's SIGTERM: stop the running job as an interrupt (its runs write their
-    records and checkpoints on the way out); an idle worker only notes it, so that it starts
-    no job after it and leaves when the pool shuts down (ending it here could leave the
-    pool's queue locked)."""
+def _on_stop(signum: int, frame: Any) -> None:
+    """A pool worker's :data:`STOP_SIGNAL`: stop the running job as an interrupt (its runs
+    write their records and checkpoints on the way out; once only); an idle worker only
+    notes it, starts no job after it, and leaves when the pool shuts down."""
     global _stopping
     if _job_running and not _stopping:
         _stopping = True
-        raise Terminated(signum)
+        raise Terminated(signal.SIGTERM)
     _stopping = True
 
 
 def init_worker() -> None:
     """Pool initializer: exit with the driver (:func:`watch_parent`); leave SIGINT to the
     driver (a Ctrl-C reaches every process of the terminal, and the driver decides); stop
-    the running job on SIGTERM (:func:`_on_sigterm`), which the driver sends to its workers
-    when it is interrupted."""
+    the running job on :data:`STOP_SIGNAL` (:func:`_on_stop`), which the driver sends to its
+    workers when it is interrupted."""
     watch_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(STOP_SIGNAL, _on_stop)
+    tqdm.set_lock(threading.RLock())  # a thread lock: no process-shared semaphore to leak
 
 
 def run_pool_job(job: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
-    """:func:`execute_job` in a pool worker, marked as running for :func:`_on_sigterm`;
-    none starts once the worker was told to stop."""
+    """:func:`execute_job` in a pool worker, marked as running for :func:`_on_stop`; none
+    starts once the worker was told to stop."""
     global _job_running
     _job_running = True
     try:
@@ -307,11 +312,11 @@ def run_pool_job(job: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
 
 
 def _stop_workers(pool: futures.ProcessPoolExecutor) -> None:
-    """Send SIGTERM to the pool's worker processes (their running runs checkpoint)."""
+    """Ask the pool's worker processes to stop their jobs (:data:`STOP_SIGNAL`)."""
     processes = getattr(pool, "_processes", None) or {}
     for process in list(processes.values()):
-        with suppress(OSError, AttributeError):
-            process.terminate()
+        with suppress(OSError, AttributeError, TypeError):
+            os.kill(process.pid, STOP_SIGNAL)
 
 
 class Executor(Protocol):
