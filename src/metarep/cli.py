@@ -56,7 +56,7 @@ class _OneLineErrors(TyperGroup):
 
 app = typer.Typer(
     cls=_OneLineErrors,
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="metarep: meta-learning of shared representations (FO-ANIL and friends).",
@@ -167,28 +167,56 @@ def keys() -> None:
 
 @app.command()
 def sweep(
-    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: base, set, grid, zip, seeds.")],
+    target: Annotated[str, typer.Argument(
+        metavar="SWEEP", help="Sweep YAML (base, set, grid, zip, seeds); or, with --grid, "
+        "--set or --seeds, the base config: a YAML path or a built-in name (paper, quick).")],
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", "-g", help="Vary a key: --grid model.width=2,4,8 (values read as YAML; "
+        "list values: --grid 'eval.shots=[5,10];[20]'). Repeatable.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Fix a key for every run: --set train.steps=200. Repeatable.")]
+    = None,
+    seeds: Annotated[str | None, typer.Option(
+        help="Run everything once per seed: --seeds 0,1,2.")] = None,
+    seed_keys: Annotated[str | None, typer.Option(
+        help="The keys a seed sets: tasks.seed,model.seed \\[default: every *.seed].")]
+    = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan", help="List the runs, their directories and what is done; run and write "
+        "nothing.")] = False,
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (HEAD:6379).")] = None,
     workers: Annotated[int | None, typer.Option(help="Runs at once \\[default: CPUs].")] = None,
-    out: Annotated[str | None,
-                   typer.Option(help="Sweep directory \\[default: runs/STEM].")] = None,
+    out: Annotated[str | None, typer.Option(
+        help="Sweep directory \\[default: runs/STEM; runs/sweep-STEM for a base config].")]
+    = None,
     retry_failed: Annotated[bool, typer.Option(help="Redo runs that failed before.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     batch: Annotated[bool, typer.Option(help="Batch tasks.n: infinite runs that differ only "
                                         "in step sizes, m_in, noise and seeds.")] = True,
 ) -> None:
-    """Run every run of a sweep (resuming: finished runs are skipped), one directory each."""
-    from metarep.sweeps.driver import SweepOptions, run_sweep
+    """Run every run of a sweep (resuming: finished runs are skipped), one directory each.
+
+    The sweep is a sweep file, or a base config with --grid, --set and --seeds (with a
+    sweep file these override its fields, key by key)."""
+    from metarep.sweeps.driver import SweepOptions, execute_plans, plan_lines, survey
+    from metarep.sweeps.spec import command_line_fields, sweep_of
 
     terminal = sys.stderr.isatty()
     options = SweepOptions(executor=executor, workers=workers, address=address,
                            retry_failed=retry_failed, progress=progress and terminal,
                            batch_infinite=batch, log_runs=progress and not terminal)
     try:
+        fields = command_line_fields(grid or [], overrides or [], seeds, seed_keys)
+        spec, plans, default_out = sweep_of(target, fields)
+        out_dir = out if out is not None else str(default_out)
+        if plan:
+            typer.echo("\n".join(plan_lines(survey(spec, plans, out_dir), out_dir,
+                                             retry_failed)))
+            return
         with reported("sweep stopped", "finished runs are kept and interrupted ones resume: "
                       "run the same command again"):
-            report = run_sweep(sweep_file, out, options)
+            report = execute_plans(spec, plans, out_dir, options)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     typer.echo(f"sweep {report.out_dir}: {report.total} runs, {report.done} done, "

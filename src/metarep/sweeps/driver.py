@@ -18,6 +18,7 @@ runs together, with the same results as the runs one by one (:func:`batch_jobs`)
 from __future__ import annotations
 
 import fcntl
+import json
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from metarep.errors import ConfigError
 from metarep.run.experiment import batch_key
@@ -175,6 +176,85 @@ def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: str | Path,
             return _drive(spec, plans, out, pool, options)
     finally:
         pool.close()
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a sweep into a directory would find of one run (:func:`survey`): its ``plan``,
+    its directory ``path`` and its ``state``: ``finished`` (a run directory without
+    ``error.json``, or one complete in ``.NAME.tmp``, moved into place when the sweep runs),
+    ``failed`` (``error.json``), ``interrupted`` (its ``.NAME.tmp`` holds a checkpoint: it
+    resumes at ``step``) or ``new``."""
+
+    plan: RunPlan
+    path: Path
+    state: str
+    step: int | None = None
+
+
+def survey(spec: SweepSpec, plans: list[RunPlan], out: str | Path) -> list[RunState]:
+    """The state of every run of ``plans`` in ``out``, reading only (nothing is created or
+    written). ``out`` is checked as :func:`execute_plans` checks it (a writable directory,
+    new, empty or holding this very sweep): the same :class:`ConfigError` ``--out``."""
+    out = check_output_dir(out)
+    check_out_dir(out, build_manifest(spec, plans))
+    states = []
+    for plan in plans:
+        path = out / plan.name
+        state = RunDirectory(path).status()
+        if state is not None:
+            states.append(RunState(plan, path, "finished" if state == "done" else "failed"))
+            continue
+        temp = RunDirectory(workdir(out, plan.name))
+        occupant, step = temp.occupant(), None
+        if occupant == "finished" and not temp.file(ERROR).exists() and _finished_well(temp):
+            state = "finished"
+        elif occupant == "interrupted":
+            try:
+                checkpoint = temp.checkpoint()
+                if checkpoint is not None:
+                    temp.recorded_metrics(checkpoint)
+                    state, step = "interrupted", checkpoint.step
+            except ConfigError:  # damaged: the sweep starts it again
+                pass
+        states.append(RunState(plan, path, state or "new", step))
+    return states
+
+
+def _shown(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def plan_lines(states: list[RunState], out: str | Path, retry_failed: bool = False) -> list[str]:
+    """``metarep sweep --plan``: one line per run, ``NAME  DIR  key=value ...`` (the values
+    of the sweep's axes, and the seed where seeds vary), then its state when it is not new
+    (``[finished]``, ``[failed]``, ``[interrupted (resumes at step S)]``), and a summary
+    line ``N runs in DIR: K finished, F failed, P to run`` (``P``: the runs a sweep would
+    run now; the failed ones too with ``retry_failed``)."""
+    seeded = len({state.plan.seed for state in states}) > 1
+    labels = {"finished": "[finished]", "new": "",
+              "failed": "[failed: redone, --retry-failed]" if retry_failed else "[failed]"}
+    rows = []
+    for state in states:
+        pairs = [f"{key}={_shown(value)}" for key, value in state.plan.varied.items()]
+        if seeded:
+            pairs.append(f"seed={state.plan.seed}")
+        label = (f"[interrupted (resumes at step {state.step})]" if state.state == "interrupted"
+                 else labels[state.state])
+        rows.append((state.plan.name, str(state.path), " ".join(pairs), label))
+    width = [max((len(row[i]) for row in rows), default=0) for i in range(2)]
+    lines = [f"{name:<{width[0]}}  {path:<{width[1]}}  {pairs}  {label}".rstrip()
+             for name, path, pairs, label in rows]
+    count = {kind: sum(state.state == kind for state in states)
+             for kind in ("finished", "failed", "interrupted")}
+    to_run = len(states) - count["finished"] - (0 if retry_failed else count["failed"])
+    notes = [f"{count['interrupted']} interrupted"] if count["interrupted"] else []
+    if retry_failed and count["failed"]:
+        notes.append(f"{count['failed']} failed, redone with --retry-failed")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    lines.append(f"{len(states)} runs in {out}: {count['finished']} finished, "
+                 f"{count['failed']} failed, {to_run} to run{note}")
+    return lines
 
 
 def _batch_key(task: RunTask) -> str | None:
