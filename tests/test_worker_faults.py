@@ -307,31 +307,46 @@ def scratch_dirs(root: Path) -> dict[str, int]:
     return {p.name: int(m["pid"]) for p in root.iterdir() if (m := SCRATCH.match(p.name))}
 
 
+def start_ray_sweep(tmp_path: Path) -> tuple[Path, dict[str, str], Path, Path, Path,
+                                             subprocess.Popen]:
+    """Start ``metarep sweep`` on Ray (a new local instance in a private, short temp dir, with
+    a throw-away token) in its own session: its temp dir, environment, sweep file, sweep
+    directory, stderr log and process."""
+    pytest.importorskip("ray")
+    short = Path(tempfile.mkdtemp(prefix="wf", dir="/tmp"))  # Ray's socket paths are short
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(short), TMPDIR=str(short), RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
+    sweep, out, log = write_sweep(tmp_path), tmp_path / "out", tmp_path / "driver.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(sweep_command(sweep, out, "ray"), cwd=tmp_path, env=env,
+                                   start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    return short, env, sweep, out, log, process
+
+
+def wait_for_two_ray_tasks(process: subprocess.Popen, short: Path, log: Path) -> None:
+    """Wait until two Ray tasks run, each in its scratch directory (skip if Ray cannot
+    start here)."""
+    def running() -> bool:
+        if process.poll() is not None and "cannot connect to Ray" in log.read_text():
+            pytest.skip(f"Ray cannot start here: {log.read_text().strip()}")
+        live = [pid for pid in scratch_dirs(short).values() if executors.pid_alive(pid)]
+        return len(live) == 2
+
+    wait_until(running, 120, "two Ray tasks in progress", process, log)
+
+
 @pytest.mark.slow
 @needs_proc
 def test_sigkill_of_a_ray_sweep_ends_its_ray_instance_and_clears_scratch(tmp_path):
     """The Ray instance the driver starts dies with it: Ray kills its workers, raylet and GCS
     within seconds; its two agents (dashboard, runtime env) exit by themselves ~60 s later
     (they first try to report the raylet's death to the dead GCS, with a 60 s timeout)."""
-    pytest.importorskip("ray")
-    short = Path(tempfile.mkdtemp(prefix="wf", dir="/tmp"))  # Ray's socket paths are short
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(short), TMPDIR=str(short), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(32))  # a new instance in a private temp dir
-    sweep, out, log = write_sweep(tmp_path), tmp_path / "out", tmp_path / "driver.log"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(sweep_command(sweep, out, "ray"), cwd=tmp_path, env=env,
-                                   start_new_session=True, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
+    short, env, sweep, out, log, process = start_ray_sweep(tmp_path)
     pids: dict[int, int] = {}
     try:
-        def running() -> bool:  # two tasks running, each in its scratch directory
-            if process.poll() is not None and "cannot connect to Ray" in log.read_text():
-                pytest.skip(f"Ray cannot start here: {log.read_text().strip()}")
-            live = [pid for pid in scratch_dirs(short).values() if executors.pid_alive(pid)]
-            return len(live) == 2
-
-        wait_until(running, 120, "two Ray tasks in progress", process, log)
+        wait_for_two_ray_tasks(process, short, log)
         pids = family(process.pid)
         assert any("ray::execute_packed" in command for command in alive(pids).values())
         process.kill()
@@ -364,25 +379,10 @@ def test_a_signal_stops_a_ray_sweep_cleanly_then_resume_completes(tmp_path, sign
     local instance): exit 128 + signal with one line, the running tasks cancelled and the
     instance shut down (no Ray process left); the same command then redoes the interrupted
     runs, each once."""
-    pytest.importorskip("ray")
-    short = Path(tempfile.mkdtemp(prefix="wf", dir="/tmp"))
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(short), TMPDIR=str(short), RAY_AUTH_MODE="token",
-               RAY_AUTH_TOKEN=secrets.token_hex(32))
-    sweep, out, log = write_sweep(tmp_path), tmp_path / "out", tmp_path / "driver.log"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(sweep_command(sweep, out, "ray"), cwd=tmp_path, env=env,
-                                   start_new_session=True, stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
+    short, env, sweep, out, log, process = start_ray_sweep(tmp_path)
     pids: dict[int, int] = {}
     try:
-        def running() -> bool:
-            if process.poll() is not None and "cannot connect to Ray" in log.read_text():
-                pytest.skip(f"Ray cannot start here: {log.read_text().strip()}")
-            live = [pid for pid in scratch_dirs(short).values() if executors.pid_alive(pid)]
-            return len(live) == 2
-
-        wait_until(running, 120, "two Ray tasks in progress", process, log)
+        wait_for_two_ray_tasks(process, short, log)
         pids = family(process.pid)
         if signum == signal.SIGINT:
             os.killpg(process.pid, signum)

@@ -295,6 +295,12 @@ def predicted_limits(
     ``shots`` (:func:`adapted_risk`: 0 or 1 step; ``None`` beyond). At the limit ``w = 0``,
     ``B_perp^T B = 0`` and ``C C^T = G``, so the risks are those of ``B = G^{1/2}`` in the
     coordinates ``B_star = I_k``.
+
+    With ``m_in = inf`` the part of ``B_perp^T B`` that the signal does not drive keeps its
+    size, so ``B_perp^T B`` does not vanish: what depends on it has no limit from ``G`` alone,
+    and ``subspace_dist``, ``span_outside``, ``span_missed``, ``rank`` and every ``test_risk``
+    are ``None`` (``gram``, ``lambda_err``, ``head_norm`` and ``train_loss`` stand: the
+    population inner step sees ``B`` only through ``B_star^T B``).
     """
     if setting.regime != "infinite" or setting.method not in ("fo-anil", "fo-maml"):
         return None
@@ -311,15 +317,16 @@ def predicted_limits(
         value = adapted_risk(limit, in_span, m, alpha, setting.adapt_steps)
         return None if math.isnan(value) else value
 
+    unlearned = not math.isinf(m_in)  # B_perp^T B -> 0
     return {
         "gram": gram,
         "head_norm": 0.0,
         "lambda_err": 0.0,
-        "subspace_dist": 0.0 if setting.width >= k else 1.0,
-        "span_outside": 0.0,
-        "span_missed": 0.0 if setting.width >= k else 1.0,
-        "rank": min(k, setting.width),
-        "perp_norm": None if math.isinf(m_in) else 0.0,
+        "subspace_dist": (0.0 if setting.width >= k else 1.0) if unlearned else None,
+        "span_outside": 0.0 if unlearned else None,
+        "span_missed": (0.0 if setting.width >= k else 1.0) if unlearned else None,
+        "rank": min(k, setting.width) if unlearned else None,
+        "perp_norm": 0.0 if unlearned else None,
         "train_loss": 0.5 * (one_step_risk(limit, in_span, m_in, alpha) + problem.noise_var),
-        "test_risk": {int(m): test_risk(m) for m in shots},
+        "test_risk": {int(m): test_risk(m) if unlearned else None for m in shots},
     }
