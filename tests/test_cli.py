@@ -838,3 +838,18 @@ def test_an_unwritable_output_directory_is_refused(error_line, cli, tmp_path, mo
     result = cli("run", "quick", "--out", locked / "run", "--no-progress")
     assert result.exit_code == 2 and "not writable" in error_line(result)
     assert not (locked / "run").exists()
+
+
+def test_a_run_logged_to_a_file_prints_a_heartbeat(cli, tmp_path, monkeypatch):
+    """stderr not a terminal (a log file, CliRunner): the run prints where it is, at records,
+    at most every HEARTBEAT_SECONDS (0 here: at every record); --no-progress keeps quiet."""
+    from metarep import cli as cli_module
+
+    monkeypatch.setattr(cli_module, "HEARTBEAT_SECONDS", 0.0)
+    result = cli("run", "quick", *SHORT[:-1], "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith("[run] step ") for line in lines)
+    assert lines[-1].startswith("[run] step 60/60 (100%), train_loss = ")
+    quiet = cli("run", "quick", *SHORT, "--out", tmp_path / "quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

@@ -10,6 +10,7 @@ continues). Every failure is one line on stderr.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,6 +105,29 @@ def reported(stopped: str, kept: str) -> Iterator[None]:
                    EXIT_SYSTEM) from None
 
 
+HEARTBEAT_SECONDS = 30.0
+"""How often a run whose stderr is not a terminal prints where it is."""
+
+
+class Heartbeat:
+    """For a run whose progress goes to a log file: at a record, at most every
+    :data:`HEARTBEAT_SECONDS`, one line ``[run] step t/T (p%), train_loss = ..., N s``."""
+
+    def __init__(self, steps: int):
+        self.steps, self.started = steps, time.monotonic()
+        self.last = self.started
+
+    def __call__(self, trajectory: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < HEARTBEAT_SECONDS or not trajectory.records:
+            return
+        self.last = now
+        share = 100.0 * trajectory.step / max(self.steps, 1)
+        typer.echo(f"[run] step {trajectory.step:,}/{self.steps:,} ({share:.0f}%), train_loss "
+                   f"= {trajectory.records[-1]['train_loss']:.4g}, {now - self.started:.0f} s",
+                   err=True)
+
+
 ConfigArg = Annotated[str, typer.Argument(help="YAML path or built-in name: paper, quick.")]
 SetOpt = Annotated[
     list[str] | None,
@@ -128,13 +152,15 @@ def run(
     from metarep.run.loop import Diverged
     from metarep.run.schema import load_config
 
+    terminal = sys.stderr.isatty()
     try:
         cfg = load_config(config, overrides or [])
         out_dir = out if out is not None else str(Path("runs") / cfg.name)
+        beat = Heartbeat(cfg.train.steps) if progress and not terminal else None
         with reported("run stopped", f"what was recorded is in {out_dir}; --resume continues "
                       "from its last checkpoint"):
-            result = run_experiment(cfg, out_dir, progress=progress and sys.stderr.isatty(),
-                                    resume=resume, overwrite=overwrite)
+            result = run_experiment(cfg, out_dir, progress=progress and terminal,
+                                    resume=resume, overwrite=overwrite, on_record=beat)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     except Diverged as error:
