@@ -421,9 +421,13 @@ class RunHooks:
         self.steps: list[int] = []
         real = experiment.run_experiment
 
-        def run(config, out_dir, **options):
-            return real(config, out_dir, **options, on_record=self.on_record,
-                        checkpoint_seconds=0.0)
+        def run(config, out_dir, on_record=None, **options):  # the CLI's own hook goes on
+            def both(trajectory) -> None:
+                if on_record is not None:
+                    on_record(trajectory)
+                self.on_record(trajectory)
+
+            return real(config, out_dir, **options, on_record=both, checkpoint_seconds=0.0)
 
         monkeypatch.setattr(experiment, "run_experiment", run)  # the CLI imports it when it runs
 
