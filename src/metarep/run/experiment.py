@@ -103,12 +103,13 @@ class _Recorder:
 
     def save(self, trajectory: Trajectory[Any]) -> None:
         """Append the unsaved records up to ``trajectory.step`` and checkpoint its state."""
-        n = sum(1 for record in trajectory.records if record["step"] <= trajectory.step)
+        records, n = trajectory.records, len(trajectory.records)
+        while n and records[n - 1]["step"] > trajectory.step:  # a record not yet taken
+            n -= 1
         if n == 0:
             return
         if n > self.saved:
-            self.offset = self.directory.append_metrics(trajectory.records[self.saved:n],
-                                                        self.offset)
+            self.offset = self.directory.append_metrics(records[self.saved:n], self.offset)
             self.saved = n
         self.directory.write_checkpoint(self.backend.state_arrays(trajectory.state),
                                         trajectory.step, n)

@@ -105,19 +105,20 @@ def _clean_temporaries(out: Path, names: set[str]) -> None:
             continue
         name, run = match["name"], RunDirectory(path)
         if match["kind"] == "tmp" and name in names and not (out / name).exists():
-            occupant = run.occupant()
-            if occupant == "finished" and not run.file(ERROR).exists() \
-                    and _finished_well(run):
+            if _complete(run):
                 run.remove_checkpoint()
                 os.rename(path, out / name)
                 continue
-            if occupant in ("interrupted", "partial", "new"):
+            if run.occupant() in ("interrupted", "partial", "new"):
                 continue
         shutil.rmtree(path)
 
 
-def _finished_well(run: RunDirectory) -> bool:
-    """Whether ``run`` holds a readable summary of a run that is done."""
+def _complete(run: RunDirectory) -> bool:
+    """Whether the temporary directory ``run`` holds a complete run, to be moved into place:
+    only a run's files, a readable summary of a run that is done, no ``error.json``."""
+    if run.occupant() != "finished" or run.file(ERROR).exists():
+        return False
     try:
         summary = run.summary()
     except ConfigError:
@@ -206,10 +207,10 @@ def survey(spec: SweepSpec, plans: list[RunPlan], out: str | Path) -> list[RunSt
             states.append(RunState(plan, path, "finished" if state == "done" else "failed"))
             continue
         temp = RunDirectory(workdir(out, plan.name))
-        occupant, step = temp.occupant(), None
-        if occupant == "finished" and not temp.file(ERROR).exists() and _finished_well(temp):
+        step = None
+        if _complete(temp):
             state = "finished"
-        elif occupant == "interrupted":
+        elif temp.occupant() == "interrupted":
             try:
                 checkpoint = temp.checkpoint()
                 if checkpoint is not None:
