@@ -1,13 +1,14 @@
 """`metarep reproduce --scale quick` end to end: every artefact, every claim, reuse on re-run."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
 
 import metarep
 from metarep.run.schema import from_dict
-from metarep.study.claims import claim_rows
+from metarep.study.claims import CLAIM_COLUMNS, claim_rows, evaluate_claims
 from metarep.study.design import (
     POOL_METHODS,
     RELU_LAYERS,
@@ -64,7 +65,7 @@ def test_every_study_run_is_a_valid_config(scale):
 def test_quick_study_passes_every_claim(study):
     out, result = study
     claims = pd.read_csv(out / "claims.csv")
-    assert list(claims.columns) == ["claim", "measure", "criterion", "value", "passed"]
+    assert tuple(claims.columns) == CLAIM_COLUMNS
     assert len(claims) >= 20
     assert not claims["claim"].str.startswith("ReLU").any()  # a smoke test at quick: no claims
     failed = claims[~claims["passed"]]
@@ -103,12 +104,53 @@ def test_bad_scale_is_exit_2(cli, tmp_path):
 
 
 
-def test_reproduce_without_torch_says_so_before_any_run(cli, tmp_path, monkeypatch):
+@pytest.fixture
+def without_torch(monkeypatch):
+    """``importlib.util.find_spec("torch")`` finds nothing, as on a machine without the extra."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "torch" else real(name, *args))
-    result = cli("reproduce", "--scale", "quick", "--out", tmp_path / "x", "--no-progress")
-    assert result.exit_code == 2 and "metarep[torch]" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_reproduce_without_torch_skips_the_relu_study_and_says_so_first(cli, study, tmp_path,
+                                                                        without_torch):
+    """The linear runs (reused from the study) and their claims go ahead; the ReLU runs are
+    not made, figure (f) says it was skipped, and the first line of stderr says so."""
+    out = tmp_path / "no-torch"
+    shutil.copytree(study[0] / "runs", out / "runs",
+                    ignore=lambda _, names: [n for n in names if Runs.is_relu(n)])
+    result = cli("reproduce", "--scale", "quick", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    first = result.stderr.splitlines()[0]
+    assert "ReLU study" in first and "metarep[torch]" in first and "skipped" in first
+    assert not any(Runs.is_relu(p.name) for p in (out / "runs").iterdir())
+    assert not (out / "figures" / "f_relu.png").exists()
+    assert (out / "figures" / "a_unlearning.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "<b>Skipped</b>, the ReLU runs needs PyTorch" in page
+    claims = pd.read_csv(out / "claims.csv")
+    assert (claims["status"] == "pass").all(), claims[claims["status"] != "pass"].to_string()
+    assert "FAIL" not in result.stdout
+
+
+def test_relu_claims_are_marked_skipped_not_failed_without_their_runs():
+    """At a scale with ReLU claims, a skipped run marks each claim that needs it skipped
+    (``passed`` empty); claims without skipped runs are measured as before."""
+    problem = base_tree("default")["problem"]
+    rows = claim_rows(problem["k"], problem["d"], (), Runs.relu_claim_seeds("default"))
+    skipped = {run.name: "needs PyTorch" for run in study_runs("default")
+               if Runs.is_relu(run.name)}
+    claims = evaluate_claims({}, rows, [], skipped)
+    relu = [row for row in rows if row.claim.startswith("ReLU")]
+    assert len(claims) == len(relu) > 0  # the others have no finished runs: not measured
+    assert all(c.status == "skipped" and c.passed is None for c in claims)
+    assert all(c.value == "skipped: needs PyTorch" and "{" not in c.measure for c in claims)
+    assert all(Runs.is_relu(name) == name.startswith("relu") for name in skipped)
+
+
+def test_study_run_names_are_recognised_as_relu_exactly():
+    for scale in SCALES:
+        for run in study_runs(scale):
+            assert Runs.is_relu(run.name) == (run.overrides.get("model.kind") == "relu"), run

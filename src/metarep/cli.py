@@ -270,6 +270,10 @@ def collect(
     typer.echo(f"collected {len(result.table)} runs: {result.parquet}, {result.csv}{figure}")
 
 
+CLAIM_TAGS = {"pass": "pass", "fail": "FAIL", "skipped": "skip"}
+"""How ``reproduce`` tags a claim of each status."""
+
+
 @app.command()
 def reproduce(
     scale: Annotated[str, typer.Option(help="quick (about 2 min on 2 cores), default (about "
@@ -283,8 +287,11 @@ def reproduce(
     """Run the paper's study and write report.html, figures, tables and claims.csv
     (finished runs are reused when re-run)."""
     from metarep.study.reproduce import reproduce as run_study
+    from metarep.study.reproduce import skip_notice
 
     try:
+        if (notice := skip_notice(scale)) is not None:
+            typer.echo(f"reproduce: {notice}", err=True)
         terminal = sys.stderr.isatty()
         with reported("reproduce stopped", "finished runs are kept and interrupted ones "
                       "resume: run the same command again"):
@@ -292,11 +299,14 @@ def reproduce(
                                log_runs=progress and not terminal)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
-    passed = sum(claim.passed for claim in result.claims)
+    tally = {status: sum(claim.status == status for claim in result.claims)
+             for status in ("pass", "fail", "skipped")}
     for claim in result.claims:
-        typer.echo(f"[{'pass' if claim.passed else 'FAIL'}] {claim.claim}: {claim.value} "
+        typer.echo(f"[{CLAIM_TAGS[claim.status]}] {claim.claim}: {claim.value} "
                    f"({claim.criterion})")
-    typer.echo(f"claims passed: {passed}/{len(result.claims)}; report: {result.report}")
+    skipped = f", {tally['skipped']} skipped" if tally["skipped"] else ""
+    typer.echo(f"claims passed: {tally['pass']}/{tally['pass'] + tally['fail']}{skipped}; "
+               f"report: {result.report}")
 
 
 def main() -> None:

@@ -32,17 +32,26 @@ from metarep.study.design import (
     Runs,
 )
 
+CLAIM_COLUMNS = ("claim", "measure", "criterion", "value", "passed", "status")
+"""The columns of ``claims.csv``: a :class:`Claim`'s fields, then its :attr:`~Claim.status`."""
+
 
 @dataclass(frozen=True)
 class Claim:
     """One row of ``claims.csv``: the claim, what was measured, the criterion, the measured
-    value (as text) and whether it passed."""
+    value (as text) and whether it passed: ``True``, ``False``, or ``None`` for a claim that
+    was skipped (its runs need an extra that is not installed, :meth:`ClaimRow.skipped`)."""
 
     claim: str
     measure: str
     criterion: str
     value: str
-    passed: bool
+    passed: bool | None
+
+    @property
+    def status(self) -> str:
+        """``pass``, ``fail`` or ``skipped``."""
+        return {True: "pass", False: "fail", None: "skipped"}[self.passed]
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,19 @@ class ClaimRow:
             return Claim(self.claim, self.measure, self.criterion, "n/a", False)
         return Claim(self.claim, self.measure.format(**found.fields), self.criterion,
                      found.text, passed)
+
+    def skipped(self, reason: str) -> Claim:
+        """The claim not measured, for ``reason`` (e.g. ``needs metarep[torch]``); the
+        measure's fields, known only from its runs, read ``<field>``."""
+        return Claim(self.claim, self.measure.format_map(_Unmeasured()), self.criterion,
+                     f"skipped: {reason}", None)
+
+
+class _Unmeasured(dict[str, str]):
+    """Format fields of a measure that was not taken: ``{steps}`` reads ``<steps>``."""
+
+    def __missing__(self, key: str) -> str:
+        return f"<{key}>"
 
 
 # ----------------------------------------------------------------------------- measures
@@ -481,9 +503,18 @@ def claim_rows(k: int, d: int, floors: Sequence[str] = (),
 
 
 def evaluate_claims(runs: Mapping[str, RunData], rows: Sequence[ClaimRow],
-                    failed: Sequence[str] = ()) -> list[Claim]:
+                    failed: Sequence[str] = (),
+                    skipped: Mapping[str, str] | None = None) -> list[Claim]:
     """Measure every row whose runs all finished (in order), then one failing claim per run
-    in ``failed``."""
-    claims = [row.evaluate(runs) for row in rows if all(name in runs for name in row.runs)]
+    in ``failed``. A row with a run in ``skipped`` (run name -> why it was not run) is marked
+    skipped with that reason instead of measured."""
+    skipped = skipped or {}
+    claims = []
+    for row in rows:
+        reasons = [skipped[name] for name in row.runs if name in skipped]
+        if reasons:
+            claims.append(row.skipped(reasons[0]))
+        elif all(name in runs for name in row.runs):
+            claims.append(row.evaluate(runs))
     return claims + [Claim(f"run {name} finished", "status", "done", "failed", False)
                      for name in failed]

@@ -18,6 +18,7 @@ config derived from the scale's base setting:
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -139,6 +140,11 @@ class Runs:
         """``method`` on ReLU bodies with ``layers`` hidden layers (the appendix study), with
         the pool and the initialisation of ``seed``."""
         return f"relu{layers}-{method}-s{seed}"
+
+    @staticmethod
+    def is_relu(name: str) -> bool:
+        """Whether ``name`` is a run of the ReLU study (:meth:`relu`, :meth:`relu_early`)."""
+        return re.fullmatch(r"relu\d+-.+-s\d+(-early)?", name) is not None
 
     @staticmethod
     def relu_early(layers: int, method: str, seed: int) -> str:

@@ -34,6 +34,7 @@ from metarep.run.figures import (
 )
 from metarep.run.rundir import RunData
 from metarep.study.claims import (
+    CLAIM_COLUMNS,
     Claim,
     floor_exponent,
     risk,
@@ -484,7 +485,14 @@ def write_report(out: Path, runs: dict[str, RunData], claims: list[Claim],
         "f_relu": lambda: figure_relu(runs, tuple(context.get("relu_seeds", (1,)))),
     }
     sections = []
+    relu_skipped = sorted({reason for name, reason in context.get("skipped", {}).items()
+                           if Runs.is_relu(name)})
     for stem, caption in FIGURES:
+        if stem == "f_relu" and relu_skipped:
+            sections.append(f"<figure><figcaption><b>{stem}</b>: {html.escape(caption)} "
+                            f"<b>Skipped</b>, the ReLU runs {html.escape(relu_skipped[0])}."
+                            "</figcaption></figure>")
+            continue
         if stem == "f_relu" and not context.get("relu_claims", True):
             caption += (" At this scale the ReLU runs are a smoke test of the pipeline: they "
                         "stop before W1 and the test risk stop moving, so no claim is made "
@@ -500,8 +508,8 @@ def write_report(out: Path, runs: dict[str, RunData], claims: list[Claim],
             f"<figcaption><b>{stem}</b>: {html.escape(caption)} "
             f'(<a href="figures/{stem}.pdf">PDF</a>, <a href="tables/{stem}.csv">data</a>)'
             "</figcaption></figure>")
-    claims_frame = pd.DataFrame([asdict(c) for c in claims],
-                                columns=["claim", "measure", "criterion", "value", "passed"])
+    claims_frame = pd.DataFrame([{**asdict(c), "status": c.status} for c in claims],
+                                columns=list(CLAIM_COLUMNS))
     atomic.write_text(out / "claims.csv", claims_frame.to_csv(index=False))
     key_numbers = key_numbers_table(runs)
     atomic.write_text(out / "tables" / "key_numbers.csv", key_numbers.to_csv(index=False))
@@ -523,13 +531,12 @@ def key_numbers_table(runs: dict[str, RunData]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _table_html(frame: pd.DataFrame, passed_column: str | None = None) -> str:
+def _table_html(frame: pd.DataFrame, status_column: str | None = None) -> str:
+    """``frame`` as an HTML table; rows coloured by ``status_column`` (pass, fail, skipped)."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = []
     for _, row in frame.iterrows():
-        css = ""
-        if passed_column is not None:
-            css = ' class="pass"' if row[passed_column] else ' class="fail"'
+        css = f' class="{row[status_column]}"' if status_column is not None else ""
         cells = "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row)
         body.append(f"<tr{css}>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
@@ -553,7 +560,11 @@ def _provenance_html(record: dict[str, Any] | None) -> str:
 
 def _html_page(context: dict[str, Any], claims: pd.DataFrame, key_numbers: pd.DataFrame,
                sections: list[str]) -> str:
-    passed = int(claims["passed"].sum()) if len(claims) else 0
+    passed = int((claims["status"] == "pass").sum())
+    skipped = int((claims["status"] == "skipped").sum())
+    tally = f"{passed} / {len(claims) - skipped}" + (
+        f" ({skipped} skipped: their runs need an extra that is not installed)"
+        if skipped else "")
     setting = html.escape(context["setting"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>metarep reproduce ({context['scale']})</title>
@@ -562,19 +573,20 @@ body {{ font-family: sans-serif; max-width: 1200px; margin: 2em auto; color: #22
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: left; }}
 tr.pass td:last-child {{ background: #d9f2d9; }} tr.fail td:last-child {{ background: #f7d4d4; }}
+tr.skipped td:last-child {{ background: #ececec; }}
 figure {{ margin: 2em 0; }} img {{ max-width: 100%; }} figcaption {{ font-size: 0.9em; }}
 pre {{ background: #f6f6f6; padding: 1em; }}
 </style></head><body>
 <h1>First-order ANIL learns representations despite overparametrization: reproduction</h1>
 <p>Scale <b>{context['scale']}</b>, {context['n_runs']} runs, written by metarep
-{context['version']}. Claims passed: <b>{passed} / {len(claims)}</b>.</p>
+{context['version']}. Claims passed: <b>{tally}</b>.</p>
 <h2>Setting</h2><pre>{setting}</pre>
 <h2>Provenance</h2>{_provenance_html(context.get("provenance"))}
 <p>Regimes: the paper's theorem is about infinitely many tasks (runs named
 <code>infinite-*</code>, exact population dynamics); runs named <code>pool-*</code> and
 <code>relu*</code> train on a finite pool of N tasks, where the orthogonal part stops shrinking
 at a floor set by N, m and the noise.</p>
-<h2>Claims</h2>{_table_html(claims, "passed")}
+<h2>Claims</h2>{_table_html(claims, "status")}
 <h2>Figures</h2>{''.join(sections)}
 <h2>Key numbers (final measures of every run)</h2>{_table_html(key_numbers)}
 </body></html>
