@@ -258,16 +258,44 @@ def collect(
     x: Annotated[str | None,
                  typer.Option(help="Axis: a config key \\[default: first axis].")] = None,
     y: Annotated[str | None, typer.Option(help="Measure \\[default: perp_norm].")] = None,
+    xscale: Annotated[str, typer.Option(help="x axis: auto (log where the values are "
+                                             "positive and span a factor 20), linear or log.")]
+    = "auto",
+    yscale: Annotated[str, typer.Option(help="y axis: auto, linear or log.")] = "auto",
 ) -> None:
-    """Write DIR/collected.parquet and .csv (one row per run) and a plot of y against x."""
+    """Write DIR/collected.parquet and .csv (one row per run) and a plot of y against x
+    (positive measures: geometric means and intervals over log values; text axes as
+    categories)."""
     from metarep.sweeps.collect import collect as collect_sweep
 
     try:
-        result = collect_sweep(sweep_dir, x, y)
+        result = collect_sweep(sweep_dir, x, y, xscale=xscale, yscale=yscale)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     figure = f", {result.figure}" if result.figure is not None else ""
     typer.echo(f"collected {len(result.table)} runs: {result.parquet}, {result.csv}{figure}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (finished or not).",
+                                                   metavar="RUN_DIR...",
+                                                   show_default=False)],
+    out: Annotated[str, typer.Option(help="Figure path without suffix: OUT.png and OUT.pdf "
+                                          "are written.")] = "compare",
+    measures: Annotated[str | None, typer.Option(
+        help="Comma-separated measures of metrics.csv to draw \\[default: the training "
+             "curves].")] = None,
+) -> None:
+    """Overlay the training curves of several runs (legend: the config keys that differ)."""
+    from metarep.run.compare import compare as compare_runs
+
+    asked = None if measures is None else [m.strip() for m in measures.split(",")]
+    try:
+        png, pdf = compare_runs(run_dirs, out, asked)
+    except ConfigError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    typer.echo(f"compared {len(run_dirs)} runs: {png}, {pdf}")
 
 
 CLAIM_TAGS = {"pass": "pass", "fail": "FAIL", "skipped": "skip"}

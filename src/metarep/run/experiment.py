@@ -384,9 +384,7 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     final = dict(trajectory.records[-1]) if trajectory.records else {}
     theory = backend.theory(final, rows)
     metrics = pd.DataFrame(trajectory.records)
-    limits = None if theory is None or theory["limits"] is None else {
-        name: value["theory"] for name, value in theory["limits"].items()
-        if value["theory"] is not None}
+    limits = figures.stated_limits(theory)
     directory.write_figure(TRAINING_FIGURE,
                            figures.training_figure(metrics, backend.config.name, limits))
     if rows:

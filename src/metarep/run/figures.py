@@ -7,8 +7,9 @@ matplotlib settings are left alone, and the caller saves the figure where it bel
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,71 @@ def training_figure(metrics: pd.DataFrame, title: str,
                 xscale="log", yscale="log")
     sv_axis.grid(alpha=0.3, which="both")
     figure.suptitle(f"{title}: training")
+    return figure
+
+
+def stated_limits(theory: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """The limits a run's theory block (``summary.json``'s ``theory``) states, measure ->
+    value, leaving out those it gives no value for; ``None`` when the run has no theory or
+    no limits apply to it."""
+    if theory is None or theory.get("limits") is None:
+        return None
+    return {name: value["theory"] for name, value in theory["limits"].items()
+            if value["theory"] is not None}
+
+
+class Curves(Protocol):
+    """A run as :func:`comparison_figure` draws it."""
+
+    label: str
+    metrics: pd.DataFrame
+    limits: Mapping[str, float] | None
+
+
+PANEL_TITLES = dict((*CURVES, W1_CURVE))
+"""The title of a measure's panel (a measure not listed is titled by its name)."""
+
+
+def comparison_figure(runs: Sequence[Curves], measures: Sequence[str], title: str) -> Figure:
+    """One panel per measure against the outer step ``t + 1`` (log x; log y where every
+    value drawn is positive), one line per run in its own colour, and each run's predicted
+    limit, where it states one for the measure, dashed in that colour; one legend below the
+    panels."""
+    columns = min(3, len(measures))
+    rows = math.ceil(len(measures) / columns)
+    figure = Figure(figsize=(4.8 * columns, 3.6 * rows + 0.35 * len(runs) + 0.6),
+                    layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    limits_drawn = False
+    for axis, measure in zip(axes.flat, measures, strict=False):
+        positive = True
+        for index, run in enumerate(runs):
+            color = f"C{index % 10}"
+            if measure not in run.metrics or run.metrics[measure].isna().all():
+                continue
+            values = run.metrics[measure]
+            positive &= bool((values.dropna() > 0).all())
+            axis.plot(run.metrics["step"] + 1, values, color=color, linewidth=1.2,
+                      label=run.label if axis is axes.flat[0] else None)
+            limit = (run.limits or {}).get(measure)
+            if limit is not None and limit > 0:
+                axis.axhline(limit, color=color, linestyle="--", linewidth=0.8)
+                limits_drawn = True
+        axis.set_xscale("log")
+        if positive:
+            axis.set_yscale("log")
+        axis.set(title=PANEL_TITLES.get(measure, measure), xlabel="outer step t + 1")
+        axis.grid(alpha=0.3, which="both")
+    for axis in list(axes.flat)[len(measures):]:
+        axis.set_visible(False)
+    handles = [line for line in axes.flat[0].get_lines() if not line.get_label().startswith("_")]
+    if limits_drawn:
+        handles.append(axes.flat[0].plot([], [], color="0.3", linestyle="--", linewidth=0.8,
+                                         label="predicted limit (infinite tasks), "
+                                               "in the run's colour")[0])
+    figure.legend(handles=handles, loc="outside lower center", fontsize="small",
+                  ncols=1 if len(runs) > 4 else 2)
+    figure.suptitle(title)
     return figure
 
 

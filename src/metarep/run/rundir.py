@@ -284,6 +284,23 @@ class RunDirectory:
         if len(lines) > n_records + 1:
             atomic.write_text(self.file(METRICS), "\n".join(lines[:n_records + 1]) + "\n")
 
+    def metrics(self) -> pd.DataFrame | None:
+        """``metrics.csv`` as a table (one row per record), or ``None`` when not written yet;
+        a file that is not such a table is refused (:class:`ConfigError` naming ``DIR``)."""
+        file = self.file(METRICS)
+        if not file.is_file():
+            return None
+        try:
+            table = pd.read_csv(file)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            raise ConfigError("DIR", f"{file} is corrupt (not a table of records: "
+                              f"{type(error).__name__})") from None
+        if "step" not in table.columns or not all(
+                pd.api.types.is_numeric_dtype(table[c]) for c in table.columns):
+            raise ConfigError("DIR", f"{file} is corrupt (not a table of records: a step "
+                              "column and numbers)")
+        return table
+
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or ``None`` when not written yet; :class:`ConfigError` ``DIR``
         when it is corrupt (not JSON, not an object, ``final`` not an object)."""

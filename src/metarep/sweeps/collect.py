@@ -99,25 +99,66 @@ def measure_columns(frame: pd.DataFrame) -> list[str]:
             and ("." not in column or column.startswith(RISK_PREFIX))]
 
 
+SCALES = ("auto", "linear", "log")
+"""The axis scales ``collect`` takes (``--xscale``, ``--yscale``)."""
+
+
 def seed_intervals(frame: pd.DataFrame, x: str, y: str, by: list[str],
-                   level: float = 0.95) -> pd.DataFrame:
+                   level: float = 0.95, log: bool = False) -> pd.DataFrame:
     """Mean of ``y`` over seeds with its Student-t interval, per value of ``by + [x]``.
 
     For the ``n`` finite values ``y_1..y_n`` of a group: ``mean = sum(y_i) / n``,
     ``half = t_{(1+level)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation;
-    ``low``/``high`` are ``mean -/+ half`` (``nan`` when ``n < 2``). Only ``done`` runs count.
+    ``low``/``high`` are ``mean -/+ half`` (``nan`` when ``n < 2``). With ``log`` (every
+    value positive) the same is done on ``log y_i`` and mapped back: ``mean`` is the geometric
+    mean and ``low``/``high`` are ``exp(mean(log y) -/+ half)``, an interval that stays
+    positive. Only ``done`` runs count.
     """
     done = frame[(frame["status"] == "done") & np.isfinite(frame[y].astype(float))]
     rows = []
     for key, group in done.groupby([*by, x], sort=False, dropna=False):
         values = group[y].to_numpy(dtype=float)
+        values = np.log(values) if log else values
         n = len(values)
         mean = float(values.mean())
         half = (stats.t.ppf((1 + level) / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
                 if n > 1 else math.nan)
+        low, high = mean - half, mean + half
+        if log:
+            mean, low, high = math.exp(mean), math.exp(low), math.exp(high)
         rows.append({**dict(zip([*by, x], key, strict=True)), "mean": mean,
-                     "low": mean - half, "high": mean + half, "n": n})
+                     "low": low, "high": high, "n": n})
     return pd.DataFrame(rows, columns=[*by, x, "mean", "low", "high", "n"])
+
+
+def _wide_positive(values: np.ndarray) -> bool:
+    """Whether values are all positive and span at least a factor 20 (then: log scale)."""
+    finite = values[np.isfinite(values)]
+    return bool(len(finite) and (finite > 0).all() and finite.max() >= 20 * finite.min())
+
+
+def is_categorical(values: pd.Series) -> bool:
+    """Whether an axis is drawn as categories: text values, or numbers some of which are not
+    finite (``tasks.m_in: inf``, which no position on a number line can hold)."""
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return True
+    return not np.isfinite(values.to_numpy(dtype=float)).all()
+
+
+def axis_scale(values: np.ndarray, asked: str, option: str) -> str:
+    """``linear`` or ``log`` for an axis holding ``values``: ``auto`` takes ``log`` when every
+    finite value is positive and they span at least a factor 20 (:func:`_wide_positive`);
+    ``log`` asked for values that are not all positive is :class:`ConfigError` ``option``."""
+    if asked not in SCALES:
+        raise ConfigError(option, f"must be one of {', '.join(SCALES)}; got {asked!r}")
+    if asked == "auto":
+        return "log" if _wide_positive(values) else "linear"
+    finite = values[np.isfinite(values)]
+    if asked == "log" and not (len(finite) and (finite > 0).all()):
+        smallest = f"{finite.min():.4g}" if len(finite) else "none"
+        raise ConfigError(option, f"a log axis needs positive values; the smallest is "
+                          f"{smallest} (use linear or auto)")
+    return asked
 
 
 @dataclass(frozen=True)
@@ -130,13 +171,19 @@ class Collected:
     figure: Path | None
 
 
-def collect(sweep_dir: str | Path, x: str | None = None, y: str | None = None) -> Collected:
+def collect(sweep_dir: str | Path, x: str | None = None, y: str | None = None, *,
+            xscale: str = "auto", yscale: str = "auto") -> Collected:
     """Write ``collected.parquet`` and ``collected.csv`` and a figure ``Y_vs_X.png`` to
-    ``sweep_dir``: ``y`` against ``x``, mean and 95% t-interval over seeds, one line per
+    ``sweep_dir``: ``y`` against ``x``, the mean and 95% t-interval over seeds, one line per
     combination of the other axes (keys zipped with ``x`` move with it, so they are not split).
 
     ``x`` defaults to the sweep's first axis (no figure when nothing varies), ``y`` to
-    ``perp_norm``. Raises :class:`ConfigError` (``--x``, ``--y``) for unknown columns.
+    ``perp_norm``. ``xscale``/``yscale`` are ``auto`` (log where the values are positive and
+    span a factor 20 or more), ``linear`` or ``log``. A measure whose values are all positive
+    gets its intervals over log values (geometric means, :func:`seed_intervals`), so a band
+    never crosses zero; a categorical ``x`` (:func:`is_categorical`) is drawn as categories.
+    Raises :class:`ConfigError` (``--x``, ``--y``, ``--xscale``, ``--yscale``) for unknown
+    columns or scales that cannot hold the values, before anything is written.
     """
     out = Path(sweep_dir)
     manifest = read_manifest(out)
@@ -150,18 +197,39 @@ def collect(sweep_dir: str | Path, x: str | None = None, y: str | None = None) -
     configs = [c for c in table.columns if c not in RUN_FIELDS and c not in measures]
     if x is not None and x not in configs:
         raise ConfigError("--x", f"unknown axis {x!r}; allowed: {', '.join(configs)}")
+    x = x or (axes[0] if axes else None)
+    figure = None if x is None or y is None else _figure(table, manifest, x, y, xscale, yscale,
+                                                         title=out.name)
     parquet, csv = out / "collected.parquet", out / "collected.csv"
     atomic.atomic_write(parquet, lambda tmp: table.to_parquet(tmp, index=False))
     atomic.write_text(csv, table.to_csv(index=False))
-    x = x or (axes[0] if axes else None)
-    if x is None or y is None:
+    if figure is None:
         return Collected(table, parquet, csv, None)
-    tied = manifest["zip_keys"] if x in manifest["zip_keys"] else []
-    by = [key for key in axes if key != x and key not in tied]
     figure_path = out / f"{y}_vs_{x}.png"
-    atomic.write_figure(figure_path, sweep_figure(seed_intervals(table, x, y, by), x, y, by,
-                                                  title=out.name), dpi=120)
+    atomic.write_figure(figure_path, figure, dpi=120)
     return Collected(table, parquet, csv, figure_path)
+
+
+def _figure(table: pd.DataFrame, manifest: Mapping[str, Any], x: str, y: str, xscale: str,
+            yscale: str, title: str) -> Figure:
+    """The figure of :func:`collect`: its scales chosen (:func:`axis_scale`) and its
+    intervals taken over log values where ``y`` is positive."""
+    tied = manifest["zip_keys"] if x in manifest["zip_keys"] else []
+    by = [key for key in manifest["axes"] if key != x and key not in tied]
+    done = table[table["status"] == "done"]
+    values = done[y].to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    positive = bool(len(finite) and (finite > 0).all())
+    categorical = is_categorical(table[x])
+    if categorical and xscale == "log":
+        raise ConfigError("--xscale", f"{x} is categorical (not all finite numbers); a log "
+                          "axis cannot hold it")
+    scales = ("linear" if categorical else
+              axis_scale(table[x].to_numpy(dtype=float), xscale, "--xscale"),
+              axis_scale(values, yscale, "--yscale"))
+    intervals = seed_intervals(table, x, y, by, log=positive)
+    return sweep_figure(intervals, x, y, by, title=title, scales=scales,
+                        categorical=categorical, geometric=positive)
 
 
 def _wide_positive(values: np.ndarray) -> bool:
@@ -170,30 +238,43 @@ def _wide_positive(values: np.ndarray) -> bool:
     return bool(len(finite) and (finite > 0).all() and finite.max() >= 20 * finite.min())
 
 
-def sweep_figure(intervals: pd.DataFrame, x: str, y: str, by: list[str], title: str) -> Figure:
-    """``y`` against ``x`` over a sweep: the mean over seeds with its 95% interval (shaded),
-    one line per combination of the ``by`` keys. ``intervals`` has the columns
-    ``by + [x, "mean", "low", "high"]`` (:func:`seed_intervals`); a
-    non-numeric ``x`` is placed at evenly spaced positions."""
+def sweep_figure(intervals: pd.DataFrame, x: str, y: str, by: list[str], title: str,
+                 scales: tuple[str, str] = ("linear", "linear"), categorical: bool = False,
+                 geometric: bool = False) -> Figure:
+    """``y`` against ``x`` over a sweep: the mean over seeds with its 95% interval, one
+    series per combination of the ``by`` keys. ``intervals`` has the columns
+    ``by + [x, "mean", "low", "high"]`` (:func:`seed_intervals`; ``geometric``: its means are
+    geometric). A numeric ``x`` is drawn as lines with shaded bands on the axes' ``scales``
+    (x, y); a ``categorical`` one as points with error bars at evenly spaced categories (in
+    sweep order), the series side by side, not joined by lines."""
     figure = Figure(figsize=(7, 5), layout="constrained")
     axis = figure.subplots()
-    numeric = pd.api.types.is_numeric_dtype(intervals[x])
     categories = list(dict.fromkeys(intervals[x].astype(str)))
-    groups = intervals.groupby(by, sort=False, dropna=False) if by else [((), intervals)]
-    for key, rows in groups:
-        rows = rows.sort_values(x) if numeric else rows
-        where = (rows[x].to_numpy(dtype=float) if numeric
-                 else np.array([categories.index(str(v)) for v in rows[x]]))
-        label = ", ".join(f"{k}={v}" for k, v in zip(by, key, strict=True))
-        line = axis.plot(where, rows["mean"], marker="o", label=label or None)[0]
+    groups = list(intervals.groupby(by, sort=False, dropna=False)) if by else [((), intervals)]
+    width = min(0.6, 0.15 * len(groups))
+    for index, (key, rows) in enumerate(groups):
+        label = ", ".join(f"{k}={v}" for k, v in zip(by, key, strict=True)) or None
+        if categorical:
+            offset = (index - (len(groups) - 1) / 2) * (width / max(len(groups) - 1, 1))
+            where = np.array([categories.index(str(v)) for v in rows[x]]) + offset
+            mean = rows["mean"].to_numpy(dtype=float)
+            spread = np.abs(np.vstack([mean - rows["low"].to_numpy(dtype=float),
+                                       rows["high"].to_numpy(dtype=float) - mean]))
+            axis.errorbar(where, mean, yerr=np.nan_to_num(spread), fmt="o", capsize=4,
+                          label=label)
+            continue
+        rows = rows.sort_values(x)
+        where = rows[x].to_numpy(dtype=float)
+        line = axis.plot(where, rows["mean"], marker="o", label=label)[0]
         axis.fill_between(where, rows["low"], rows["high"], color=line.get_color(), alpha=0.2)
-    if numeric and _wide_positive(intervals[x].to_numpy(dtype=float)):
-        axis.set_xscale("log")
-    if _wide_positive(intervals[["mean", "low", "high"]].to_numpy(dtype=float).ravel()):
-        axis.set_yscale("log")
-    if not numeric:
+    if categorical:
         axis.set_xticks(range(len(categories)), categories)
-    axis.set(xlabel=x, ylabel=f"{y} (mean, 95% interval over seeds)", title=f"{title}: {y}")
+        axis.set_xlim(-0.5, len(categories) - 0.5)
+    else:
+        axis.set_xscale(scales[0])
+    axis.set_yscale(scales[1])
+    mean = "geometric mean" if geometric else "mean"
+    axis.set(xlabel=x, ylabel=f"{y} ({mean}, 95% interval over seeds)", title=f"{title}: {y}")
     axis.grid(alpha=0.3, which="both")
     if by:
         axis.legend(fontsize="small")
