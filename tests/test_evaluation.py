@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from metarep.core import evaluation
+from metarep.core import evaluation, reference
 from metarep.core.evaluation import (
     BAYES_ORACLE,
     ORACLE_LSQ,
@@ -24,11 +26,12 @@ from metarep.core.evaluation import (
     posterior_mean,
     regression_risks,
     representation_basis,
+    ridge_risks,
 )
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem, make_problem, random_orthonormal
 from metarep.core.tasks import sample_heads, sample_tasks
-from metarep.core.theory import lambda_star, least_squares_risk, ridge_penalty
+from metarep.core.theory import lambda_star, least_squares_risk, ridge_penalty, ridge_risk
 
 Z_MAX = 5.0
 
@@ -423,15 +426,58 @@ def test_oracle_risk_is_unaffected_by_the_representation():
         np.testing.assert_allclose(first[name], second[name], rtol=1e-12)
 
 
-def test_regression_budget_caps_the_number_of_tasks(monkeypatch):
-    problem = problem_of()
-    monkeypatch.setattr(evaluation, "REGRESSION_BUDGET", 20 * 10 * 8)
-    risks = regression_risks(problem, 10, 500, np.random.default_rng(0))
-    assert set(risks) == {RIDGE, REGRESSION_LSQ}  # m = 10 = d + 2
-    assert risks[RIDGE].shape == risks[REGRESSION_LSQ].shape == (20,)
-    monkeypatch.setattr(evaluation, "REGRESSION_BUDGET", 1)
-    risks = regression_risks(problem, 9, 500, np.random.default_rng(0))
-    assert set(risks) == {RIDGE} and risks[RIDGE].shape == (2,)
+@pytest.mark.parametrize(("d", "k", "noise_var", "m"), [
+    (8, 2, 1.5, 1), (8, 2, 1.5, 5), (8, 2, 1.5, 8), (8, 2, 1.5, 9), (8, 2, 1.5, 14),
+    (12, 3, 0.0, 7), (5, 5, 0.5, 30), (30, 2, 2.0, 12)])
+def test_ridge_risks_sampled_from_the_bidiagonal_form_match_the_simulation_in_d_dims(
+        d, k, noise_var, m):
+    """The d-free sampler (a Wishart spectrum in bidiagonal form and a uniform direction of
+    beta) against ridge solved task by task on explicit d-dimensional inputs: the same mean
+    (two-sample z) and the same law (two-sample Kolmogorov-Smirnov), for m below, at and above
+    d, with and without noise; least squares (penalty 0) where m >= d + 2 too."""
+    problem = problem_of(d=d, k=k, noise_var=noise_var)
+    penalties = [ridge_penalty(d, problem)] + ([0.0] if m >= d + 2 else [])
+    fast = ridge_risks(problem, m, penalties, 20000, np.random.default_rng(d + m))
+    for penalty, sampled in zip(penalties, fast, strict=True):
+        direct = reference.ridge_risks(problem, m, penalty, 3000, np.random.default_rng(m))
+        if direct.std() < 1e-12:  # noiseless least squares: exact recovery, up to rounding
+            assert sampled.max() < 1e-20
+            continue
+        se = np.hypot(sampled.std(ddof=1) / np.sqrt(sampled.size),
+                      direct.std(ddof=1) / np.sqrt(direct.size))
+        assert abs(sampled.mean() - direct.mean()) <= Z_MAX * se, (penalty, sampled.mean(),
+                                                                   direct.mean())
+        assert stats.ks_2samp(sampled, direct).pvalue > 1e-3, penalty
+
+
+def test_ridge_risks_match_their_closed_forms_and_detect_a_wrong_penalty():
+    """Noiseless ridge is the projection onto a random m-dimensional row space:
+    tr(Sigma_star)(1 - m/d); least squares has sigma^2 d / (m - d - 1). A penalty 30% off the
+    prior-optimal one is detectably worse on the same draws (a negative control)."""
+    noiseless = problem_of(d=10, k=3, noise_var=0.0)
+    risks = ridge_risks(noiseless, 4, [0.0], 40000, np.random.default_rng(1))[0]
+    assert abs(z_score(risks.mean(), risks.std(ddof=1) / 200, ridge_risk(4, noiseless))) < Z_MAX
+    noisy = problem_of(d=6, k=2, noise_var=1.3)
+    lsq = ridge_risks(noisy, 30, [0.0], 40000, np.random.default_rng(2))[0]
+    expected = least_squares_risk(30, 6, 1.3)
+    assert abs(z_score(lsq.mean(), lsq.std(ddof=1) / 200, expected)) < Z_MAX
+    best = ridge_penalty(6, noisy)
+    optimal, off = ridge_risks(noisy, 4, [best, 1.3 * best], 40000, np.random.default_rng(3))
+    gap = off - optimal
+    assert gap.mean() > 3 * gap.std(ddof=1) / 200
+
+
+def test_regression_rows_cost_nothing_that_grows_with_d():
+    """At d = 10^6 the d-dimensional rows are drawn without any d-sized array: every array
+    the sampler makes is at most n x min(m, d) (checked through numpy's allocations being
+    small: the whole call stays far below one d-sized row per task)."""
+    problem = dataclasses.replace(problem_of(d=8, k=2), B_star=np.eye(10**6, 2))
+    tracemalloc.start()
+    risks = regression_risks(problem, 20, 200, np.random.default_rng(0))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert set(risks) == {RIDGE} and risks[RIDGE].shape == (200,)
+    assert peak < 2_000_000, peak  # one d-sized row per task would be 1.6 GB
 
 
 def test_evaluate_is_deterministic_and_chunking_does_not_change_the_numbers(monkeypatch):

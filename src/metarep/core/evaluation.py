@@ -29,8 +29,10 @@ the references, :func:`metarep.core.theory.bayes_oracle_risk`,
 The representation methods and the oracle rows only see ``X`` through ``X B`` and
 ``X B_star``, so they are simulated exactly, on the same tasks (common random numbers), in an
 orthonormal basis ``Q = [B_star, Q_B]`` of span(B_star, B): the projected inputs ``X Q`` are
-i.i.d. standard normal whatever ``d`` is. ``ridge`` and ``regression-lsq`` need the full ``X``
-and are simulated together in d dimensions, in chunks, on their own tasks.
+i.i.d. standard normal whatever ``d`` is. ``ridge`` and ``regression-lsq`` see all of ``X``; their
+risks are sampled exactly from the bidiagonal form of a Gaussian matrix and a uniformly random
+direction of ``beta`` (:func:`ridge_risks`), in O(min(m, d)) per task, on their own tasks, so
+the whole evaluation of a linear model costs nothing that grows with ``d``.
 
 Any other model (a ReLU network trained by the torch engine) is evaluated through numpy
 predictors (:func:`evaluate_predictors`) on fresh tasks in d dimensions: its excess risk
@@ -75,7 +77,6 @@ REGRESSION_LSQ = "regression-lsq"  # least squares in d dims, m >= d + 2
 REFERENCE_ROWS = (BAYES_ORACLE, ORACLE_LSQ, RIDGE, REGRESSION_LSQ)
 """The reference rows, in the order :func:`evaluate` writes them after the method's rows."""
 
-REGRESSION_BUDGET = 200_000_000  # Gaussian entries drawn for the d-dimensional rows per m_test
 CHUNK_ENTRIES = 4_000_000
 
 
@@ -181,22 +182,28 @@ def oracle_risks(Z_star: np.ndarray, y: np.ndarray, heads: np.ndarray,
     return risks
 
 
-def _reduced_tasks(
-    B: np.ndarray, problem: Problem, m: int, n_tasks: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Fresh tasks in the coordinates of ``Q = [B_star, Q_B]`` (:func:`representation_basis`).
+def reduced_body(B: np.ndarray, B_star: np.ndarray) -> np.ndarray:
+    """``B_r = Q^T B`` (r, k'): ``B`` in the coordinates of ``Q = [B_star, Q_B]``
+    (:func:`representation_basis`), where ``B_star`` is ``[I_k; 0]``. The only d-sized work of
+    the evaluation of a linear model, done once per evaluation."""
+    B = B.astype(np.float64)
+    return representation_basis(B, B_star).T @ B
 
-    **Returns:** ``B_r = Q^T B`` (r, k'); heads ``w_star`` (n_tasks, k); ``Z = X Q``
-    (n_tasks, m, r), i.i.d. standard normal; labels ``y = Z[:, :, :k] w_star + eps``
-    (n_tasks, m). Drawn from ``rng`` in the order heads, ``Z``, noise.
+
+def _reduced_tasks(
+    B_r: np.ndarray, problem: Problem, m: int, n_tasks: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fresh tasks in the coordinates of ``Q`` (:func:`reduced_body`, ``B_r`` (r, k')).
+
+    **Returns:** heads ``w_star`` (n_tasks, k); ``Z = X Q`` (n_tasks, m, r), i.i.d. standard
+    normal; labels ``y = Z[:, :, :k] w_star + eps`` (n_tasks, m). Drawn from ``rng`` in the
+    order heads, ``Z``, noise.
     """
-    Q = representation_basis(B.astype(np.float64), problem.B_star)
-    B_r = Q.T @ B.astype(np.float64)
     heads = sample_heads(problem, n_tasks, rng)
-    Z = rng.standard_normal((n_tasks, m, Q.shape[1]))  # X Q
+    Z = rng.standard_normal((n_tasks, m, B_r.shape[0]))  # X Q
     y = Z[..., : problem.k] @ heads[..., None]
     y = y[..., 0] + rng.standard_normal((n_tasks, m)) * np.sqrt(problem.noise_var)
-    return B_r, heads, Z, y
+    return heads, Z, y
 
 
 def _reduced_risk(fitted: np.ndarray, B_r: np.ndarray, heads: np.ndarray) -> np.ndarray:
@@ -213,8 +220,14 @@ def feature_least_squares_risks(
     """Excess risks (n_tasks,) of least squares on the learned features ``X B`` (k' of them):
     ``w' = argmin ||X B w - y||^2 + lambda ||w||^2`` with ``lambda`` from
     :func:`features_penalty` in ``k'`` dimensions, risk ``||B w' - B_star w_star||^2``."""
-    B_r, heads, Z, y = _reduced_tasks(B, problem, m, n_tasks, rng)
-    fitted = fit_least_squares(Z @ B_r, y, features_penalty(m, B.shape[1], problem))
+    return _feature_least_squares(reduced_body(B, problem.B_star), problem, m, n_tasks, rng)
+
+
+def _feature_least_squares(B_r: np.ndarray, problem: Problem, m: int, n_tasks: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """:func:`feature_least_squares_risks` from the reduced body ``B_r``."""
+    heads, Z, y = _reduced_tasks(B_r, problem, m, n_tasks, rng)
+    fitted = fit_least_squares(Z @ B_r, y, features_penalty(m, B_r.shape[1], problem))
     return _reduced_risk(fitted, B_r, heads)
 
 
@@ -230,38 +243,105 @@ def adapted_and_oracle_risks(
     """Excess risks (n_tasks,) after ``adapt_steps`` head steps, and of the oracle rows
     (:func:`oracle_risks`: ``bayes-oracle``, and ``oracle-lsq`` where ``m >= k + 2``), on the
     same fresh tasks (common random numbers)."""
-    B_r, heads, Z, y = _reduced_tasks(params.B, problem, m, n_tasks, rng)
-    k, w = problem.k, params.w.astype(np.float64)
+    reduced = LinearParams(reduced_body(params.B, problem.B_star), params.w)
+    return _adapted_and_oracle(reduced, problem, m, n_tasks, alpha, adapt_steps, rng)
+
+
+def _adapted_and_oracle(reduced: LinearParams, problem: Problem, m: int, n_tasks: int,
+                        alpha: float, adapt_steps: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`adapted_and_oracle_risks` from ``(B_r, w)`` (:func:`reduced_body`)."""
+    B_r, w = reduced.B, reduced.w.astype(np.float64)
+    heads, Z, y = _reduced_tasks(B_r, problem, m, n_tasks, rng)
     method_risk = _reduced_risk(adapt_head(B_r, w, Z, y, alpha, adapt_steps), B_r, heads)
-    return method_risk, oracle_risks(Z[..., :k], y, heads, problem)
+    return method_risk, oracle_risks(Z[..., : problem.k], y, heads, problem)
+
+
+def wishart_tridiagonal(n: int, m: int, d: int,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` draws of a ``p x p`` matrix ``T = L^T L``, ``p = min(m, d)``, whose eigenvalues
+    have the law of the nonzero eigenvalues of ``X^T X`` for ``X`` (m, d) with i.i.d.
+    ``N(0, 1)`` entries (Dumitriu and Edelman, 2002): ``L`` is lower bidiagonal with
+    independent ``L_ii = chi_{q - i}`` and ``L_{i+1, i} = chi_{p - 1 - i}`` (``q = max(m, d)``,
+    ``i`` from 0), the bidiagonal form of ``X``.
+
+    **Returns:** ``L``'s diagonal (n, p) and subdiagonal (n, p - 1), and ``T``'s
+    superdiagonal ``L_{i+1,i} L_{i+1,i+1}`` (n, p - 1); ``T``'s diagonal is
+    ``L_ii^2 + L_{i+1,i}^2`` (:func:`_solve_tridiagonal` forms it). O(p) draws per task.
+    """
+    p, q = min(m, d), max(m, d)
+    diagonal = np.sqrt(rng.chisquare(q - np.arange(p), size=(n, p)))
+    below = np.sqrt(rng.chisquare(p - 1 - np.arange(p - 1), size=(n, p - 1)))
+    return diagonal, below, below * diagonal[:, 1:]
+
+
+def _solve_tridiagonal(diagonal: np.ndarray, off: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched solve of the symmetric positive definite tridiagonal systems with ``diagonal``
+    (n, p), off-diagonal ``off`` (n, p - 1) and right-hand sides ``rhs`` (n, p), by the
+    Cholesky (Thomas) recursion, vectorised over the n systems (no pivoting is needed for a
+    positive definite matrix). **Returns:** (n, p)."""
+    p = diagonal.shape[1]
+    pivots, forward = np.empty_like(diagonal), np.empty_like(rhs)
+    pivots[:, 0], forward[:, 0] = diagonal[:, 0], rhs[:, 0]
+    for i in range(1, p):
+        ratio = off[:, i - 1] / pivots[:, i - 1]
+        pivots[:, i] = diagonal[:, i] - ratio * off[:, i - 1]
+        forward[:, i] = rhs[:, i] - ratio * forward[:, i - 1]
+    solution = np.empty_like(rhs)
+    solution[:, p - 1] = forward[:, p - 1] / pivots[:, p - 1]
+    for i in range(p - 2, -1, -1):
+        solution[:, i] = (forward[:, i] - off[:, i] * solution[:, i + 1]) / pivots[:, i]
+    return solution
+
+
+def ridge_risks(problem: Problem, m: int, penalties: Sequence[float], n_tasks: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """Excess risks ``||beta_hat - beta||^2`` (len(penalties), n_tasks) of ridge in d
+    dimensions, ``beta_hat = argmin ||X beta - y||^2 + lambda ||beta||^2`` for each ``lambda``
+    in ``penalties`` (0: least squares, or the minimum-norm interpolator for ``m <= d``), on the
+    same fresh tasks ``beta = B_star w_star``, ``y = X beta + eps``: sampled exactly in
+    O(min(m, d)) per task, whatever ``d`` is.
+
+    The law of the risk is rotation invariant: in a basis where ``X^T X`` restricted to the
+    row space of ``X`` is ``T = L^T L`` (:func:`wishart_tridiagonal`, p = min(m, d)), ``beta``
+    has coordinates ``c = ||w_star|| u_{1:p}`` for a uniform unit vector ``u`` of R^d (drawn as
+    ``z_{1:p} / sqrt(||z_{1:p}||^2 + chi^2_{d-p})``, ``z ~ N(0, I_p)``) and ``X^T eps`` is
+    ``sigma L^T g``, ``g ~ N(0, I_p)``, independent of ``T``. The error inside the row space
+    is ``(T + lambda I)^{-1} (sigma L^T g - lambda c)``; outside it the fit is 0, an error
+    of ``||w_star||^2 - ||c||^2``. Tested against the direct simulation in d dimensions,
+    :func:`metarep.core.reference.ridge_risks`.
+    """
+    p = min(m, problem.d)
+    heads = sample_heads(problem, n_tasks, rng)
+    diagonal, below, upper = wishart_tridiagonal(n_tasks, m, problem.d, rng)
+    z = rng.standard_normal((n_tasks, p))
+    rest = rng.chisquare(problem.d - p, size=n_tasks) if problem.d > p else 0.0
+    g = rng.standard_normal((n_tasks, p))
+    energy, inside = np.sum(heads**2, axis=1), np.sum(z**2, axis=1)
+    c = z * np.sqrt(energy / (inside + rest))[:, None]
+    noise = diagonal * g
+    noise[:, :-1] += below * g[:, 1:]  # L^T g: L^T is upper bidiagonal
+    squares = diagonal**2
+    squares[:, :-1] += below**2  # T's diagonal
+    outside = energy * (1.0 - inside / (inside + rest))
+    sigma = np.sqrt(problem.noise_var)
+    return np.stack([
+        np.sum(_solve_tridiagonal(squares + penalty, upper, sigma * noise - penalty * c) ** 2,
+               axis=1) + outside
+        for penalty in penalties])
 
 
 def regression_risks(
     problem: Problem, m: int, n_tasks: int, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """Excess risks ``||beta_hat - beta||^2`` of the d-dimensional rows on the same fresh tasks:
-    ``ridge`` (penalty :func:`metarep.core.theory.ridge_penalty` in d dimensions, every ``m``),
-    and ``regression-lsq`` (least squares) where ``m >= d + 2``.
-
-    At most ``REGRESSION_BUDGET`` Gaussian entries are drawn, so for very large ``m d`` fewer
-    than ``n_tasks`` tasks (at least 2) are used; the standard error says so.
-    """
+    """Excess risks ``||beta_hat - beta||^2`` of the d-dimensional rows on the same fresh tasks
+    (:func:`ridge_risks`, O(min(m, d)) per task): ``ridge`` (penalty
+    :func:`metarep.core.theory.ridge_penalty` in d dimensions, every ``m``), and
+    ``regression-lsq`` (least squares) where ``m >= d + 2``."""
     d = problem.d
-    n_total = max(2, min(n_tasks, REGRESSION_BUDGET // (m * d)))
-    chunk = max(1, CHUNK_ENTRIES // (m * d))
-    penalty, with_lsq = ridge_penalty(d, problem), least_squares_has_finite_risk(m, d)
-    risks: dict[str, list[np.ndarray]] = {RIDGE: [], **({REGRESSION_LSQ: []} if with_lsq else {})}
-    for start in range(0, n_total, chunk):
-        n = min(chunk, n_total - start)
-        beta = sample_heads(problem, n, rng) @ problem.B_star.T
-        X = rng.standard_normal((n, m, d))
-        y = (X @ beta[..., None])[..., 0] + rng.standard_normal((n, m)) * np.sqrt(
-            problem.noise_var)
-        risks[RIDGE].append(np.sum((fit_least_squares(X, y, penalty) - beta) ** 2, axis=1))
-        if with_lsq:
-            risks[REGRESSION_LSQ].append(
-                np.sum((fit_least_squares(X, y, 0.0) - beta) ** 2, axis=1))
-    return {name: np.concatenate(parts) for name, parts in risks.items()}
+    names = [RIDGE, *([REGRESSION_LSQ] if least_squares_has_finite_risk(m, d) else [])]
+    penalties = [ridge_penalty(d, problem), 0.0][: len(names)]
+    return dict(zip(names, ridge_risks(problem, m, penalties, n_tasks, rng), strict=True))
 
 
 def _concatenate(pieces: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -306,14 +386,15 @@ def evaluate(
     the method's tasks, ``ridge`` and ``regression-lsq`` on their own."""
     rows = []
     children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
+    reduced = LinearParams(reduced_body(params.B, problem.B_star), params.w)
     width = problem.k + params.B.shape[1]
     for m, child in zip(shots, children, strict=True):
         represent_rng, regression_rng, features_rng = (
             np.random.default_rng(s) for s in child.spawn(3))
         chunk = max(2, CHUNK_ENTRIES // (m * width))
         pieces = [
-            adapted_and_oracle_risks(params, problem, m, min(chunk, n_tasks - start), alpha,
-                                     adapt_steps, represent_rng)
+            _adapted_and_oracle(reduced, problem, m, min(chunk, n_tasks - start), alpha,
+                                adapt_steps, represent_rng)
             for start in range(0, n_tasks, chunk)
         ]
         method_risk = np.concatenate([piece[0] for piece in pieces])
@@ -321,8 +402,8 @@ def evaluate(
             params.astype(np.float64), problem, m, alpha, adapt_steps)))
         if features_row is not None:
             rows.append(_summary(features_row, m, np.concatenate([
-                feature_least_squares_risks(params.B, problem, m, min(chunk, n_tasks - start),
-                                            features_rng)
+                _feature_least_squares(reduced.B, problem, m, min(chunk, n_tasks - start),
+                                       features_rng)
                 for start in range(0, n_tasks, chunk)]), finite_variance=features_variance_finite(
                     m, params.B.shape[1], problem)))
         rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),

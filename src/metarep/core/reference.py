@@ -24,7 +24,8 @@ number of inner steps. One task is ``X`` (m, d), ``y`` (m,), and its loss is
   take, for finite differences;
 - :func:`mtl_step`: multi-task learning (Burer-Monteiro);
 - :func:`expected_fo_anil_step`, :func:`expected_fo_anil_trajectory`: the exact expected
-  FO-ANIL step on infinitely many tasks, in R^d.
+  FO-ANIL step on infinitely many tasks, in R^d;
+- :func:`ridge_risks`: the test-time risk of ridge regression in d dimensions.
 """
 
 from __future__ import annotations
@@ -327,3 +328,24 @@ def expected_fo_anil_trajectory(
         path.append(new)
         losses.append(loss)
     return path, losses
+
+
+# ----------------------------------------------------------------------------- test time
+
+
+def ridge_risks(problem: Problem, m: int, penalty: float, n_tasks: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """Excess risks ``||beta_hat - beta||^2`` (n_tasks,) of ridge regression in d dimensions,
+    one task at a time: ``w_star ~ N(0, Sigma_star)``, ``beta = B_star w_star``, ``X`` (m, d)
+    with i.i.d. ``N(0, 1)`` entries, ``y = X beta + eps``, ``eps ~ N(0, sigma^2 I_m)``, and
+    ``beta_hat = X^T (X X^T + penalty I_m)^+ y`` (the minimum-norm solution of
+    ``argmin ||X b - y||^2 + penalty ||b||^2``; least squares for ``m > d``, ``penalty = 0``)."""
+    L = np.linalg.cholesky(problem.Sigma_star)
+    risks = np.empty(n_tasks)
+    for i in range(n_tasks):
+        beta = problem.B_star @ (L @ rng.standard_normal(problem.k))
+        X = rng.standard_normal((m, problem.d))
+        y = X @ beta + math.sqrt(problem.noise_var) * rng.standard_normal(m)
+        beta_hat = X.T @ (np.linalg.pinv(X @ X.T + penalty * np.eye(m)) @ y)
+        risks[i] = float(np.sum((beta_hat - beta) ** 2))
+    return risks
