@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -35,3 +36,18 @@ def error_line() -> Callable[[Result], str]:
         return lines[0]
 
     return line
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Any]:
+    """A real one-node SLURM on this machine for the session (:mod:`slurm_cluster`: munged,
+    slurmctld and slurmd from Debian's packages, installed first where missing and possible);
+    the test is skipped, with the reason, where it cannot start. Its ``env`` reaches it."""
+    import slurm_cluster
+
+    try:
+        cluster = slurm_cluster.start()
+    except slurm_cluster.Unavailable as why:
+        pytest.skip(f"no SLURM here: {why}")
+    yield cluster
+    cluster.stop()

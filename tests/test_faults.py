@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from metarep.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_SYSTEM
+from metarep.errors import ConfigError
 from metarep.run import experiment
 from metarep.run.atomic import is_temporary
 from metarep.run.rundir import CHECKPOINT, METRICS, RunDirectory
@@ -59,6 +60,28 @@ RESUMED = {
     "infinite-float32": ["tasks.n=infinite", "train.dtype=float32"],
     "pool-float32": ["train.dtype=float32"],
 }
+
+
+def test_a_run_checkpointed_before_keys_were_added_resumes_but_not_another_config(tmp_path):
+    """``config.yaml`` written by an earlier version lacks the keys added since (here the
+    whole ``log`` section and ``train.backend``): they take their defaults, so the run is the
+    same config and resumes; a changed value is still another config (a negative control)."""
+    config = load_config("quick", ["train.steps=40", "train.record_every=7",
+                                   "eval.n_tasks=20", "eval.shots=[5]"])
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(config, out, progress=False, on_record=interrupt_at(21),
+                                  checkpoint_seconds=3600.0)
+    text = (out / "config.yaml").read_text()
+    older = text.split("log:")[0].replace("  backend: numpy\n", "")
+    assert older != text and "backend" not in older
+    (out / "config.yaml").write_text(older.replace("outer_lr: 0.2", "outer_lr: 0.3"))
+    with pytest.raises(ConfigError, match="differs from this run's config") as error:
+        experiment.run_experiment(config, out, progress=False, resume=True)
+    assert error.value.key == "--resume"
+    (out / "config.yaml").write_text(older)
+    resumed = experiment.run_experiment(config, out, progress=False, resume=True)
+    assert resumed.summary["provenance"]["resumed_at_step"] == 21
 
 
 @pytest.mark.parametrize("case", list(RESUMED))

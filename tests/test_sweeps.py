@@ -36,12 +36,14 @@ from metarep.run.rundir import RunDirectory
 from metarep.run.schema import from_dict, iter_keys
 from metarep.sweeps import driver
 from metarep.sweeps.collect import collect, collect_table, seed_intervals
-from metarep.sweeps.driver import TEMP_DIR, SweepOptions, batch_jobs, run_sweep
+from metarep.sweeps.driver import TEMP_DIR, SweepOptions, _finalize, batch_jobs, run_sweep
 from metarep.sweeps.executors import (
     LocalExecutor,
+    Outcome,
     RunTask,
     is_this_machine,
     one_thread,
+    packed_files,
     use_local_token,
 )
 from metarep.sweeps.manifest import MANIFEST, build_manifest, write_manifest
@@ -509,7 +511,7 @@ def test_cli_rejects_bad_input_with_one_line_and_writes_nothing(tmp_path):
     for args, key in (([str(bad)], "zip.model.width"),
                       ([str(good), "--address", "127.0.0.1:1"], "--address"),
                       ([str(good), "--workers", "0"], "--workers"),
-                      ([str(good), "--executor", "slurm"], "--executor")):
+                      ([str(good), "--executor", "condor"], "--executor")):
         result = cli("sweep", *args, "--out", str(out))
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"error: {key}: ") and result.stderr.count("\n") == 1
@@ -826,3 +828,23 @@ def test_two_sweeps_racing_into_one_directory_leave_only_the_winner(tmp_path):
         assert {run["name"] for run in manifest["runs"]} == names
         assert {p.name for p in out.iterdir()} == names | {MANIFEST, ".sweep.lock"}
         assert all((out / name / "summary.json").is_file() for name in names)
+
+
+def test_a_run_packed_on_a_ray_node_keeps_its_folders(tmp_path):
+    """A run that executed away from the sweep directory comes back with every file, the
+    logging sinks' folders included (symbolic links, such as W&B's latest-run, left out), and
+    lands in place with the same tree."""
+    run = tmp_path / "node" / "0"
+    (run / "tb").mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,perp_norm\n0,1.0\n")
+    (run / "tb" / "events.out").write_bytes(b"\x00\x01")
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)
+    (run / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"W&B")
+    (run / "wandb" / "latest-run").symlink_to(run / "wandb" / "offline-run-1")
+    files = packed_files(run)
+    assert files == {"metrics.csv": b"step,perp_norm\n0,1.0\n", "tb/events.out": b"\x00\x01",
+                     "wandb/offline-run-1/run-1.wandb": b"W&B"}
+    out = tmp_path / "sweep"
+    task = RunTask("r", {}, {}, "quick", str(out / ".r.tmp"), str(tmp_path))
+    _finalize(out, task, Outcome("r", "done", None, files))
+    assert packed_files(out / "r") == files and not (out / ".r.tmp").exists()

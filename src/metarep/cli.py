@@ -210,7 +210,9 @@ def sweep(
     plan: Annotated[bool, typer.Option(
         "--plan", help="List the runs, their directories and what is done; run and write "
         "nothing.")] = False,
-    executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
+    executor: Annotated[str, typer.Option(
+        help="local (process pool), ray, slurm (a job array through submitit) or "
+        "submitit-local (the slurm path as local processes).")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address (HEAD:6379).")] = None,
     workers: Annotated[int | None, typer.Option(help="Runs at once \\[default: CPUs].")] = None,
     out: Annotated[str | None, typer.Option(
@@ -220,18 +222,35 @@ def sweep(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     batch: Annotated[bool, typer.Option(help="Batch tasks.n: infinite runs that differ only "
                                         "in step sizes, m_in, noise and seeds.")] = True,
+    slurm_partition: Annotated[str | None, typer.Option(
+        help="SLURM partition \\[default: the cluster's default].")] = None,
+    slurm_time: Annotated[int | None, typer.Option(
+        help="Time limit of each array task, minutes (requeued and resumed when reached, "
+        "up to 3 times) \\[default: 60].")] = None,
+    slurm_cpus: Annotated[int | None, typer.Option(
+        help="CPUs of each array task \\[default: 1; a run uses one thread].")] = None,
+    slurm_mem: Annotated[float | None, typer.Option(
+        help="Memory of each array task, GB \\[default: the partition's].")] = None,
+    slurm_array_parallelism: Annotated[int | None, typer.Option(
+        help="Array tasks running at once \\[default: --workers, else 256].")] = None,
+    slurm_log_dir: Annotated[str | None, typer.Option(
+        help="SLURM logs and submitit's files \\[default: OUT/.slurm].")] = None,
 ) -> None:
     """Run every run of a sweep (resuming: finished runs are skipped), one directory each.
 
     The sweep is a sweep file, or a base config with --grid, --set and --seeds (with a
     sweep file these override its fields, key by key)."""
     from metarep.sweeps.driver import SweepOptions, execute_plans, plan_lines, survey
+    from metarep.sweeps.slurm import SlurmSettings
     from metarep.sweeps.spec import command_line_fields, sweep_of
 
     terminal = sys.stderr.isatty()
+    slurm = SlurmSettings(slurm_partition, slurm_time, slurm_cpus, slurm_mem,
+                          slurm_array_parallelism, slurm_log_dir)
     options = SweepOptions(executor=executor, workers=workers, address=address,
                            retry_failed=retry_failed, progress=progress and terminal,
-                           batch_infinite=batch, log_runs=progress and not terminal)
+                           batch_infinite=batch, log_runs=progress and not terminal,
+                           slurm=slurm)
     try:
         fields = command_line_fields(grid or [], overrides or [], seeds, seed_keys)
         spec, plans, default_out = sweep_of(target, fields)
@@ -250,6 +269,9 @@ def sweep(
     if report.failed_runs:
         typer.echo(f"failed: {', '.join(report.failed_runs)} (each DIR/NAME/error.json says "
                    "why; --retry-failed redoes them)")
+    if report.unfinished_runs:
+        typer.echo(f"unfinished: {', '.join(report.unfinished_runs)} (their jobs were "
+                   "cancelled or preempted; run the same command again to finish them)")
 
 
 @app.command()

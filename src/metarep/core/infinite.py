@@ -48,10 +48,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from metarep.core.arrays import Array, array_namespace, to_numpy
 from metarep.core.measures import measure
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem
@@ -66,14 +67,15 @@ class InfiniteTaskState(NamedTuple):
     k rows of ``H`` are ``C V = B_star^T B V``, the others ``R V``.
     """
 
-    H: np.ndarray
-    omega: np.ndarray
+    H: Array
+    omega: Array
 
     def finite(self) -> np.ndarray:
-        """Per configuration, shape (b,), whether every entry is finite (checked through one
-        sum, which is also non-finite for entries so large that the sum overflows: a diverged
-        state either way)."""
-        return np.isfinite(self.H.sum(axis=(1, 2)) + self.omega.sum(axis=1))
+        """Per configuration, a numpy array (b,), whether every entry is finite (checked
+        through one sum, which is also non-finite for entries so large that the sum
+        overflows: a diverged state either way)."""
+        xp = array_namespace(self.H)
+        return to_numpy(xp.isfinite(self.H.sum(axis=(1, 2)) + self.omega.sum(axis=1)))
 
     def is_finite(self) -> bool:
         """Whether every entry of every configuration is finite (:meth:`finite`)."""
@@ -81,14 +83,16 @@ class InfiniteTaskState(NamedTuple):
 
     def take(self, index: int) -> InfiniteTaskState:
         """Configuration ``index`` alone, as a batch of one (a copy)."""
-        return InfiniteTaskState(self.H[index:index + 1].copy(),
-                               self.omega[index:index + 1].copy())
+        xp = array_namespace(self.H)
+        return InfiniteTaskState(xp.copy(self.H[index:index + 1]),
+                                 xp.copy(self.omega[index:index + 1]))
 
     @staticmethod
     def stack(states: Sequence[InfiniteTaskState]) -> InfiniteTaskState:
         """The configurations of ``states`` as one batch, in order."""
-        return InfiniteTaskState(np.concatenate([s.H for s in states]),
-                               np.concatenate([s.omega for s in states]))
+        xp = array_namespace(states[0].H)
+        return InfiniteTaskState(xp.concatenate([s.H for s in states]),
+                                 xp.concatenate([s.omega for s in states]))
 
 
 @dataclass(frozen=True)
@@ -194,29 +198,31 @@ def _per_config(value: float | Sequence[float] | np.ndarray, b: int, key: str,
 class _StateViews:
     """A state and the views of it that one step reads or writes."""
 
-    def __init__(self, H: np.ndarray, omega: np.ndarray, k: int):
+    def __init__(self, H: Array, omega: Array, k: int):
+        xp = array_namespace(H)
         self.state = InfiniteTaskState(H, omega)
-        self.H, self.H_T = H, H.transpose(0, 2, 1)
+        self.H, self.H_T = H, xp.transpose(H, (0, 2, 1))
         self.C = H[:, :k]
         self.C_flat = self.C.reshape(H.shape[0], 1, k * H.shape[2])
         self.H_flat = H.reshape(H.shape[0], 1, H.shape[1] * H.shape[2])
-        self.H_flat_T = self.H_flat.transpose(0, 2, 1)
+        self.H_flat_T = xp.transpose(self.H_flat, (0, 2, 1))
         self.omega_col, self.omega_row = omega[:, :, None], omega[:, None, :]
 
 
 class _Workspace:
-    """Preallocated arrays of one step, and two output state buffers used in turn."""
+    """Preallocated arrays of one step (of namespace ``xp``), and two output state buffers
+    used in turn."""
 
-    def __init__(self, b: int, rows: int, p: int, k: int, dtype: np.dtype):
-        def empty(*shape: int) -> np.ndarray:
-            return np.empty(shape, dtype=dtype)
+    def __init__(self, b: int, rows: int, p: int, k: int, dtype: np.dtype, xp: Any):
+        def empty(*shape: int) -> Array:
+            return xp.empty(shape, dtype=dtype)
 
         self.N, self.M, self.T = empty(b, p, p), empty(b, p, p), empty(b, p, p)
         self.M_diag = self.M.reshape(b, p * p)[:, :: p + 1]
         self.N_flat, self.M_flat = self.N.reshape(b, 1, p * p), self.M.reshape(b, p * p, 1)
         self.n, self.u, self.t = empty(b, 1, p), empty(b, 1, p), empty(b, 1, p)
         self.Y = empty(b, k + 2, p)  # Y^T of the class docstring, rows u, n, Sigma^{1/2} C
-        self.Y_T = self.Y.transpose(0, 2, 1)
+        self.Y_T = xp.transpose(self.Y, (0, 2, 1))
         self.Y_u, self.Y_n, self.Y_c = self.Y[:, 0:1], self.Y[:, 1:2], self.Y[:, 2:]
         self.s = empty(b, 1, 1)
         self.E = empty(b, k, p)
@@ -230,7 +236,10 @@ class ExactFOANIL:
 
     **Arguments:** ``Sigma_star`` (k, k); ``inner_lr`` (alpha > 0), ``outer_lr`` (beta > 0),
     ``m_in`` (>= 1, ``inf`` allowed) and ``noise_var`` (sigma^2 >= 0): scalars or (b,) arrays;
-    ``shape`` the state's ``(b, k + r, p)``; ``dtype`` of the state.
+    ``shape`` the state's ``(b, k + r, p)``; ``dtype`` of the state; ``xp`` the array
+    namespace the states live in (:mod:`numpy`, or torch tensors on a device:
+    :func:`metarep.engine.arrays.torch_namespace`), the constants being computed in numpy float64
+    and moved there once. The losses are numpy arrays either way.
 
     :meth:`step` maps a state to the next one (module docstring) and returns the expected
     meta-training loss at the *old* state, shape (b,) (or ``None`` with ``with_loss=False``).
@@ -252,10 +261,11 @@ class ExactFOANIL:
         noise_var: float | Sequence[float] | np.ndarray,
         shape: tuple[int, int, int],
         dtype: np.dtype | str = np.float64,
+        xp: Any = np,
     ):
         b, rows, p = shape
         k = Sigma_star.shape[0]
-        self.shape, self.k, self.dtype = shape, k, np.dtype(dtype)
+        self.shape, self.k, self.dtype, self.xp = shape, k, np.dtype(dtype), xp
         alpha = _per_config(inner_lr, b, "inner_lr", 0.0, strict=True)
         beta = _per_config(outer_lr, b, "outer_lr", 0.0, strict=True)
         m = _per_config(m_in, b, "m_in", 1.0, strict=False)
@@ -267,18 +277,19 @@ class ExactFOANIL:
         root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
         trace = float(np.trace(self.Sigma_star))
 
-        def col(x: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(np.reshape(x, (b, 1, 1)), dtype=self.dtype)
+        def col(x: np.ndarray) -> Array:
+            return xp.ascontiguousarray(np.reshape(x, (b, 1, 1)), dtype=self.dtype)
 
         self._neg_alpha, self._beta, self._sqrt_beta = col(-alpha), col(beta), col(np.sqrt(beta))
         self._c_n = col(np.sqrt(beta * inv_m) * alpha)
         self._k0 = col(trace + noise)
         self._neg_k1 = col(-beta * alpha**2 * inv_m)
         scale = np.sqrt(beta * (1 + inv_m)) * alpha
-        self._S_c = (scale[:, None, None] * root).astype(self.dtype)  # Sigma^{1/2} symmetric
-        self._S_e = ((alpha * beta)[:, None, None] * self.Sigma_star).astype(self.dtype)
+        self._S_c = xp.asarray((scale[:, None, None] * root).astype(self.dtype))  # symmetric
+        self._S_e = xp.asarray(((alpha * beta)[:, None, None] * self.Sigma_star)
+                               .astype(self.dtype))
         self._loss_const = trace + noise
-        self._work = _Workspace(b, rows, p, k, self.dtype)
+        self._work = _Workspace(b, rows, p, k, self.dtype, xp)
 
     def _views(self, state: InfiniteTaskState) -> _StateViews:
         for buffer in self._work.buffers:
@@ -288,51 +299,52 @@ class ExactFOANIL:
         if state.H.shape != self.shape or state.omega.shape != (b, p):
             raise ArgumentError("state", f"shapes {state.H.shape}, {state.omega.shape} do not "
                                 f"match {self.shape}")
-        return _StateViews(np.ascontiguousarray(state.H, dtype=self.dtype),
-                           np.ascontiguousarray(state.omega, dtype=self.dtype), self.k)
+        xp = self.xp
+        return _StateViews(xp.ascontiguousarray(state.H, dtype=self.dtype),
+                           xp.ascontiguousarray(state.omega, dtype=self.dtype), self.k)
 
     def _prepare(self, old: _StateViews) -> None:
         """Fill the workspace: ``N, n, u, Y, M = I - beta Q, E = alpha beta Sigma C``."""
-        w = self._work
-        np.matmul(old.H_T, old.H, out=w.N)                       # N = H^T H
-        np.matmul(old.omega_row, w.N, out=w.n)                   # n^T = w^T N
-        np.multiply(w.n, self._neg_alpha, out=w.u)
-        np.add(w.u, old.omega_row, out=w.u)                      # u^T = (w - alpha n)^T
-        np.multiply(w.u, self._sqrt_beta, out=w.Y_u)
-        np.multiply(w.n, self._c_n, out=w.Y_n)
-        np.matmul(self._S_c, old.C, out=w.Y_c)                   # Sigma^{1/2} C, scaled
-        np.matmul(w.n, old.omega_col, out=w.s)                   # w^T N w
-        np.add(w.s, self._k0, out=w.s)
-        np.multiply(w.s, self._neg_k1, out=w.s)                  # -beta alpha^2 c / m
-        np.multiply(w.N, w.s, out=w.M)
-        np.add(w.M_diag, 1.0, out=w.M_diag)
-        np.matmul(w.Y_T, w.Y, out=w.T)
-        np.subtract(w.M, w.T, out=w.M)                           # M = I - beta Q
-        np.matmul(self._S_e, old.C, out=w.E)                     # alpha beta Sigma C
+        w, xp = self._work, self.xp
+        xp.matmul(old.H_T, old.H, out=w.N)                       # N = H^T H
+        xp.matmul(old.omega_row, w.N, out=w.n)                   # n^T = w^T N
+        xp.multiply(w.n, self._neg_alpha, out=w.u)
+        xp.add(w.u, old.omega_row, out=w.u)                      # u^T = (w - alpha n)^T
+        xp.multiply(w.u, self._sqrt_beta, out=w.Y_u)
+        xp.multiply(w.n, self._c_n, out=w.Y_n)
+        xp.matmul(self._S_c, old.C, out=w.Y_c)                   # Sigma^{1/2} C, scaled
+        xp.matmul(w.n, old.omega_col, out=w.s)                   # w^T N w
+        xp.add(w.s, self._k0, out=w.s)
+        xp.multiply(w.s, self._neg_k1, out=w.s)                  # -beta alpha^2 c / m
+        xp.multiply(w.N, w.s, out=w.M)
+        xp.add(w.M_diag, 1.0, out=w.M_diag)
+        xp.matmul(w.Y_T, w.Y, out=w.T)
+        xp.subtract(w.M, w.T, out=w.M)                           # M = I - beta Q
+        xp.matmul(self._S_e, old.C, out=w.E)                     # alpha beta Sigma C
 
     def step(
         self, state: InfiniteTaskState, *, with_loss: bool = True
     ) -> tuple[InfiniteTaskState, np.ndarray | None]:
         """One expected outer step of every configuration (see the class docstring)."""
-        w = self._work
+        w, xp = self._work, self.xp
         old = self._views(state)
         new = w.buffers[1] if old is w.buffers[0] else w.buffers[0]
         self._prepare(old)
-        np.matmul(old.H, w.M, out=new.H)
-        np.add(new.C, w.E, out=new.C)                            # H M + [alpha beta Sigma C; 0]
-        np.matmul(w.u, w.N, out=w.t)
-        np.multiply(w.t, self._beta, out=w.t)
-        np.subtract(old.omega_row, w.t, out=new.omega_row)      # w - beta N u
+        xp.matmul(old.H, w.M, out=new.H)
+        xp.add(new.C, w.E, out=new.C)                            # H M + [alpha beta Sigma C; 0]
+        xp.matmul(w.u, w.N, out=w.t)
+        xp.multiply(w.t, self._beta, out=w.t)
+        xp.subtract(old.omega_row, w.t, out=new.omega_row)      # w - beta N u
         return new.state, (self._loss(old) if with_loss else None)
 
     def _loss(self, old: _StateViews) -> np.ndarray:
         """Expected meta-training loss at ``old`` from the prepared workspace:
         ``tr(N Q) = (tr N - <N, M>) / beta`` and ``alpha tr(Sigma C C^T) = <C, E> / beta``."""
-        w = self._work
-        inner = np.matmul(old.H_flat, old.H_flat_T)[:, 0, 0]   # tr N = ||H||_F^2
-        inner -= np.matmul(w.N_flat, w.M_flat, out=w.dots)[:, 0, 0]
-        inner -= 2 * np.matmul(old.C_flat, w.E_flat, out=w.dots)[:, 0, 0]
-        return 0.5 * (inner / self.beta + self._loss_const)
+        w, xp = self._work, self.xp
+        inner = xp.matmul(old.H_flat, old.H_flat_T)[:, 0, 0]   # tr N = ||H||_F^2
+        inner -= xp.matmul(w.N_flat, w.M_flat, out=w.dots)[:, 0, 0]
+        inner -= 2 * xp.matmul(old.C_flat, w.E_flat, out=w.dots)[:, 0, 0]
+        return 0.5 * (to_numpy(inner) / self.beta + self._loss_const)
 
     def expected_loss(self, state: InfiniteTaskState) -> np.ndarray:
         """Expected meta-training loss of ``state``, shape (b,); writes no state buffer."""

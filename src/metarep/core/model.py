@@ -10,14 +10,16 @@ from typing import NamedTuple
 
 import numpy as np
 
+from metarep.core.arrays import Array, array_namespace
 from metarep.errors import ArgumentError
 
 
 class LinearParams(NamedTuple):
-    """Parameters of the linear network: ``B`` (d, k') and ``w`` (k',)."""
+    """Parameters of the linear network: ``B`` (d, k') and ``w`` (k',), numpy arrays or (in a
+    torch-backend run) tensors on its device."""
 
-    B: np.ndarray
-    w: np.ndarray
+    B: Array
+    w: Array
 
     @property
     def width(self) -> int:
@@ -27,7 +29,8 @@ class LinearParams(NamedTuple):
         return LinearParams(self.B.astype(dtype), self.w.astype(dtype))
 
     def is_finite(self) -> bool:
-        return bool(np.all(np.isfinite(self.B)) and np.all(np.isfinite(self.w)))
+        xp = array_namespace(self.B)
+        return bool(xp.all(xp.isfinite(self.B)) and xp.all(xp.isfinite(self.w)))
 
 
 def init_linear(

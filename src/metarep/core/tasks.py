@@ -8,9 +8,11 @@ checks a user's arrays (``X`` (N, m, d), ``y`` (N, m), optional ``B_star`` and h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from metarep.core.arrays import array_namespace
 from metarep.core.problem import Problem
 from metarep.errors import ArgumentError
 
@@ -54,11 +56,21 @@ class TaskBatch:
     def take(self, indices: np.ndarray) -> TaskBatch:
         """The sub-batch of the tasks at ``indices`` (their pool positions kept in ``indices``)."""
         heads = None if self.heads is None else self.heads[indices]
-        positions = np.asarray(indices) if self.indices is None else self.indices[indices]
+        xp = array_namespace(self.X_in)
+        positions = xp.asarray(indices) if self.indices is None else self.indices[indices]
         return TaskBatch(
             self.X_in[indices], self.y_in[indices], self.X_out[indices], self.y_out[indices], heads,
             positions,
         )
+
+    def on(self, xp: Any) -> TaskBatch:
+        """The same tasks as arrays of the namespace ``xp`` (e.g. torch tensors on a device:
+        :func:`metarep.engine.arrays.torch_namespace`), values and dtypes unchanged."""
+        def move(array: np.ndarray | None) -> Any:
+            return None if array is None else xp.asarray(array)
+
+        return TaskBatch(*(move(a) for a in (self.X_in, self.y_in, self.X_out, self.y_out,
+                                             self.heads, self.indices)))
 
     def astype(self, dtype: np.dtype | str) -> TaskBatch:
         """The same tasks stored in ``dtype`` (heads stay float64)."""

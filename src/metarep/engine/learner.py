@@ -30,11 +30,33 @@ The reported loss of a step is the mean outer loss after adaptation at the param
 the step (for ``mtl``: ``mean_i L(theta_B, w_i; X_i, y_i)``). Every per-task quantity is computed
 with ``torch.func.vmap`` over the task axis (no per-task Python loop); gradients with
 ``torch.func.grad`` through ``functional_call``, so the module itself is never modified.
+
+What a module may hold (checked when the learner is built, and by one forward pass on the first
+inputs the learner sees):
+
+- Parameters with ``requires_grad=False`` are held fixed: constants in the inner and the outer
+  loop, bitwise equal to their initial values after any number of steps; the head must keep a
+  trainable parameter.
+- Buffers that forward only reads (a registered constant, BatchNorm's statistics in ``eval()``
+  mode) are constants. A buffer that forward writes (BatchNorm / InstanceNorm with
+  ``track_running_stats=True`` in training mode, any running mean) is state shared by every
+  task, which functional meta-learning cannot carry: an
+  :class:`~metarep.errors.ArgumentError` (``argument == "module"``) names the submodule and
+  its type. ``BatchNorm`` with ``track_running_stats=False`` is accepted: it normalises each
+  task by the statistics of that task's own rows (vmap keeps the tasks apart).
+
+Two options bound memory and fix the numerics: ``task_chunk`` computes a training step on at
+most that many tasks at a time (the gradients summed over the chunks, so the autograd graph of
+one chunk is in memory at once) and test-time adaptation with
+``vmap(..., chunk_size=task_chunk)``: the results equal the unchunked ones up to rounding.
+``deterministic`` runs every computation of the learner under :func:`deterministic_algorithms`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,26 +98,86 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+CUBLAS_VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
+DETERMINISTIC_CUBLAS = (":4096:8", ":16:8")
+"""The values of ``CUBLAS_WORKSPACE_CONFIG`` under which cuBLAS (CUDA >= 10.2) is
+deterministic; :func:`deterministic_algorithms` sets the first where neither is set."""
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (when ``enabled``; else nothing changes):
+    ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic implementation
+    raises a ``RuntimeError``), ``torch.backends.cudnn.benchmark = False`` and
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless it already holds a deterministic value. On
+    leaving, each of the three is restored, so the setting has no effect outside the block.
+
+    The settings are process-wide while the block runs. torch reads ``CUBLAS_WORKSPACE_CONFIG``
+    at the first cuBLAS call in the process: set it in the environment yourself if the process
+    used cuBLAS before entering the block."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, os.environ.get(CUBLAS_VARIABLE))
+    if previous[3] not in DETERMINISTIC_CUBLAS:
+        os.environ[CUBLAS_VARIABLE] = DETERMINISTIC_CUBLAS[0]
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+        if previous[3] is None:
+            os.environ.pop(CUBLAS_VARIABLE, None)
+        else:
+            os.environ[CUBLAS_VARIABLE] = previous[3]
+
+
 def head_names(module: nn.Module, head: str | Sequence[str]) -> tuple[str, ...]:
-    """Names of the head parameters: each entry of ``head`` is a parameter name or a prefix
-    (``"head"`` matches ``head.weight`` and ``head.bias``). The body must keep a parameter."""
+    """Names of the trainable head parameters: each entry of ``head`` is a parameter name or a
+    prefix (``"head"`` matches ``head.weight`` and ``head.bias``); those with
+    ``requires_grad=False`` stay fixed and are left out. The body must keep a parameter and the
+    head a trainable one."""
     entries = (head,) if isinstance(head, str) else tuple(head)
-    names = tuple(n for n, _ in module.named_parameters()
-                  if any(n == e or n.startswith(e + ".") for e in entries))
+    named = dict(module.named_parameters())
+    names = tuple(n for n in named if any(n == e or n.startswith(e + ".") for e in entries))
     if not names:
-        found = ", ".join(n for n, _ in module.named_parameters())
         raise ArgumentError("head", f"{entries} names no parameter of the module (found: "
-                            f"{found})")
-    if len(names) == len(list(module.parameters())):
+                            f"{', '.join(named)})")
+    if len(names) == len(named):
         raise ArgumentError("head", "the head may not hold every parameter: the body must "
                             "keep one")
-    return names
+    trainable = tuple(n for n in names if named[n].requires_grad)
+    if not trainable:
+        raise ArgumentError("head", f"every head parameter ({', '.join(names)}) has "
+                            "requires_grad=False: the inner loop would adapt nothing")
+    return trainable
+
+
+STATEFUL_FIX = ("buffers are state shared by every task and cannot be meta-learned "
+                "functionally; use track_running_stats=False, or LayerNorm/GroupNorm")
+
+
+def check_stateless(module: nn.Module) -> None:
+    """An :class:`~metarep.errors.ArgumentError` (``module``) naming the first submodule (its
+    qualified name and type) that keeps running statistics: ``track_running_stats=True`` in
+    training mode (BatchNorm, InstanceNorm, SyncBatchNorm, or a module of the same
+    convention), whose forward writes its buffers."""
+    for name, sub in module.named_modules():
+        if getattr(sub, "track_running_stats", False) is True and sub.training:
+            raise ArgumentError("module", f"{name or 'the module itself'} "
+                                f"({type(sub).__name__}) keeps running statistics, which are "
+                                f"updated in forward; {STATEFUL_FIX}")
 
 
 @dataclass(frozen=True)
 class EngineState:
-    """Training state: ``params`` (every parameter of the module, body and shared head) and,
-    for ``mtl`` only, ``heads``: each head parameter with a leading task axis (N, ...)."""
+    """Training state: ``params`` (every parameter of the module, body and shared head, the
+    fixed ones with ``requires_grad=False`` included) and, for ``mtl`` only, ``heads``: each
+    trainable head parameter with a leading task axis (N, ...)."""
 
     params: Params
     heads: Params | None = None
@@ -136,6 +218,11 @@ def _numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().double().numpy()
 
 
+def _added(total: Params, part: Params) -> Params:
+    """``total + part`` by name (``part`` itself when ``total`` is empty)."""
+    return {name: total[name] + g for name, g in part.items()} if total else dict(part)
+
+
 class MetaLearner:
     """Meta-train ``module`` with ``method`` (``anil``, ``maml`` or ``mtl``; see the module
     docstring for the updates), exact (``first_order=False``) or first-order.
@@ -144,6 +231,15 @@ class MetaLearner:
     :meth:`step` updates that copy, :meth:`outer_step` is the same update as a pure function of
     a state. The module must map inputs (m, d) to outputs of m entries ((m,) or (m, 1)).
     ``n_tasks`` (the pool size N) is required for ``mtl``, which keeps one head per task.
+    Parameters with ``requires_grad=False`` stay fixed; a module whose forward writes a buffer
+    (BatchNorm with running statistics) is an :class:`~metarep.errors.ArgumentError`.
+
+    ``task_chunk`` (an integer >= 1, or ``None``: all tasks at once) bounds memory: a step
+    runs on chunks of at most that many tasks, summing their gradients, and test-time
+    adaptation vmaps with that ``chunk_size``; results equal the unchunked ones up to
+    rounding. ``deterministic`` runs every computation of the learner (:meth:`outer_step`,
+    :meth:`adapt_heads`, :meth:`predict_adapted`, :meth:`feature_map`'s map) under
+    :func:`deterministic_algorithms`, restoring the previous settings after each.
 
     Example::
 
@@ -165,6 +261,8 @@ class MetaLearner:
         n_tasks: int | None = None,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = torch.float64,
+        task_chunk: int | None = None,
+        deterministic: bool = False,
     ):
         if method not in METHODS:
             raise ArgumentError("method", f"must be one of {', '.join(METHODS)} (with "
@@ -172,19 +270,28 @@ class MetaLearner:
         check_step_size("inner_lr", inner_lr)
         check_step_size("outer_lr", outer_lr)
         check_count("inner_steps", inner_steps)
+        if task_chunk is not None:
+            check_count("task_chunk", task_chunk)
+        if not isinstance(deterministic, bool):
+            raise ArgumentError("deterministic", f"must be True or False, got {deterministic!r}")
+        check_stateless(module)
         self.module = module
         self.method, self.first_order = method, bool(first_order)
         self.inner_lr, self.outer_lr = float(inner_lr), float(outer_lr)
         self.inner_steps = inner_steps
+        self.task_chunk, self.deterministic = task_chunk, deterministic
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.head = head_names(module, head)
+        self.frozen = tuple(n for n, p in module.named_parameters() if not p.requires_grad)
         self.buffers = {name: b.to(self.device, self.dtype if b.is_floating_point() else None)
                         for name, b in module.named_buffers()}
+        self._buffers_checked = not self.buffers
         self.state = self.init_state(module, n_tasks)
 
     def init_state(self, module: nn.Module, n_tasks: int | None = None) -> EngineState:
         """The state at ``module``'s parameters (same names as the learner's module), copied
-        to the learner's device and dtype; for ``mtl``, ``n_tasks`` copies of its head."""
+        to the learner's device and dtype; for ``mtl``, ``n_tasks`` copies of its trainable
+        head."""
         params = {name: self.tensor(p.detach()) for name, p in module.named_parameters()}
         if self.method != "mtl":
             return EngineState(params)
@@ -200,15 +307,42 @@ class MetaLearner:
         """``array`` as a tensor of the learner's dtype on its device."""
         return torch.as_tensor(array).to(device=self.device, dtype=self.dtype)
 
-    def split(self, params: Mapping[str, Tensor]) -> tuple[Params, Params]:
-        """``(body, head)`` parameter dicts."""
-        body = {n: p for n, p in params.items() if n not in self.head}
-        return body, {n: params[n] for n in self.head}
+    def partition(self, params: Mapping[str, Tensor]) -> tuple[Params, Params, Params]:
+        """``(frozen, body, head)`` parameter dicts: the fixed parameters
+        (``requires_grad=False``), the trainable body and the trainable head."""
+        frozen = {n: params[n] for n in self.frozen}
+        body = {n: p for n, p in params.items() if n not in self.head and n not in frozen}
+        return frozen, body, {n: params[n] for n in self.head}
 
     def task_loss(self, params: Mapping[str, Tensor], X: Tensor, y: Tensor) -> Tensor:
         """``L(theta; X, y) = ||f(X; theta) - y||^2 / (2 m)`` for one task (X (m, d), y (m,))."""
         prediction = functional_call(self.module, {**self.buffers, **params}, (X,))
         return 0.5 * torch.mean((prediction.reshape(y.shape) - y) ** 2)
+
+    def _check_buffers(self, params: Mapping[str, Tensor], X: Tensor) -> None:
+        """Once per learner: one forward pass on one task's inputs ``X`` (m, d) with copies of
+        the buffers; a buffer written in place or reassigned is an ArgumentError naming its
+        submodule."""
+        if self._buffers_checked:
+            return
+        copies = {name: b.clone() for name, b in self.buffers.items()}
+        versions = {name: b._version for name, b in copies.items()}
+        passed = {**copies, **params}  # functional_call puts a reassigned buffer here
+        with torch.no_grad():
+            functional_call(self.module, passed, (X,))
+        for name, copy in copies.items():
+            if passed[name] is not copy or copy._version != versions[name]:
+                owner = name.rpartition(".")[0]
+                kind = type(self.module.get_submodule(owner)).__name__
+                raise ArgumentError("module", f"{owner or 'the module itself'} ({kind}) writes "
+                                    f"its buffer {name} in forward; {STATEFUL_FIX}")
+        self._buffers_checked = True
+
+    def _chunks(self, n: int) -> list[slice]:
+        """The task chunks of a batch of ``n`` tasks: ``task_chunk`` tasks each (the last may
+        hold fewer), one chunk without ``task_chunk``."""
+        size = self.task_chunk or n
+        return [slice(start, start + size) for start in range(0, n, size)]
 
     def _inner_loop(self, fixed: Params, fast: Params, X: Tensor, y: Tensor,
                     steps: int, lr: float) -> Params:
@@ -239,51 +373,71 @@ class MetaLearner:
         batch's tasks among the ``n_tasks`` heads (default: all, in order). Returns the new state
         and the meta-training loss at ``state``."""
         X_in, y_in, X_out, y_out = (self.tensor(a) for a in (X_in, y_in, X_out, y_out))
-        if self.method == "mtl":
-            return self._mtl_step(state, torch.cat([X_in, X_out], 1),
-                                  torch.cat([y_in, y_out], 1), tasks)
-        fixed, fast = self.split(state.params)
-        if self.method == "maml":
-            fixed, fast = {}, dict(state.params)
-        gradient, loss = (self._first_order_gradient if self.first_order
-                          else self._exact_gradient)(fixed, fast, X_in, y_in, X_out, y_out)
-        params = {n: p - self.outer_lr * gradient[n] for n, p in state.params.items()}
-        return EngineState(params, state.heads), float(loss)
+        with deterministic_algorithms(self.deterministic):
+            self._check_buffers(state.params, X_in[0])
+            if self.method == "mtl":
+                return self._mtl_step(state, torch.cat([X_in, X_out], 1),
+                                      torch.cat([y_in, y_out], 1), tasks)
+            return self._meta_step(state, X_in, y_in, X_out, y_out)
 
-    def _exact_gradient(self, fixed: Params, fast: Params, X_in: Tensor, y_in: Tensor,
-                        X_out: Tensor, y_out: Tensor) -> tuple[Params, Tensor]:
-        """``grad J`` of ``J = mean_i L(fixed, fast_i^(s)(fixed, fast); out)``, and ``J``."""
+    def _meta_step(self, state: EngineState, X_in: Tensor, y_in: Tensor, X_out: Tensor,
+                   y_out: Tensor) -> tuple[EngineState, float]:
+        """ANIL / MAML: ``theta <- theta - beta / N sum_chunks grad sum_{i in chunk} L_i`` on
+        the trainable parameters; the frozen ones are held."""
+        frozen, body, head = self.partition(state.params)
+        fixed, fast = (body, head) if self.method == "anil" else ({}, {**body, **head})
+        gradient_of = self._first_order_gradient if self.first_order else self._exact_gradient
+        gradient: Params = {}
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        for part in self._chunks(X_in.shape[0]):
+            chunk_gradient, chunk_loss = gradient_of(frozen, fixed, fast, X_in[part], y_in[part],
+                                                     X_out[part], y_out[part])
+            gradient = _added(gradient, chunk_gradient)
+            loss = loss + chunk_loss
+        n = X_in.shape[0]
+        params = {**state.params, **{name: p - self.outer_lr * gradient[name] / n
+                                     for name, p in {**fixed, **fast}.items()}}
+        return EngineState(params, state.heads), float(loss) / n
+
+    def _exact_gradient(self, frozen: Params, fixed: Params, fast: Params, X_in: Tensor,
+                        y_in: Tensor, X_out: Tensor, y_out: Tensor) -> tuple[Params, Tensor]:
+        """``grad S`` (by ``fixed`` and ``fast``) of ``S = sum_i L(frozen, fixed,
+        fast_i^(s)(fixed, fast); out_i)`` over the tasks given, and ``S``."""
 
         def objective(fixed: Params, fast: Params) -> Tensor:
-            def task(X_in: Tensor, y_in: Tensor, X_out: Tensor, y_out: Tensor) -> Tensor:
-                adapted = self._inner_loop(fixed, fast, X_in, y_in, self.inner_steps,
-                                           self.inner_lr)
-                return self.task_loss({**fixed, **adapted}, X_out, y_out)
+            held = {**frozen, **fixed}
 
-            return vmap(task)(X_in, y_in, X_out, y_out).mean()
+            def task(X_in: Tensor, y_in: Tensor, X_out: Tensor, y_out: Tensor) -> Tensor:
+                adapted = self._inner_loop(held, fast, X_in, y_in, self.inner_steps,
+                                           self.inner_lr)
+                return self.task_loss({**held, **adapted}, X_out, y_out)
+
+            return vmap(task)(X_in, y_in, X_out, y_out).sum()
 
         (g_fixed, g_fast), loss = grad_and_value(objective, argnums=(0, 1))(fixed, fast)
         return {**g_fixed, **g_fast}, loss
 
-    def _first_order_gradient(self, fixed: Params, fast: Params, X_in: Tensor, y_in: Tensor,
-                              X_out: Tensor, y_out: Tensor) -> tuple[Params, Tensor]:
-        """``mean_i grad L(fixed, fast_i^(s); out)`` with the adapted ``fast_i^(s)`` held
-        constant, and the mean outer loss."""
+    def _first_order_gradient(self, frozen: Params, fixed: Params, fast: Params, X_in: Tensor,
+                              y_in: Tensor, X_out: Tensor, y_out: Tensor
+                              ) -> tuple[Params, Tensor]:
+        """``sum_i grad L(frozen, fixed, fast_i^(s); out_i)`` (by ``fixed`` and ``fast``) with
+        the adapted ``fast_i^(s)`` held constant, and the summed outer loss."""
         adapt = vmap(self._inner_loop, in_dims=(None, None, 0, 0, None, None))
-        adapted = adapt(fixed, fast, X_in, y_in, self.inner_steps, self.inner_lr)
+        adapted = adapt({**frozen, **fixed}, fast, X_in, y_in, self.inner_steps, self.inner_lr)
 
         def objective(fixed: Params, adapted: Params) -> Tensor:
             def task(adapted: Params, X: Tensor, y: Tensor) -> Tensor:
-                return self.task_loss({**fixed, **adapted}, X, y)
+                return self.task_loss({**frozen, **fixed, **adapted}, X, y)
 
-            return vmap(task)(adapted, X_out, y_out).mean()
+            return vmap(task)(adapted, X_out, y_out).sum()
 
         (g_fixed, g_adapted), loss = grad_and_value(objective, argnums=(0, 1))(fixed, adapted)
         return {**g_fixed, **{n: g.sum(0) for n, g in g_adapted.items()}}, loss
 
     def _mtl_step(self, state: EngineState, X: Tensor, y: Tensor,
                   tasks: ArrayLike | None) -> tuple[EngineState, float]:
-        """Burer-Monteiro step on all rows ``X`` (n, m, d), ``y`` (n, m) of the sampled tasks."""
+        """Burer-Monteiro step on all rows ``X`` (n, m, d), ``y`` (n, m) of the sampled tasks,
+        chunk by chunk: the body's gradient summed over the chunks, each head's its own."""
         assert state.heads is not None
         n_total = next(iter(state.heads.values())).shape[0]
         index = torch.arange(X.shape[0]) if tasks is None else torch.as_tensor(tasks).long()
@@ -291,24 +445,31 @@ class MetaLearner:
             raise ArgumentError("tasks", f"need one index in [0, {n_total}) per task of the "
                                 "batch")
         index = index.to(self.device)
-        body, _ = self.split(state.params)
+        frozen, body, _ = self.partition(state.params)
         heads = {n: h[index] for n, h in state.heads.items()}
 
-        def objective(body: Params, heads: Params) -> tuple[Tensor, Tensor]:
+        def objective(body: Params, heads: Params, X: Tensor, y: Tensor) -> Tensor:
             def task(head: Params, X: Tensor, y: Tensor) -> Tensor:
-                return self.task_loss({**body, **head}, X, y)
+                return self.task_loss({**frozen, **body, **head}, X, y)
 
-            losses = vmap(task)(heads, X, y)
-            return losses.sum(), losses.mean()
+            return vmap(task)(heads, X, y).sum()
 
         # grad_{w_i} sum_j L_j = grad_w L_i (each head's own loss); the body takes the mean
-        gradients, (_, loss) = grad_and_value(objective, argnums=(0, 1), has_aux=True)(body, heads)
-        g_body, g_heads = gradients
+        g_body: Params = {}
+        g_heads: list[Params] = []
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        for part in self._chunks(X.shape[0]):
+            (chunk_body, chunk_heads), chunk_loss = grad_and_value(objective, argnums=(0, 1))(
+                body, {name: h[part] for name, h in heads.items()}, X[part], y[part])
+            g_body = _added(g_body, chunk_body)
+            g_heads.append(chunk_heads)
+            loss = loss + chunk_loss
         n = X.shape[0]
         params = {**state.params, **{k: v - self.outer_lr * g_body[k] / n for k, v in body.items()}}
-        new_heads = {name: h.index_put((index,), heads[name] - self.outer_lr * g_heads[name])
+        new_heads = {name: h.index_put((index,), heads[name] - self.outer_lr
+                                       * torch.cat([g[name] for g in g_heads]))
                      for name, h in state.heads.items()}
-        return EngineState(params, new_heads), float(loss)
+        return EngineState(params, new_heads), float(loss) / n
 
     def step(self, X_in: ArrayLike, y_in: ArrayLike, X_out: ArrayLike, y_out: ArrayLike,
              tasks: ArrayLike | None = None) -> float:
@@ -322,26 +483,30 @@ class MetaLearner:
                     lr: float, from_zero: bool = False) -> Params:
         """Test-time adaptation on each task of ``X`` (n, m, d), ``y`` (n, m): ``steps`` head
         steps ``w <- w - lr grad_w L(theta_B, w; X_i, y_i)`` from the head in ``params`` (from
-        ``w = 0`` when ``from_zero``). Returns the adapted heads with a task axis (n, ...)."""
+        ``w = 0`` when ``from_zero``), ``task_chunk`` tasks at a time. Returns the adapted
+        trainable heads with a task axis (n, ...); the fixed parameters are held."""
         X, y = self.tensor(X), self.tensor(y)
-        body, head = self.split(params)
+        frozen, body, head = self.partition(params)
         if from_zero:
             head = {name: torch.zeros_like(t) for name, t in head.items()}
-        adapt = vmap(self._inner_loop, in_dims=(None, None, 0, 0, None, None))
-        with torch.no_grad():
-            return adapt(body, head, X, y, steps, lr)
+        adapt = vmap(self._inner_loop, in_dims=(None, None, 0, 0, None, None),
+                     chunk_size=self.task_chunk)
+        with deterministic_algorithms(self.deterministic), torch.no_grad():
+            self._check_buffers(params, X[0])
+            return adapt({**frozen, **body}, head, X, y, steps, lr)
 
     def predict_adapted(self, params: Mapping[str, Tensor], heads: Mapping[str, Tensor],
                         X: ArrayLike) -> Tensor:
-        """``f(X_i; theta_B, w_i)`` for per-task heads (n, ...) and inputs ``X`` (n, m, d)."""
+        """``f(X_i; theta_B, w_i)`` (n, m) for per-task heads (n, ...) and inputs ``X``
+        (n, m, d), ``task_chunk`` tasks at a time; ``params`` give every other parameter."""
         X = self.tensor(X)
-        body, _ = self.split(params)
 
         def task(head: Params, X: Tensor) -> Tensor:
-            return functional_call(self.module, {**self.buffers, **body, **head}, (X,))
+            return functional_call(self.module, {**self.buffers, **params, **head}, (X,))
 
-        with torch.no_grad():
-            return vmap(task)(dict(heads), X).reshape(X.shape[:-1])
+        with deterministic_algorithms(self.deterministic), torch.no_grad():
+            self._check_buffers(params, X[0])
+            return vmap(task, chunk_size=self.task_chunk)(dict(heads), X).reshape(X.shape[:-1])
 
     def test_predictor(self, params: Mapping[str, Tensor], steps: int, lr: float,
                        from_zero: bool = False) -> Callable[[np.ndarray, np.ndarray, np.ndarray],
@@ -362,7 +527,7 @@ class MetaLearner:
         features = self.module.features
 
         def phi(X: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
+            with deterministic_algorithms(self.deterministic), torch.no_grad():
                 return _numpy(features(self.tensor(X), params))
 
         return phi

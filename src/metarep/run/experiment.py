@@ -40,7 +40,8 @@ from metarep.run.rundir import (
     check_output_dir,
     corrupt_file,
 )
-from metarep.run.schema import Config, dump_yaml, flatten, to_dict
+from metarep.run.schema import Config, dump_yaml, flatten, to_dict, written_as
+from metarep.run.sinks import RunIdentity, Sinks, check_installed
 
 CHECKPOINT_SECONDS = 10.0
 """A running run writes ``metrics.csv`` and ``checkpoint.npz`` at most this often (default)."""
@@ -71,15 +72,18 @@ def divergence_advice(config: Config) -> str:
 
 def prepare(config: Config) -> Backend:
     """Validate ``config`` against its files and build its backend (problem, pool,
-    initialisation, method). Raises :class:`~metarep.errors.ConfigError` for anything wrong
-    with the input; writes nothing."""
+    initialisation, method) after checking that the libraries of its ``log.sinks`` are
+    installed. Raises :class:`~metarep.errors.ConfigError` for anything wrong with the input;
+    writes nothing."""
+    check_installed(config.log.sinks)
     return build_backend(config)
 
 
 class _Recorder:
-    """Persists a run at most every ``seconds`` (and on :meth:`save`): the records not yet in
-    ``metrics.csv`` are appended to it, then ``checkpoint.npz`` is written with the state of
-    the latest record and the number of rows it stands for; then calls ``hook``.
+    """Logs each record into the run's ``sinks``, and persists a run at most every
+    ``seconds`` (and on :meth:`save`): the records not yet in ``metrics.csv`` are appended to
+    it, then ``checkpoint.npz`` is written with the state of the latest record and the number
+    of rows it stands for; then calls ``hook``.
 
     A save interrupted half way (a signal, a full disk) leaves the previous checkpoint, which
     stands for rows that were all written: the next save rewrites from the end of those
@@ -87,13 +91,15 @@ class _Recorder:
     """
 
     def __init__(self, backend: Backend, directory: RunDirectory, trajectory: Trajectory[Any],
-                 seconds: float, hook: OnRecord | None):
+                 seconds: float, hook: OnRecord | None, sinks: Sinks):
         self.backend, self.directory, self.seconds, self.hook = backend, directory, seconds, hook
+        self.sinks = sinks
         self.saved = len(trajectory.records)  # records already in metrics.csv
         self.offset = directory.metrics_size()  # its size in bytes
         self.last = -math.inf
 
     def __call__(self, index: int, trajectory: Trajectory[Any]) -> None:
+        self.sinks.log(trajectory.records[-1])
         now = time.monotonic()
         if now - self.last >= self.seconds:
             self.last = now
@@ -124,7 +130,7 @@ def _resumed(directory: RunDirectory, backend: Backend) -> Trajectory[Any] | Non
     checkpoint, config_text = directory.checkpoint(), directory.config_text()
     if checkpoint is None or config_text is None:
         return None
-    if config_text != dump_yaml(backend.config):
+    if not written_as(config_text, backend.config):
         raise ConfigError("--resume", f"{directory.file(CONFIG)} differs from this run's "
                           "config; use a new --out directory or drop --resume")
     file = directory.file(CHECKPOINT)
@@ -204,7 +210,8 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
                    resume: bool = False, overwrite: bool = False,
                    on_record: OnRecord | None = None,
                    checkpoint_seconds: float = CHECKPOINT_SECONDS,
-                   restart_unresumable: bool = False) -> RunResult:
+                   restart_unresumable: bool = False, run_name: str | None = None,
+                   group: str | None = None) -> RunResult:
     """Run the experiment described by ``config`` and write its outputs to ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.npz`` (written at most every
@@ -212,7 +219,8 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
     ``overwrite`` replaces the finished or interrupted run ``out_dir`` holds (without it, such
     a directory is refused); ``restart_unresumable`` starts again where the checkpoint cannot
     be resumed (another config, corrupt) instead of refusing; ``on_record`` is called after
-    each record.
+    each record. The sinks of ``log.sinks`` (:mod:`metarep.run.sinks`) log the run as
+    ``run_name`` (default: the name of ``out_dir``) in ``group`` (a sweep's name).
 
     Raises :class:`ConfigError` before writing anything when the input is bad, and
     :class:`~metarep.run.loop.Diverged` (after writing what was recorded) when training, or
@@ -225,17 +233,23 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
                                             restart_unresumable)
     if trajectory.step > 0:
         origin["resumed_at_step"] = trajectory.step
-    recorder = _Recorder(backend, directory, trajectory, checkpoint_seconds, on_record)
+    identity = RunIdentity(run_name or directory.path.resolve().name, group)
+    sinks = Sinks.open(backend.config, directory.path, identity, trajectory.records)
+    recorder = _Recorder(backend, directory, trajectory, checkpoint_seconds, on_record, sinks)
+    summary = None
     try:
         [diverged] = train(backend, trajectory.state, [trajectory],
                            schedule=_schedule(backend.config),
                            advice=[divergence_advice(backend.config)], on_record=recorder,
                            progress=progress)
         result, failure = _conclude(backend, directory, trajectory, started, diverged, origin)
+        summary = directory.summary()  # as written: plain JSON
     except KeyboardInterrupt:
         with deferred_interrupts():
             recorder.save(trajectory)
         raise
+    finally:
+        sinks.close(summary)
     if failure is not None:
         raise failure
     return result
@@ -266,8 +280,9 @@ def batch_key(config: Config) -> str | None:
 
 
 def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
-              resume: bool = False,
-              checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[RunResult | Exception]:
+              resume: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+              run_names: Sequence[str] | None = None,
+              group: str | None = None) -> list[RunResult | Exception]:
     """:func:`run_experiment` of each of ``configs`` into ``out_dirs``, as one batched computation.
 
     The configs must be ``tasks.n: infinite`` and agree on every key but :data:`BATCH_KEYS`
@@ -282,7 +297,8 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
     continues from its checkpoint (one that cannot be resumed is started again), and runs
     that stopped at different steps are stepped as one batch per step, with the same
     numbers. On :class:`KeyboardInterrupt` every run's records and checkpoint are written
-    before it propagates.
+    before it propagates. Each run's sinks log it as ``run_names[i]`` (default: the name of
+    its directory) in ``group``, as :func:`run_experiment` does.
 
     **Returns** per run its :class:`RunResult`, or the exception that failed it (a
     :class:`ConfigError` from :func:`prepare`, with nothing written; :class:`Diverged`, after
@@ -297,14 +313,19 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
                          + ", ".join(BATCH_KEYS))
     started, origin = time.monotonic(), provenance()
     results: list[RunResult | Exception | None] = [None] * len(configs)
-    runs = []
+    runs, sinks = [], []
     for i, (config, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
         try:
-            runs.append((i, *_begin(config, out_dir, resume, restart_unresumable=True)))
+            backend, directory, trajectory = _begin(config, out_dir, resume,
+                                                    restart_unresumable=True)
+            name = run_names[i] if run_names is not None else directory.path.resolve().name
+            sinks.append(Sinks.open(backend.config, directory.path, RunIdentity(name, group),
+                                    trajectory.records))
+            runs.append((i, backend, directory, trajectory))
         except Exception as error:  # this run fails alone
             results[i] = error
-    recorders = [_Recorder(backend, directory, trajectory, checkpoint_seconds, None)
-                 for _, backend, directory, trajectory in runs]
+    recorders = [_Recorder(backend, directory, trajectory, checkpoint_seconds, None, sinks[j])
+                 for j, (_, backend, directory, trajectory) in enumerate(runs)]
     origins = [dict(origin) if trajectory.step == 0 else
                {**origin, "resumed_at_step": trajectory.step} for *_, trajectory in runs]
     by_step: dict[int, list[int]] = {}
@@ -321,6 +342,7 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
                     result, failure = _conclude(backend, directory, trajectory, started,
                                                 diverged, origins[j])
                     results[i] = result if failure is None else failure
+                    sinks[j].close(directory.summary())
                 except Exception as error:  # this run fails alone
                     results[i] = error
     except KeyboardInterrupt:
@@ -329,6 +351,9 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
                 if results[runs[j][0]] is None:
                     recorder.save(runs[j][3])
         raise
+    finally:
+        for run_sinks in sinks:  # those of runs stopped before their summary
+            run_sinks.close(None)
     return results
 
 

@@ -16,7 +16,9 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
   record, its step and how many rows of ``metrics.csv`` it stands for (the records are not
   copied into it: ``metrics.csv`` grows by appended rows, the checkpoint stays the size of
   the state);
-- ``error.json`` when it failed in a sweep: the error, its config key and traceback.
+- ``error.json`` when it failed in a sweep: the error, its config key and traceback;
+- ``tb/``, ``wandb/`` and ``mlruns/`` for the logging sinks of ``log.sinks``
+  (:mod:`metarep.run.sinks`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +51,9 @@ TRAINING_FIGURE, EVAL_FIGURE = "training.png", "eval.png"
 RUN_FILES = frozenset({CONFIG, METRICS, EVAL, SUMMARY, PARAMS, CHECKPOINT, ERROR, HELD_OUT,
                        TRAINING_FIGURE, EVAL_FIGURE})
 """Every file a run directory may hold (temporary files of atomic writes aside)."""
+TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR = "tb", "wandb", "mlruns"
+SINK_DIRS = frozenset({TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR})
+"""The directories of the logging sinks (:mod:`metarep.run.sinks`) a run directory may hold."""
 EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
 HELD_OUT_COLUMNS = ["method", "shots", "risk", "stderr", "n_tasks"]
 
@@ -135,10 +141,13 @@ class RunDirectory:
                 path.unlink(missing_ok=True)
 
     def clear(self) -> None:
-        """Remove every file of a run (:data:`RUN_FILES`), so that a run started again leaves
-        no stale output of the one it replaces."""
+        """Remove every file of a run (:data:`RUN_FILES`) and its sinks' directories
+        (:data:`SINK_DIRS`), so that a run started again leaves no stale output of the one it
+        replaces."""
         for name in RUN_FILES:
             self.file(name).unlink(missing_ok=True)
+        for name in SINK_DIRS:
+            shutil.rmtree(self.file(name), ignore_errors=True)
 
     def write_config(self, text: str) -> None:
         atomic.write_text(self.file(CONFIG), text)
@@ -343,11 +352,12 @@ class RunDirectory:
         """What the directory holds: ``new`` (absent or empty), ``finished`` (a summary),
         ``interrupted`` (a checkpoint and no summary), ``partial`` (other run files only: a
         run that stopped before its first checkpoint) or ``foreign`` (a file that is not a
-        run's; :data:`RUN_FILES`, temporary files of atomic writes aside)."""
+        run's; :data:`RUN_FILES` and :data:`SINK_DIRS`, temporary files of atomic writes
+        aside)."""
         if not self.path.is_dir():
             return "new"
         names = {p.name for p in self.path.iterdir() if not atomic.is_temporary(p)}
-        if names - RUN_FILES:
+        if names - RUN_FILES - SINK_DIRS:
             return "foreign"
         if SUMMARY in names:
             return "finished"

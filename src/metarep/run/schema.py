@@ -32,7 +32,9 @@ Checker = Callable[[str, Any], Any]
 BUILTIN_CONFIGS = ("paper", "quick")
 INFINITE_METHODS = ("fo-anil", "fo-maml")  # exact infinite-task dynamics (metarep.core.infinite)
 DTYPES = ("float64", "float32")
+LINEAR_BACKENDS = ("numpy", "torch")  # where linear runs compute (metarep.run.backends.linear)
 MODEL_KINDS = ("linear", "relu")
+SINK_NAMES = ("tensorboard", "wandb", "mlflow")  # logging sinks (metarep.run.sinks)
 HEAD_COV_NAMES = ("isotropic", "linear")
 
 
@@ -142,6 +144,13 @@ def literal(*words: str) -> Checker:
     return check
 
 
+def boolean(key: str, value: Any) -> bool:
+    """Checker for a switch: YAML ``true`` / ``false``."""
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(key, f"must be true or false; got {_shown(value)}")
+
+
 INFINITY_WORDS = ("inf", ".inf", "infinity", "infinite")
 
 
@@ -207,6 +216,25 @@ def shot_list(key: str, value: Any) -> tuple[int, ...]:
         raise ConfigError(key, f"must be a non-empty list of integers >= 1; got {value!r}")
     check = integer(1)
     return tuple(check(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def sink_list(key: str, value: Any) -> tuple[str, ...]:
+    """Checker for ``log.sinks``: distinct names of :data:`SINK_NAMES` (a list, the inline
+    ``[tensorboard, mlflow]`` of ``--set``, one name, or null / ``[]`` for none), in the
+    order of :data:`SINK_NAMES`."""
+    if isinstance(value, str):
+        value = _inline_list(key, value if value.startswith("[") else f"[{value}]")
+    if value is None:
+        value = []
+    allowed = ", ".join(SINK_NAMES)
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, f"must be a list of sinks ({allowed}); got {_shown(value)}")
+    for i, name in enumerate(value):
+        if name not in SINK_NAMES:
+            raise ConfigError(key, f"unknown sink {_shown(name)}; choose from {allowed}")
+        if name in value[:i]:
+            raise ConfigError(key, f"lists {name} twice; list each sink once")
+    return tuple(name for name in SINK_NAMES if name in value)
 
 
 def param(default: Any, doc: str, check: Checker, name: str | None = None) -> Any:
@@ -314,8 +342,8 @@ class ModelConfig:
     seed: int = param(2, "seed of the initialisation B_0", integer(0))
     kind: str = param(
         "linear",
-        "`linear` (x^T B w, numpy fast path) or `relu` (ReLU body, linear head; trained with the "
-        "torch engine, needs `pip install metarep[torch]`)",
+        "`linear` (x^T B w, numpy or torch fast path: train.backend) or `relu` (ReLU body, "
+        "linear head; trained with the torch engine, needs `pip install metarep[torch]`)",
         choice(MODEL_KINDS),
     )
     hidden_layers: int = param(
@@ -360,15 +388,37 @@ class TrainConfig:
     dtype: str = param("float64", "floating point type: float64 or float32", choice(DTYPES))
     device: str = param(
         "cpu",
-        "torch engine (model.kind: relu) device: cpu, cuda (an error when absent) or auto (cuda "
-        "when present); linear runs use numpy on the CPU",
+        "device of the torch engine (model.kind: relu) and of torch-backend linear runs: cpu, "
+        "cuda (an error when absent) or auto (cuda when present); a linear run on cuda (or "
+        "auto with a GPU) computes with torch whatever train.backend says",
         choice(DEVICES),
+    )
+    backend: str = param(
+        "numpy",
+        "linear runs (model.kind: linear): compute with numpy or torch (on train.device; needs "
+        "`pip install metarep[torch]`; the same formulas and tasks, equal to numpy's to "
+        "rounding)",
+        choice(LINEAR_BACKENDS),
     )
     tasks_per_step: int | None = param(
         None,
         "tasks sampled (without replacement) per step; null = the whole pool. Required for "
         "tasks.n: online",
         optional(integer(1)),
+    )
+    task_chunk: int | None = param(
+        None,
+        "torch engine (model.kind: relu): compute each step on at most this many tasks at a "
+        "time (>= 1), summing their gradients, to bound memory (same results up to rounding); "
+        "null = all tasks at once",
+        optional(integer(1)),
+    )
+    deterministic: bool = param(
+        False,
+        "torch engine (model.kind: relu): compute with torch.use_deterministic_algorithms(True) "
+        "(and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set), so a GPU run repeats bit for bit; "
+        "the previous settings are restored after each computation. Linear runs ignore it",
+        boolean,
     )
 
 
@@ -385,6 +435,20 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Where a run's records are logged besides ``metrics.csv`` (:mod:`metarep.run.sinks`)."""
+
+    sinks: tuple[str, ...] = param(
+        (),
+        "logging sinks, any subset of [tensorboard, wandb, mlflow] (each needs `pip install "
+        "metarep[NAME]`): every recorded measure at its step, the config and the summary, "
+        "into the run directory's `tb/`, offline `wandb/` run and `mlruns/` store (README: "
+        "Watching runs)",
+        sink_list,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """A complete, validated run configuration. ``explicit`` holds the dotted keys the user set
     on top of the base config (``--set``, a sweep's cell): a value read from a file (a task
@@ -397,6 +461,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     name: str = "custom"
     explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
@@ -430,6 +495,8 @@ def key_table() -> str:
     for key, f in iter_keys():
         default = f.default if not isinstance(f.default, tuple) else list(f.default)
         shown = "null" if default is None else default
+        if isinstance(default, bool):  # as YAML spells it
+            shown = "true" if default else "false"
         rows.append(f"| `{key}` | `{shown}` | {f.metadata['doc']} |")
     return "\n".join(rows)
 
@@ -544,9 +611,9 @@ def validate(config: Config) -> None:
     if m.head_scale > 0 and t.n == "infinite" and config.method.name == "fo-maml":
         raise ConfigError("model.head_scale", "must be 0 for fo-maml with tasks.n: infinite "
                           "(its exact dynamics are FO-ANIL's only from w_0 = 0)")
-    if m.kind == "linear" and tr.device == "cuda":
-        raise ConfigError("train.device", "cuda is for the torch engine (model.kind: relu); "
-                          "linear runs use numpy on the CPU: use cpu or auto")
+    if m.kind == "linear" and tr.task_chunk is not None:
+        raise ConfigError("train.task_chunk", "is for the torch engine (model.kind: relu); "
+                          "linear runs step every task at once: use null")
     if m.kind == "relu" and not (isinstance(t.n, int) or t.n == "online"):
         raise ConfigError("tasks.n", f"model.kind: relu trains on a task pool (an integer >= 1) "
                           f"or online tasks; got {t.n}")
@@ -720,3 +787,15 @@ def load_config(
 def dump_yaml(config: Config) -> str:
     """The fully resolved config as YAML text."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def written_as(text: str, config: Config) -> bool:
+    """Whether ``text`` (a ``config.yaml`` that :func:`dump_yaml` wrote, perhaps by an earlier
+    version of metarep) holds ``config``: the same values for every key, a key the text lacks
+    taking its default (a key added since then does not make an old run another config). Text
+    that is not a valid config holds no config."""
+    try:
+        tree = yaml.safe_load(text)
+        return isinstance(tree, dict) and dump_yaml(from_dict(tree)) == dump_yaml(config)
+    except (yaml.YAMLError, ConfigError):
+        return False

@@ -6,9 +6,11 @@ cell, divergence, crash) holds ``error.json`` (and whatever the run wrote before
 run directory is written under a temporary name (``.NAME.tmp``) and renamed into place when
 complete, so a directory with a run's name is always a finished run. Re-running the sweep
 skips finished runs, moves into place a run that finished just before the sweep stopped,
-resumes from its checkpoint a run that was interrupted (runs on the local executor
-checkpoint into ``.NAME.tmp`` as ``metarep run`` does; a checkpoint that cannot be resumed is
-started again), deletes every other leftover temporary directory and redoes the rest.
+resumes from its checkpoint a run that was interrupted (runs on the local executor and on
+SLURM checkpoint into ``.NAME.tmp`` as ``metarep run`` does; a checkpoint that cannot be
+resumed is started again), deletes every other leftover temporary directory and redoes the
+rest. A run whose SLURM job was cancelled or preempted is left in ``.NAME.tmp`` (reported as
+unfinished) and resumed in the same way.
 
 Runs with ``tasks.n: infinite`` that differ only in step sizes, ``m_in``, noise and seeds
 (:data:`metarep.run.experiment.BATCH_KEYS`) are batched: each batch is one job that steps the
@@ -36,20 +38,32 @@ from metarep.errors import ConfigError
 from metarep.run.experiment import batch_key
 from metarep.run.rundir import ERROR, RunDirectory, check_output_dir
 from metarep.run.schema import from_dict
-from metarep.sweeps.executors import Executor, Job, Outcome, RunTask, make_executor
+from metarep.sweeps.executors import (
+    EXECUTORS,
+    Executor,
+    Job,
+    LocalExecutor,
+    Outcome,
+    RayExecutor,
+    RunTask,
+)
 from metarep.sweeps.manifest import LOCK, build_manifest, check_out_dir, write_manifest
+from metarep.sweeps.slurm import SlurmExecutor, SlurmSettings
 from metarep.sweeps.spec import RunPlan, SweepSpec, load_sweep, plan_runs
 
 TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old-[0-9a-f]{8})$")
 """A run's temporary directory: ``.NAME.tmp`` while it runs, ``.NAME.old-XXXXXXXX`` for a
 failed run being replaced."""
 MAX_BATCH = 64
+SLURM_LOGS = ".slurm"
+"""Where a SLURM sweep's logs and submitit's files go in the sweep directory by default."""
 
 
 @dataclass(frozen=True)
 class SweepOptions:
-    """How a sweep runs: ``executor`` (``local`` or ``ray``) with ``workers`` runs at once
-    (default: the CPUs) and a Ray ``address``; ``retry_failed`` redoes failed runs;
+    """How a sweep runs: ``executor`` (``local``, ``ray``, ``slurm`` or ``submitit-local``)
+    with ``workers`` runs at once (default: the CPUs), a Ray ``address`` and the ``slurm``
+    settings (the ``--slurm-*`` options); ``retry_failed`` redoes failed runs;
     ``batch_infinite`` batches the infinite-task runs that can be batched; ``progress`` shows
     a progress bar; ``log_runs`` prints one line per finished run on stderr instead (for
     output that is not a terminal, such as a log file)."""
@@ -61,13 +75,15 @@ class SweepOptions:
     progress: bool = True
     batch_infinite: bool = True
     log_runs: bool = False
+    slurm: SlurmSettings | None = None
 
 
 @dataclass(frozen=True)
 class SweepReport:
     """Counts after a sweep: ``total`` runs, of which ``done`` and ``failed`` are finished;
     ``ran`` of them ran now, the others were already finished; ``failed_runs`` names the
-    failed ones (each has its ``error.json``)."""
+    failed ones (each has its ``error.json``), ``unfinished_runs`` those whose SLURM job was
+    cancelled or preempted (the next sweep resumes them)."""
 
     out_dir: Path
     total: int
@@ -75,6 +91,7 @@ class SweepReport:
     failed: int
     ran: int
     failed_runs: tuple[str, ...] = ()
+    unfinished_runs: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -133,7 +150,9 @@ def _finalize(out: Path, task: RunTask, outcome: Outcome) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         for name, data in outcome.files.items():
-            (workdir / name).write_bytes(data)
+            target = workdir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
     if final.exists():
         old = out / f".{task.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
@@ -168,7 +187,8 @@ def execute_plans(spec: SweepSpec, plans: list[RunPlan], out: str | Path,
     out = check_output_dir(out)
     manifest = build_manifest(spec, plans)
     check_out_dir(out, manifest)
-    pool = make_executor(options.executor, options.workers, options.address)
+    pool = make_executor(options.executor, options.workers, options.address, options.slurm,
+                         out / SLURM_LOGS)
     try:
         with _locked(out):
             check_out_dir(out, manifest)
@@ -310,20 +330,55 @@ def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
                unit="run", desc="sweep", dynamic_ncols=True)
     bar.set_postfix(counts)
     failed = {name for name, state in status.items() if state == "failed" and name not in redo}
+    unfinished: set[str] = set()
     try:
         for outcome in pool.map(jobs):
+            if outcome.status == "interrupted":  # stays in .NAME.tmp, to be resumed
+                unfinished.add(outcome.name)
+                _log(options, outcome, f"unfinished, {outcome.error}")
+                continue
             _finalize(out, by_name[outcome.name], outcome)
             counts[outcome.status] += 1
             if outcome.status == "failed":
                 failed.add(outcome.name)
             bar.set_postfix(counts, refresh=False)
             bar.update(1)
-            if options.log_runs:
-                finished = counts["done"] + counts["failed"]
-                print(f"[{finished}/{len(plans)}] {outcome.name}: {outcome.status} "
-                      f"({counts['done']} done, {counts['failed']} failed)", file=sys.stderr,
-                      flush=True)
+            finished = counts["done"] + counts["failed"]
+            _log(options, outcome, f"{outcome.status} ({counts['done']} done, "
+                 f"{counts['failed']} failed)", f"[{finished}/{len(plans)}] ")
     finally:
         bar.close()
     return SweepReport(out, len(plans), counts["done"], counts["failed"], len(tasks),
-                       tuple(plan.name for plan in plans if plan.name in failed))
+                       tuple(plan.name for plan in plans if plan.name in failed),
+                       tuple(plan.name for plan in plans if plan.name in unfinished))
+
+
+def _log(options: SweepOptions, outcome: Outcome, what: str, prefix: str = "") -> None:
+    """With ``options.log_runs``, one line on stderr: ``PREFIXNAME: WHAT``."""
+    if options.log_runs:
+        print(f"{prefix}{outcome.name}: {what}", file=sys.stderr, flush=True)
+
+
+def make_executor(kind: str, workers: int | None, address: str | None,
+                  slurm: SlurmSettings | None = None,
+                  slurm_log_dir: str | Path = ".slurm") -> Executor:
+    """The executor named ``kind`` (one of :data:`EXECUTORS`), validated.
+
+    ``workers`` (>= 1) defaults to this machine's CPUs (local, submitit-local) or the
+    cluster's (ray); ``address`` is only meaningful for Ray, ``slurm`` (the ``--slurm-*``
+    options) for ``slurm`` and ``submitit-local``, whose logs go to ``slurm_log_dir`` unless
+    ``slurm.log_dir`` says otherwise.
+    """
+    if kind not in EXECUTORS:
+        raise ConfigError("--executor", f"must be one of {', '.join(EXECUTORS)}; got {kind!r}")
+    if workers is not None and workers < 1:
+        raise ConfigError("--workers", f"must be an integer >= 1, got {workers}")
+    if address is not None and kind != "ray":
+        raise ConfigError("--address", "only used with --executor ray")
+    if kind in ("slurm", "submitit-local"):
+        return SlurmExecutor(kind, workers, slurm or SlurmSettings(), slurm_log_dir)
+    if slurm is not None and slurm.given():
+        raise ConfigError(slurm.given()[0], "only used with --executor slurm")
+    if kind == "local":
+        return LocalExecutor(workers or len(os.sched_getaffinity(0)))
+    return RayExecutor(address, workers)

@@ -1,4 +1,5 @@
-"""Where the runs of a sweep execute: in this process, a local process pool, or a Ray cluster.
+"""Where the runs of a sweep execute: in this process, a local process pool, a Ray cluster
+or SLURM.
 
 Every executor runs jobs and yields one :class:`Outcome` per run as runs finish, in completion
 order. A :data:`Job` is a tuple of :class:`RunTask` (the base config tree plus a run's dotted
@@ -15,6 +16,9 @@ computation (:func:`metarep.run.experiment.run_batch`, with the same results).
   node-local temporary directory and returns the files' bytes, so the nodes need no shared
   filesystem; the directories of killed tasks are deleted by later ones
   (:func:`remove_stale_scratch`).
+- :class:`metarep.sweeps.slurm.SlurmExecutor` submits the jobs as a SLURM job array through
+  submitit (or to submitit's local executor); its array tasks write into the sweep directory
+  as local workers do.
 
 Each job is limited to one thread (BLAS, OpenMP, torch: :func:`one_thread`), so ``n`` workers
 use ``n`` cores and a run gives bit-identical numbers on every executor.
@@ -51,7 +55,7 @@ from metarep.run.rundir import RunDirectory
 from metarep.run.schema import from_dict
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "ray", "slurm", "submitit-local")
 PARENT_POLL_S = 0.2
 """How often a local pool worker checks that the driver still lives (:func:`watch_parent`)."""
 SCRATCH_PREFIX = "metarep-run-"
@@ -77,12 +81,20 @@ class RunTask:
     workdir: str
     cwd: str
 
+    @property
+    def sweep(self) -> str:
+        """The sweep's name, that of the sweep directory holding ``workdir`` (the group of
+        the run's logging sinks, :mod:`metarep.run.sinks`)."""
+        return Path(self.workdir).parent.name
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one run ended with: ``status`` is ``done`` or ``failed`` (then ``error`` says why).
+    """What one run ended with: ``status`` is ``done``, ``failed`` (then ``error`` says why)
+    or ``interrupted`` (its SLURM job was cancelled or preempted: ``error`` says so, and its
+    temporary directory stays for the next sweep to resume).
 
-    ``files`` holds the run's output files (name -> bytes) when the run executed away from
+    ``files`` holds the run's output files (relative path -> bytes) when the run executed away from
     the sweep directory (Ray); otherwise they are already in ``task.workdir``.
     """
 
@@ -134,7 +146,8 @@ def execute(task: RunTask, workdir: str | Path) -> Outcome:
     try:
         with one_thread():
             run_experiment(from_dict(task.tree, task.overrides, name=task.config_name), workdir,
-                           progress=False, resume=True, restart_unresumable=True)
+                           progress=False, resume=True, restart_unresumable=True,
+                           run_name=task.name, group=task.sweep)
     except Exception as error:
         return failed(task, workdir, error)
     return Outcome(task.name, "done", None)
@@ -161,7 +174,8 @@ def execute_group(tasks: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
     try:
         configs = [from_dict(task.tree, task.overrides, name=task.config_name) for task in tasks]
         with one_thread():
-            results = run_batch(configs, workdirs, resume=True)
+            results = run_batch(configs, workdirs, resume=True,
+                                run_names=[task.name for task in tasks], group=tasks[0].sweep)
     except Exception as error:
         results = [error] * len(tasks)
     return [failed(task, workdir, result) if isinstance(result, Exception)
@@ -225,10 +239,20 @@ def execute_packed(job: Job) -> list[Outcome]:
     with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
         workdirs = [Path(scratch) / str(i) for i in range(len(job))]
         outcomes = execute_job(job, workdirs)
-        return [Outcome(outcome.name, outcome.status, outcome.error,
-                        {path.name: path.read_bytes() for path in sorted(workdir.iterdir())
-                         if path.is_file()})
+        return [Outcome(outcome.name, outcome.status, outcome.error, packed_files(workdir))
                 for outcome, workdir in zip(outcomes, workdirs, strict=True)]
+
+
+def packed_files(workdir: Path) -> dict[str, bytes]:
+    """Every regular file under ``workdir`` (the sinks' folders ``tb/``, ``wandb/``,
+    ``mlruns/`` included; symbolic links left out) by its relative POSIX path."""
+    files = {}
+    for folder, _, names in os.walk(workdir):
+        for name in names:
+            path = Path(folder) / name
+            if path.is_file() and not path.is_symlink():
+                files[path.relative_to(workdir).as_posix()] = path.read_bytes()
+    return dict(sorted(files.items()))
 
 
 def worker_died(task: RunTask, reason: str) -> Outcome:
@@ -480,20 +504,3 @@ class RayExecutor:
         """Disconnect from Ray if this executor connected (or started a local instance)."""
         if self.owns_connection:
             self.ray.shutdown()
-
-
-def make_executor(kind: str, workers: int | None, address: str | None) -> Executor:
-    """The executor named ``kind`` (``local`` or ``ray``), validated.
-
-    ``workers`` (>= 1) defaults to this machine's CPUs (local) or the cluster's (ray);
-    ``address`` is only meaningful for Ray.
-    """
-    if kind not in EXECUTORS:
-        raise ConfigError("--executor", f"must be one of {', '.join(EXECUTORS)}; got {kind!r}")
-    if workers is not None and workers < 1:
-        raise ConfigError("--workers", f"must be an integer >= 1, got {workers}")
-    if kind == "local":
-        if address is not None:
-            raise ConfigError("--address", "only used with --executor ray")
-        return LocalExecutor(workers or len(os.sched_getaffinity(0)))
-    return RayExecutor(address, workers)

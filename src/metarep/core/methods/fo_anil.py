@@ -1,6 +1,7 @@
 """First-order ANIL on the linear model, the paper's method (specification §3), at the memory
-bound: the tasks are taken in cache-sized chunks on the threads of
-:mod:`metarep.core.methods.threads`.
+bound: on numpy arrays the tasks are taken in cache-sized chunks on the threads of
+:mod:`metarep.core.methods.threads`; on torch tensors (any device) all at once, with the same
+formula (:func:`_fo_anil_sums`).
 
 Tested against the plain per-task loop :func:`metarep.core.reference.fo_anil_step`.
 """
@@ -12,6 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from metarep.core.arrays import Array, array_namespace
 from metarep.core.methods.gradients import residual, transposed_apply
 from metarep.core.methods.inner_loop import InnerLoopMethod
 from metarep.core.methods.threads import map_chunks
@@ -40,17 +42,21 @@ class FOANIL(InnerLoopMethod):
     def step(self, params: LinearParams, batch: TaskBatch) -> tuple[LinearParams, float]:
         """One outer step on ``batch``; returns the new ``(B, w)`` and the meta-training loss.
 
-        The tasks are taken in cache-sized chunks (:func:`_fo_anil_sums`), in parallel
-        (:func:`~metarep.core.methods.threads.map_chunks`); the chunks' sums are added in
-        order, so the result does not depend on the number of threads.
+        On numpy arrays the tasks are taken in cache-sized chunks (:func:`_fo_anil_sums`), in
+        parallel (:func:`~metarep.core.methods.threads.map_chunks`); the chunks' sums are
+        added in order, so the result does not depend on the number of threads. Torch tensors
+        are one chunk (torch parallelises each operation itself).
         """
         B, w = params
 
-        def chunk_sums(tasks: slice) -> tuple[np.ndarray, np.ndarray, float]:
+        def chunk_sums(tasks: slice) -> tuple[Array, Array, float]:
             return _fo_anil_sums(B, w, batch.X_in[tasks], batch.y_in[tasks], batch.X_out[tasks],
                                  batch.y_out[tasks], self.inner_lr, self.inner_steps)
 
-        sums = map_chunks(chunk_sums, _task_chunks(batch))
+        if array_namespace(batch.X_in) is np:
+            sums = map_chunks(chunk_sums, _task_chunks(batch))
+        else:
+            sums = [chunk_sums(slice(0, batch.n_tasks))]
         n = batch.n_tasks
         grad_B = sum(chunk[0] for chunk in sums) / n
         grad_w = B.T @ (sum(chunk[1] for chunk in sums) / n)
@@ -74,15 +80,15 @@ def _task_chunks(batch: TaskBatch) -> list[slice]:
 
 
 def _fo_anil_sums(
-    B: np.ndarray,
-    w: np.ndarray,
-    X_in: np.ndarray,
-    y_in: np.ndarray,
-    X_out: np.ndarray,
-    y_out: np.ndarray,
+    B: Array,
+    w: Array,
+    X_in: Array,
+    y_in: Array,
+    X_out: Array,
+    y_out: Array,
     alpha: float,
     steps: int,
-) -> tuple[np.ndarray, np.ndarray, float]:
+) -> tuple[Array, Array, float]:
     """FO-ANIL on a chunk of tasks: the sums over its tasks that the outer step averages.
 
     Inner loop (as :func:`adapt_head`): ``w_i <- w_i - alpha B^T X_i^in^T (X_i^in B w_i -
@@ -99,4 +105,4 @@ def _fo_anil_sums(
         heads = heads - (alpha / X_in.shape[1]) * inner @ B
     r = residual(B, heads, X_out, y_out)
     v = transposed_apply(X_out, r) / X_out.shape[1]
-    return v.T @ heads, v.sum(axis=0), float(np.vdot(r, r))
+    return v.T @ heads, v.sum(axis=0), float(array_namespace(r).vdot(r, r))

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from metarep.core.arguments import check_count, check_step_size
+from metarep.core.arrays import Array, array_namespace
 from metarep.core.methods.gradients import input_gradient
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
@@ -30,50 +29,53 @@ class _TaskMatrices:
     O(N (d k' + rank (d + k'))) and no d x k' matrix is ever formed per task.
     """
 
-    base: np.ndarray | None
-    factors: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    base: Array | None
+    factors: tuple[tuple[Array, Array], ...] = ()
 
-    def matvec(self, v: np.ndarray) -> np.ndarray:
+    def matvec(self, v: Array) -> Array:
         """``M_i v_i`` for ``v`` (N, k'); returns (N, d)."""
-        out = [a * np.einsum("nk,nk->n", b, v)[:, None] for a, b in self.factors]
+        xp = array_namespace(v)
+        out = [a * xp.einsum("nk,nk->n", b, v)[:, None] for a, b in self.factors]
         if self.base is not None:
             out.append(v @ self.base.T)
         return sum(out[1:], out[0])
 
-    def rmatvec(self, u: np.ndarray) -> np.ndarray:
+    def rmatvec(self, u: Array) -> Array:
         """``M_i^T u_i`` for ``u`` (N, d); returns (N, k')."""
-        out = [b * np.einsum("nd,nd->n", a, u)[:, None] for a, b in self.factors]
+        xp = array_namespace(u)
+        out = [b * xp.einsum("nd,nd->n", a, u)[:, None] for a, b in self.factors]
         if self.base is not None:
             out.append(u @ self.base)
         return sum(out[1:], out[0])
 
-    def plus(self, a: np.ndarray, b: np.ndarray) -> _TaskMatrices:
+    def plus(self, a: Array, b: Array) -> _TaskMatrices:
         """``M_i + a_i b_i^T`` for ``a`` (N, d), ``b`` (N, k')."""
         return _TaskMatrices(self.base, (*self.factors, (a, b)))
 
-    def task_mean(self) -> np.ndarray:
+    def task_mean(self) -> Array:
         """``mean_i M_i``, shape (d, k') (needs at least one factor)."""
-        left = np.concatenate([a for a, _ in self.factors])  # (rank N, d), one contiguous GEMM
-        right = np.concatenate([b for _, b in self.factors])
+        xp = array_namespace(self.factors[0][0])
+        left = xp.concatenate([a for a, _ in self.factors])  # (rank N, d), one contiguous GEMM
+        right = xp.concatenate([b for _, b in self.factors])
         total = left.T @ right / self.factors[0][0].shape[0]
         return total if self.base is None else self.base + total
 
 
-def _apply(X: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _apply(X: Array, v: Array) -> Array:
     """``X_i v_i`` for ``X`` (N, m, d), ``v`` (N, d); returns (N, m)."""
-    return np.einsum("nmd,nd->nm", X, v)
+    return array_namespace(X).einsum("nmd,nd->nm", X, v)
 
 
 def meta_gradient(
-    B: np.ndarray,
-    w: np.ndarray,
+    B: Array,
+    w: Array,
     batch: TaskBatch,
     alpha: float,
     steps: int,
     *,
     adapt_body: bool,
     second_order: bool,
-) -> tuple[np.ndarray, np.ndarray, float]:
+) -> tuple[Array, Array, float]:
     """Outer gradient of the inner-loop methods (ANIL, MAML and their first-order versions).
 
     Inner loop per task ``i``, from ``(B_i^0, w_i^0) = (B, w)``, for ``j = 0 .. steps-1``,
@@ -99,7 +101,8 @@ def meta_gradient(
     """
     X_in, y_in = batch.X_in, batch.y_in
     body = _TaskMatrices(B)
-    head = np.tile(w, (batch.n_tasks, 1))
+    xp = array_namespace(w)
+    head = xp.tile(w, (batch.n_tasks, 1))
     trace = []
     for _ in range(steps):
         u = input_gradient(X_in, _apply(X_in, body.matvec(head)) - y_in)
@@ -120,7 +123,7 @@ def meta_gradient(
                 new_head_adj = new_head_adj - alpha * body_adj.rmatvec(u_j)
             body_adj = body_adj.plus(-alpha * u_j, head_adj).plus(s_u, head_j)
             head_adj = new_head_adj
-    return body_adj.task_mean(), head_adj.mean(axis=0), 0.5 * float(np.mean(residual**2))
+    return body_adj.task_mean(), head_adj.mean(axis=0), 0.5 * float(xp.mean(residual**2))
 
 
 @dataclass(frozen=True)

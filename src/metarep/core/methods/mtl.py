@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
-import numpy as np
-
 from metarep.core.arguments import check_step_size
+from metarep.core.arrays import Array, array_namespace
 from metarep.core.methods.gradients import input_gradient, residual
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
@@ -25,12 +24,13 @@ class MTLState(NamedTuple):
     ``heads`` (N, k') the per-task heads ``w_i``.
     """
 
-    B: np.ndarray
-    w: np.ndarray
-    heads: np.ndarray
+    B: Array
+    w: Array
+    heads: Array
 
     def is_finite(self) -> bool:
-        return bool(np.all(np.isfinite(self.B)) and np.all(np.isfinite(self.heads)))
+        xp = array_namespace(self.B)
+        return bool(xp.all(xp.isfinite(self.B)) and xp.all(xp.isfinite(self.heads)))
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class MTL:
 
     def init_state(self, params: LinearParams, n_tasks: int) -> MTLState:
         """``(B_0, w_0)`` with ``n_tasks`` copies of ``w_0`` as the per-task heads."""
-        return MTLState(params.B, params.w, np.tile(params.w, (n_tasks, 1)))
+        return MTLState(params.B, params.w,
+                        array_namespace(params.w).tile(params.w, (n_tasks, 1)))
 
     def step(self, state: MTLState, batch: TaskBatch) -> tuple[MTLState, float]:
         """One step on the tasks of ``batch``: those at ``batch.indices`` of the pool, or the
@@ -70,8 +71,9 @@ class MTL:
         m = batch.m_in + batch.m_out
         v = (batch.m_in * input_gradient(batch.X_in, r_in)
              + batch.m_out * input_gradient(batch.X_out, r_out)) / m
-        new_heads = heads.copy()
+        xp = array_namespace(heads)
+        new_heads = xp.copy(heads)
         new_heads[rows] = H - self.outer_lr * (v @ B)
         new_B = B - self.outer_lr * (v.T @ H) / batch.n_tasks
-        meta_loss = 0.5 * (float(np.sum(r_in**2)) + float(np.sum(r_out**2))) / (batch.n_tasks * m)
+        meta_loss = 0.5 * (float(xp.sum(r_in**2)) + float(xp.sum(r_out**2))) / (batch.n_tasks * m)
         return MTLState(new_B, w, new_heads), meta_loss

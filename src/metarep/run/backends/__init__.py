@@ -1,11 +1,15 @@
 """One backend per kind of run, built once from the config (:func:`build_backend`):
 
-- ``linear``: the linear model on a task pool or online tasks, trained by a numpy method
-  (:class:`~metarep.run.backends.linear.LinearBackend`);
+- ``linear``: the linear model on a task pool or online tasks, trained by a method of
+  :mod:`metarep.core.methods` (:class:`~metarep.run.backends.linear.LinearBackend`);
 - ``infinite``: the exact infinite-task dynamics (``tasks.n: infinite``,
   :class:`~metarep.run.backends.infinite.InfiniteTaskBackend`);
 - ``engine``: ReLU networks trained by the torch engine (``model.kind: relu``,
   :class:`~metarep.run.backends.engine.EngineBackend`).
+
+``linear`` and ``infinite`` compute in numpy, or with the same formulas in torch on
+``train.device`` (``train.backend: torch``, or a GPU ``train.device``:
+:func:`~metarep.run.backends.linear.array_backend`).
 
 Every backend is a :class:`Backend`: the experiment runs init -> loop(step) -> measure /
 evaluate / theory through it and never asks which kind of run it holds.
@@ -21,7 +25,7 @@ import numpy as np
 from metarep.core.evaluation import EvalRow, HeldOutRow
 from metarep.run.backends.engine import EngineBackend
 from metarep.run.backends.infinite import InfiniteTaskBackend
-from metarep.run.backends.linear import LinearBackend
+from metarep.run.backends.linear import LinearBackend, array_backend
 from metarep.run.backends.sources import RunInputs, resolve_inputs
 from metarep.run.schema import Config
 
@@ -99,10 +103,15 @@ def run_kind(config: Config) -> str:
 def build_backend(config: Config) -> Backend:
     """The backend of ``config``, with its inputs resolved (files read, sizes checked).
 
-    Raises :class:`~metarep.errors.ConfigError` for anything wrong with the input; writes
-    nothing.
+    Raises :class:`~metarep.errors.ConfigError` for anything wrong with the input (checking
+    first where a linear run computes: :func:`~metarep.run.backends.linear.array_backend`);
+    writes nothing.
     """
-    return BACKENDS[run_kind(config)](resolve_inputs(config))
+    kind = run_kind(config)
+    if kind == "engine":
+        return EngineBackend(resolve_inputs(config))
+    xp = array_backend(config)
+    return BACKENDS[kind](resolve_inputs(config), xp)
 
 
 __all__ = ["BACKENDS", "Backend", "EngineBackend", "InfiniteTaskBackend", "LinearBackend",

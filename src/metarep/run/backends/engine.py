@@ -26,7 +26,8 @@ from metarep.run.inputs import config_errors, load_network, torch_module
 
 LEARNER_KEYS = {"method": "method.name", "inner_lr": "method.inner_lr",
                 "outer_lr": "method.outer_lr", "inner_steps": "method.inner_steps",
-                "n_tasks": "tasks.n", "device": "train.device", "dtype": "train.dtype"}
+                "n_tasks": "tasks.n", "device": "train.device", "dtype": "train.dtype",
+                "task_chunk": "train.task_chunk", "deterministic": "train.deterministic"}
 """The config key of each argument of the engine that a run sets from its config."""
 
 
@@ -42,7 +43,11 @@ class EngineBackend:
     """A ReLU network (drawn, or read from ``model.init_from``, whose widths then replace the
     configured ones) meta-trained by the torch engine. States are engine states
     (:class:`~metarep.engine.learner.EngineState`). The tensors of the last batch are kept, so
-    a whole pool used at every step moves to the device once."""
+    a whole pool used at every step moves to the device once. ``train.task_chunk`` and
+    ``train.deterministic`` are the learner's ``task_chunk`` and ``deterministic``: every
+    torch computation of the run (its steps and its evaluation) then runs under
+    :func:`~metarep.engine.learner.deterministic_algorithms`, the previous settings restored
+    after each."""
 
     def __init__(self, inputs: RunInputs):
         networks, learner_module = torch_module("networks"), torch_module("learner")
@@ -69,7 +74,8 @@ class EngineBackend:
                 self.network, networks.HEAD, method=base, first_order=first_order,
                 inner_lr=method.inner_lr, outer_lr=method.outer_lr,
                 inner_steps=method.inner_steps, n_tasks=self.n_tasks,
-                device=config.train.device, dtype=config.train.dtype)
+                device=config.train.device, dtype=config.train.dtype,
+                task_chunk=config.train.task_chunk, deterministic=config.train.deterministic)
         self.batches = task_source(inputs)
         self.truth = self.problem if inputs.has_truth else None
         self._last: tuple[TaskBatch, tuple[Any, ...]] | None = None

@@ -9,9 +9,11 @@ that share everything but their per-run parameters into one stepper.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from metarep.core.arrays import array_namespace, moved_state, numpy_state
 from metarep.core.infinite import (
     ExactFOANIL,
     InfiniteTaskState,
@@ -29,7 +31,8 @@ class ExactStepper:
     """``b`` configurations of the exact dynamics as the loop's
     :class:`~metarep.run.loop.Stepper`: ``dynamics`` steps them, ``Lambda_star`` (per
     configuration the (k, k) target of its ``lambda_err``, or ``None``) enters their measures,
-    which come from the coordinates alone (no d-sized work)."""
+    which come from the coordinates alone (no d-sized work), read as numpy arrays whatever
+    namespace the dynamics compute in."""
 
     def __init__(self, dynamics: ExactFOANIL, Lambda_star: Sequence[np.ndarray | None]):
         self.dynamics, self.Lambda_star = dynamics, Lambda_star
@@ -41,61 +44,69 @@ class ExactStepper:
         return state.finite()
 
     def measure(self, state: InfiniteTaskState, index: int) -> dict[str, float]:
-        return coordinate_measures(state, self.dynamics.Sigma_star, self.Lambda_star, index)[0]
+        return coordinate_measures(numpy_state(state), self.dynamics.Sigma_star,
+                                   self.Lambda_star, index)[0]
 
     def take(self, state: InfiniteTaskState, index: int) -> InfiniteTaskState:
         """A copy: the dynamics reuse their output buffers."""
         return state.take(index)
 
     def park(self, state: InfiniteTaskState, stopped: np.ndarray) -> None:
-        state.H[stopped], state.omega[stopped] = 0.0, 0.0
+        mask = array_namespace(state.H).asarray(stopped)
+        state.H[mask], state.omega[mask] = 0.0, 0.0
 
 
 class InfiniteTaskBackend(LinearModelRun):
     """Exact infinite-task FO-ANIL from ``(B_0, w_0)`` as a run; states are coordinates
     (:class:`~metarep.core.infinite.InfiniteTaskState` of one configuration) on the frame built
-    once from ``B_0``. ``fo-maml`` is exact here only from ``w_0 = 0``, where it coincides with
+    once from ``B_0``, of arrays of the namespace ``xp``
+    (:func:`~metarep.run.backends.linear.array_backend`: numpy, or torch on a device; the frame
+    stays numpy). ``fo-maml`` is exact here only from ``w_0 = 0``, where it coincides with
     FO-ANIL."""
 
-    def __init__(self, inputs: RunInputs):
+    def __init__(self, inputs: RunInputs, xp: Any = np):
         inputs, init = initial_params(inputs)
         config = inputs.config
         if config.method.name == "fo-maml" and np.any(init.w != 0):
             raise ConfigError("model.init_from", "fo-maml with tasks.n: infinite needs w = 0 "
                               "(its exact dynamics are FO-ANIL's there); use fo-anil or a zero "
                               "head")
-        super().__init__(inputs, config.method.name)
+        super().__init__(inputs, config.method.name, xp)
         dtype = config.train.dtype
         self.init = init
         self.frame, self.initial = coordinates(self.problem.B_star, init.B, init.w, dtype=dtype)
         dynamics = ExactFOANIL(self.problem.Sigma_star, self.alpha, config.method.outer_lr,
                                config.tasks.m_in, self.problem.noise_var, self.initial.H.shape,
-                               dtype)
+                               dtype, xp)
         self.stepper = ExactStepper(dynamics, [self.Lambda_star])
 
     def params(self, state: InfiniteTaskState) -> LinearParams:
-        return self.frame.params(state)
+        return self.frame.params(numpy_state(state))
 
     def initial_state(self) -> InfiniteTaskState:
-        """The coordinates of ``(B_0, w_0)`` on this run's frame, in the run's dtype."""
+        """The coordinates of ``(B_0, w_0)`` on this run's frame, in the run's dtype, on the
+        backend's device."""
         coords = self.frame.state([LinearParams(np.asarray(self.init.B, np.float64),
                                                 np.asarray(self.init.w, np.float64))])
-        return InfiniteTaskState(coords.H.astype(self.initial.H.dtype),
-                                 coords.omega.astype(self.initial.omega.dtype))
+        return moved_state(InfiniteTaskState(coords.H.astype(self.initial.H.dtype),
+                                             coords.omega.astype(self.initial.omega.dtype)),
+                           self.xp)
 
     def arrays(self, state: InfiniteTaskState) -> dict[str, np.ndarray]:
-        B, w = self.frame.params(state)
+        B, w = self.params(state)
         return {"B": B, "w": w}
 
     def state_arrays(self, state: InfiniteTaskState) -> dict[str, np.ndarray]:
-        """The coordinates ``H`` (1, k + r, p) and ``omega`` (1, p) themselves (mapping them to
-        ``(B, w)`` and back would round)."""
-        return {"H": state.H, "omega": state.omega}
+        """The coordinates ``H`` (1, k + r, p) and ``omega`` (1, p) themselves, as numpy
+        arrays (mapping them to ``(B, w)`` and back would round)."""
+        return numpy_state(state)._asdict()
 
     def restore(self, arrays: Mapping[str, np.ndarray]) -> InfiniteTaskState:
-        """The coordinates ``H``, ``omega`` of :meth:`state_arrays`, in the run's dtype."""
-        return InfiniteTaskState(np.array(arrays["H"], self.initial.H.dtype),
-                                 np.array(arrays["omega"], self.initial.omega.dtype))
+        """The coordinates ``H``, ``omega`` of :meth:`state_arrays`, in the run's dtype, on the
+        backend's device."""
+        return moved_state(InfiniteTaskState(np.array(arrays["H"], self.initial.H.dtype),
+                                             np.array(arrays["omega"], self.initial.omega.dtype)),
+                           self.xp)
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.stepper.step(state, t)
@@ -125,11 +136,13 @@ class InfiniteTaskBackend(LinearModelRun):
 def batched_stepper(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
     """One stepper for the runs ``backends``, which share ``Sigma_star``, the shapes and the
     dtype: each keeps its own ``alpha``, ``beta``, ``m_in``, ``sigma^2`` and ``Lambda_star``,
-    and each configuration's slice is computed with the same operations as in a run alone."""
+    and each configuration's slice is computed with the same operations (and in the same
+    namespace) as in a run alone."""
     first = backends[0].stepper.dynamics
     parts = [backend.stepper.dynamics for backend in backends]
     b = len(backends)
     dynamics = ExactFOANIL(first.Sigma_star, [d.alpha[0] for d in parts],
                            [d.beta[0] for d in parts], [d.m_in[0] for d in parts],
-                           [d.noise_var[0] for d in parts], (b, *first.shape[1:]), first.dtype)
+                           [d.noise_var[0] for d in parts], (b, *first.shape[1:]), first.dtype,
+                           first.xp)
     return ExactStepper(dynamics, [target for bk in backends for target in bk.stepper.Lambda_star])

@@ -1,17 +1,26 @@
 """The linear model ``x -> x^T B w`` as a run: on a task pool or online tasks
-(:class:`LinearBackend`, the numpy methods of :mod:`metarep.core.methods`), and what it
-shares with the exact infinite-task runs (:class:`LinearModelRun`): the test-time
-evaluation, the theory's predictions and ``B_star^T B B^T B_star``.
+(:class:`LinearBackend`, the methods of :mod:`metarep.core.methods`), and what it shares with
+the exact infinite-task runs (:class:`LinearModelRun`): where it computes
+(:func:`array_backend`: numpy, or torch on ``train.device``), the test-time evaluation, the
+theory's predictions and ``B_star^T B B^T B_star``.
+
+A torch-backend run moves its pool to the device once, steps there with the same formulas as
+numpy (:mod:`metarep.core.arrays`), and hands numpy arrays to everything else: measures,
+records, checkpoints (exactly: :meth:`LinearBackend.restore` gives back the very state),
+``params.npz`` and the evaluation. Its tasks are drawn by numpy, as in a numpy run, so the
+same seed gives the same tasks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from metarep.core.arrays import moved_state, numpy_state
 from metarep.core.evaluation import (
     EvalRow,
     HeldOutRow,
@@ -24,8 +33,10 @@ from metarep.core.methods import MTLState, State, make_method
 from metarep.core.model import LinearParams, init_linear
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.core.theory import Setting, gram_target, predicted_limits
+from metarep.errors import ConfigError
 from metarep.run.backends.sources import RunInputs, task_source
-from metarep.run.inputs import check_memory, load_params
+from metarep.run.inputs import check_memory, config_errors, load_params
+from metarep.run.schema import Config
 
 LIMIT_MEASURES = ("train_loss", "perp_norm", "subspace_dist", "span_outside", "span_missed",
                   "lambda_err", "head_norm")
@@ -48,6 +59,39 @@ def initial_params(inputs: RunInputs) -> tuple[RunInputs, LinearParams]:
                                seed_rng(model.seed, Purpose.MODEL), dtype, model.head_scale)
 
 
+def array_backend(config: Config) -> Any:
+    """The array namespace a linear run computes in (:mod:`metarep.core.arrays`): numpy,
+    unless ``train.backend: torch`` or ``train.device`` means a GPU (``cuda``, or ``auto``
+    with one present); then torch on the device ``train.device`` resolves to
+    (:func:`metarep.engine.learner.resolve_device`).
+
+    :class:`ConfigError` naming ``train.backend`` (or ``train.device`` for ``cuda``) without
+    PyTorch, and ``train.device`` for ``cuda`` without a CUDA device.
+    """
+    train = config.train
+    if train.backend == "numpy" and train.device == "cpu":
+        return np
+    try:
+        importlib.import_module("torch")
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        if train.backend == "numpy" and train.device == "auto":  # no torch, so no GPU
+            return np
+        key, value = (("train.backend", train.backend) if train.backend == "torch"
+                      else ("train.device", train.device))
+        raise ConfigError(key, f"{value} needs PyTorch: install metarep[torch] "
+                          "(pip install 'metarep[torch]')") from None
+    from metarep.engine.arrays import torch_namespace
+    from metarep.engine.learner import resolve_device
+
+    with config_errors({"device": "train.device"}):
+        device = resolve_device(train.device)
+    if train.backend == "numpy" and device.type == "cpu":
+        return np
+    return torch_namespace(str(device))
+
+
 def _finite(value: float) -> float | None:
     return None if np.isnan(value) else value
 
@@ -63,8 +107,8 @@ class LinearModelRun:
     ``nan``), are decided once here.
     """
 
-    def __init__(self, inputs: RunInputs, method_name: str):
-        self.inputs, self.method_name = inputs, method_name
+    def __init__(self, inputs: RunInputs, method_name: str, xp: Any = np):
+        self.inputs, self.method_name, self.xp = inputs, method_name, xp
         self.config, self.problem = inputs.config, inputs.problem
         c = self.config
         self.alpha = c.method.inner_lr
@@ -75,8 +119,8 @@ class LinearModelRun:
                                                        self.setting)
 
     def params(self, state: Any) -> LinearParams:
-        """``(B, w)`` of a training state."""
-        return LinearParams(state.B, state.w)
+        """``(B, w)`` of a training state, as numpy arrays."""
+        return numpy_state(LinearParams(state.B, state.w))
 
     def take(self, state: Any, index: int) -> Any:
         return state
@@ -169,35 +213,40 @@ class LinearModelRun:
 
 
 class LinearBackend(LinearModelRun):
-    """The linear model trained by a numpy method (:func:`metarep.core.methods.make_method`)
-    on a task pool or on online tasks. States: :class:`~metarep.core.model.LinearParams`, or
-    :class:`~metarep.core.methods.MTLState` for ``mtl``."""
+    """The linear model trained by a method of :func:`metarep.core.methods.make_method` on a
+    task pool or on online tasks, in the namespace ``xp`` (:func:`array_backend`: numpy, or
+    torch on a device). States: :class:`~metarep.core.model.LinearParams`, or
+    :class:`~metarep.core.methods.MTLState` for ``mtl``, of arrays of ``xp``."""
 
-    def __init__(self, inputs: RunInputs):
+    def __init__(self, inputs: RunInputs, xp: Any = np):
         inputs, self.init = initial_params(inputs)
         method = inputs.config.method
         self.method = make_method(method.name, method.inner_lr, method.outer_lr,
                                   method.inner_steps)
-        super().__init__(inputs, self.method.name)
-        self.batches = task_source(inputs)
+        super().__init__(inputs, self.method.name, xp)
+        self.batches = task_source(inputs, xp)
         self.truth = self.problem if inputs.has_truth else None
 
     def initial_state(self) -> State:
-        """``(B_0, w_0)``, with one head per pool task for ``mtl`` (which the schema keeps off
-        ``tasks.n: online``)."""
+        """``(B_0, w_0)`` on the backend's device, with one head per pool task for ``mtl``
+        (which the schema keeps off ``tasks.n: online``)."""
         pool = self.inputs.pool
-        return self.method.init_state(self.init, 0 if pool is None else pool.n_tasks)
+        return self.method.init_state(moved_state(self.init, self.xp),
+                                      0 if pool is None else pool.n_tasks)
 
     def arrays(self, state: State) -> dict[str, np.ndarray]:
-        return state._asdict()
+        return numpy_state(state)._asdict()
 
     def state_arrays(self, state: State) -> dict[str, np.ndarray]:
-        """``B``, ``w`` (and the per-task ``heads`` of ``mtl``): the state itself."""
-        return state._asdict()
+        """``B``, ``w`` (and the per-task ``heads`` of ``mtl``): the state itself, as numpy
+        arrays."""
+        return numpy_state(state)._asdict()
 
     def restore(self, arrays: Mapping[str, np.ndarray]) -> State:
+        """The state of :meth:`state_arrays`, in the run's dtype, on the backend's device."""
         initial, dtype = self.initial_state(), self.config.train.dtype
-        return initial._make(arrays[name].astype(dtype) for name in initial._fields)
+        return moved_state(initial._make(arrays[name].astype(dtype) for name in initial._fields),
+                           self.xp)
 
     def step(self, state: State, t: int) -> tuple[State, np.ndarray]:
         new, loss = self.method.step(state, self.batches(t))
@@ -207,4 +256,4 @@ class LinearBackend(LinearModelRun):
         return np.array([state.is_finite()])
 
     def measure(self, state: State, index: int = 0) -> dict[str, float]:
-        return measure(state, self.truth, self.Lambda_star)
+        return measure(numpy_state(state), self.truth, self.Lambda_star)

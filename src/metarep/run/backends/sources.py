@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -211,20 +212,24 @@ def _refuse_contradictions(config: Config, resolved: dict[str, object], path: st
                               "or set it to the file's value")
 
 
-def task_source(inputs: RunInputs) -> Callable[[int], TaskBatch]:
-    """The tasks used at outer step ``t`` of a run on a pool or on online tasks.
+def task_source(inputs: RunInputs, xp: Any = np) -> Callable[[int], TaskBatch]:
+    """The tasks used at outer step ``t`` of a run on a pool or on online tasks, as arrays of
+    the namespace ``xp`` (numpy, or torch on a device: :mod:`metarep.core.arrays`).
 
     Whole pool; or ``train.tasks_per_step`` tasks of the pool drawn without replacement; or,
     for ``tasks.n: online``, that many fresh tasks. Step ``t`` draws from its own seeded
     stream (``tasks.seed``, sub-stream ``(1, t)``), so a resumed run draws the same tasks.
+    The draws are numpy's whatever ``xp`` is, so every namespace gets the same tasks; a pool
+    moves to ``xp`` once, fresh tasks at each step.
     """
-    config, pool = inputs.config, inputs.pool
+    config = inputs.config
     size, seed, dtype = config.train.tasks_per_step, config.tasks.seed, config.train.dtype
-    if pool is None:
+    if inputs.pool is None:
         m_in, m_out = config.tasks.m_in, config.tasks.m_out
         return lambda t: sample_tasks(inputs.problem, size, m_in, m_out,
-                                      seed_rng(seed, Purpose.TASKS, 1, t), dtype)
+                                      seed_rng(seed, Purpose.TASKS, 1, t), dtype).on(xp)
+    pool = inputs.pool if xp is np else inputs.pool.on(xp)
     if size is None or size == pool.n_tasks:
         return lambda t: pool
-    return lambda t: pool.take(
-        seed_rng(seed, Purpose.TASKS, 1, t).choice(pool.n_tasks, size, replace=False))
+    return lambda t: pool.take(xp.asarray(
+        seed_rng(seed, Purpose.TASKS, 1, t).choice(pool.n_tasks, size, replace=False)))
