@@ -326,3 +326,24 @@ def test_torch_without_pytorch_names_the_extra(monkeypatch, overrides, key):
     assert error.value.key == key
     assert "pip install 'metarep[torch]'" in str(error.value) and "\n" not in str(error.value)
     assert array_backend(load_config("quick", {"train.device": "auto"})) is np
+
+
+@pytest.mark.parametrize("kind", ["pool", "infinite"])
+def test_deterministic_algorithms_hold_while_a_torch_linear_run_trains_and_only_then(
+        tmp_path, no_drawing, kind):
+    """``train.deterministic`` on a torch-backend linear run: torch's deterministic mode is on
+    at every record and off again afterwards; without it (a control), never on; the numbers
+    are the same either way (CPU kernels are deterministic anyway)."""
+    overrides = {"tasks.n": "infinite"} if kind == "infinite" else {}
+    seen: dict[bool, list[bool]] = {True: [], False: []}
+    results = {}
+    for flag in (True, False):
+        config = _config({**overrides, "train.deterministic": flag}, "torch")
+        results[flag] = run_experiment(
+            config, tmp_path / str(flag), progress=False,
+            on_record=lambda trajectory, flag=flag: seen[flag].append(
+                torch.are_deterministic_algorithms_enabled()))
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert seen[True] and all(seen[True]) and not any(seen[False])
+    for name in results[False].metrics:
+        np.testing.assert_array_equal(results[True].metrics[name], results[False].metrics[name])

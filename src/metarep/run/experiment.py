@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from metarep.errors import ConfigError
 from metarep.run import figures
 from metarep.run.backends import Backend, build_backend
 from metarep.run.backends.infinite import batched_stepper
+from metarep.run.backends.linear import LinearModelRun
 from metarep.run.interrupts import deferred_interrupts
 from metarep.run.loop import Diverged, RecordSchedule, Trajectory, is_diverging, train
 from metarep.run.provenance import provenance
@@ -238,10 +240,11 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
     recorder = _Recorder(backend, directory, trajectory, checkpoint_seconds, on_record, sinks)
     summary = None
     try:
-        [diverged] = train(backend, trajectory.state, [trajectory],
-                           schedule=_schedule(backend.config),
-                           advice=[divergence_advice(backend.config)], on_record=recorder,
-                           progress=progress)
+        with determinism(backend):
+            [diverged] = train(backend, trajectory.state, [trajectory],
+                               schedule=_schedule(backend.config),
+                               advice=[divergence_advice(backend.config)], on_record=recorder,
+                               progress=progress)
         result, failure = _conclude(backend, directory, trajectory, started, diverged, origin)
         summary = directory.summary()  # as written: plain JSON
     except KeyboardInterrupt:
@@ -361,10 +364,26 @@ def _train_together(backends: Sequence[Backend], trajectories: Sequence[Trajecto
                     recorders: Sequence[_Recorder]) -> list[Diverged | None]:
     """Step ``backends`` (infinite-task runs at one step) as one batch through the loop."""
     state = InfiniteTaskState.stack([trajectory.state for trajectory in trajectories])
-    return train(batched_stepper(backends), state, trajectories,
-                 schedule=_schedule(backends[0].config),
-                 advice=[divergence_advice(b.config) for b in backends],
-                 on_record=lambda i, trajectory: recorders[i](i, trajectory), progress=False)
+    with determinism(backends[0]):
+        return train(batched_stepper(backends), state, trajectories,
+                     schedule=_schedule(backends[0].config),
+                     advice=[divergence_advice(b.config) for b in backends],
+                     on_record=lambda i, trajectory: recorders[i](i, trajectory),
+                     progress=False)
+
+
+def determinism(backend: Backend) -> AbstractContextManager[Any]:
+    """Where a linear run computes with torch (``train.backend: torch`` or a GPU) and
+    ``train.deterministic`` is set, its training runs under
+    :func:`metarep.engine.learner.deterministic_algorithms` (restored afterwards); otherwise
+    nothing changes: numpy is deterministic, and the torch engine sets it around each of its
+    own computations."""
+    if not (backend.config.train.deterministic and isinstance(backend, LinearModelRun)
+            and backend.xp is not np):
+        return nullcontext()
+    from metarep.engine.learner import deterministic_algorithms
+
+    return deterministic_algorithms(True)
 
 
 def _test_time_divergence(backend: Backend, rows: list[EvalRow]) -> Diverged | None:

@@ -415,9 +415,10 @@ class TrainConfig:
     )
     deterministic: bool = param(
         False,
-        "torch engine (model.kind: relu): compute with torch.use_deterministic_algorithms(True) "
-        "(and CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set), so a GPU run repeats bit for bit; "
-        "the previous settings are restored after each computation. Linear runs ignore it",
+        "torch computations (the engine, model.kind: relu, and torch-backend linear runs): "
+        "compute with torch.use_deterministic_algorithms(True) (and "
+        "CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set), so a GPU run repeats bit for bit; the "
+        "previous settings are restored afterwards. numpy runs are deterministic anyway",
         boolean,
     )
 
