@@ -314,3 +314,37 @@ def test_slurm_without_submitit_or_without_slurm_is_one_line(tmp_path, cli, erro
     assert error_line(result) == ("error: --executor: slurm: sbatch and srun are not on PATH "
                                   "(no SLURM client here)")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("answers", [[None] * 1000, [None, None, {"7_0": "COMPLETED"}]])
+def test_an_unreachable_controller_leaves_the_runs_unfinished_after_a_wait(
+        tmp_path, monkeypatch, answers):
+    """``squeue`` failing for CONTROLLER_WAIT_S: the driver stops waiting and the job's runs
+    are unfinished (their temporary directories kept for the next sweep); failing briefly
+    (a control) it waits on and sees the job end (here without a result: a failed run)."""
+    pytest.importorskip("submitit")
+    from types import SimpleNamespace
+
+    from metarep.sweeps import slurm
+    from metarep.sweeps.executors import RunTask
+
+    monkeypatch.setattr(slurm, "_check_slurm", lambda settings: None)
+    monkeypatch.setattr(slurm, "POLL_S", 0.01)
+    monkeypatch.setattr(slurm, "CONTROLLER_WAIT_S", 0.5)
+    replies = iter(answers)
+    monkeypatch.setattr(slurm, "queue_states", lambda job_ids: next(replies))
+    executor = slurm.SlurmExecutor("slurm", None, slurm.SlurmSettings(), tmp_path / ".slurm")
+    class Submitted(SimpleNamespace):  # a submitit job as the driver sees it (hashable)
+        __hash__ = object.__hash__
+
+    submitted = Submitted(job_id="7_0", paths=SimpleNamespace(
+        result_pickle=tmp_path / "none.pkl", stderr=tmp_path / "7_0.err"))
+    monkeypatch.setattr(executor, "_submit", lambda jobs, record: {submitted: jobs[0]})
+    task = RunTask("r", {}, {}, "quick", str(tmp_path / "sweep" / ".r.tmp"), str(tmp_path))
+    started = time.monotonic()
+    [outcome] = list(executor.map([(task,)]))
+    if len(answers) > 3:
+        assert outcome.status == "interrupted" and "did not answer" in outcome.error
+        assert time.monotonic() - started >= slurm.CONTROLLER_WAIT_S
+    else:
+        assert outcome.status == "failed" and "ended COMPLETED without a result" in outcome.error

@@ -52,6 +52,12 @@ POLL_S = 1.0
 CANCEL_WAIT_S = 60.0
 """How long an interrupted driver waits for its cancelled jobs to save their runs."""
 SCANCEL_TIMEOUT_S = 20.0
+CONTROLLER_WAIT_S = 600.0
+"""How long the driver waits while ``squeue`` cannot reach the SLURM controller before it
+stops waiting: the runs still out are left unfinished (their jobs may still run; the next
+sweep cancels those and resumes the runs)."""
+UNREACHABLE = "UNREACHABLE"
+"""The end state the driver gives a job it stopped waiting for (:data:`CONTROLLER_WAIT_S`)."""
 ACTIVE = {"PENDING", "RUNNING", "SUSPENDED", "COMPLETING", "CONFIGURING", "REQUEUED",
           "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
           "RESV_DEL_HOLD", "SPECIAL_EXIT"}
@@ -262,6 +268,15 @@ class SlurmExecutor:
         else:
             self.workers = workers or len(os.sched_getaffinity(0))
         self.executor: Any = None
+        self.unreachable_since: float | None = None  # when squeue began to fail
+
+    def _controller_lost(self) -> bool:
+        """Whether ``squeue`` has failed for :data:`CONTROLLER_WAIT_S` (counting from the
+        first failure since it last answered)."""
+        now = time.monotonic()
+        if self.unreachable_since is None:
+            self.unreachable_since = now
+        return now - self.unreachable_since >= CONTROLLER_WAIT_S
 
     def _executor(self) -> Any:
         """submitit's executor for the settings, made when the first jobs are submitted
@@ -332,8 +347,10 @@ class SlurmExecutor:
         one that left its result)."""
         if self.kind == "slurm":
             states = queue_states(job.job_id for job in submitted)
-            if states is None:
-                return []
+            if states is None:  # the controller did not answer
+                return [(job, UNREACHABLE) for job in submitted] if self._controller_lost() \
+                    else []
+            self.unreachable_since = None
             ended = [(job, states.get(job.job_id, "UNKNOWN")) for job in submitted
                      if states.get(job.job_id, "UNKNOWN") not in ACTIVE]
         else:
@@ -352,6 +369,11 @@ class SlurmExecutor:
                 reason = f"job {submitted.job_id} failed: {_exception_line(str(error))}"
                 return [_died(task, reason) for task in job]
         name = state.split()[0].rstrip("+")
+        if name == UNREACHABLE:
+            return [interrupted(task, f"the SLURM controller did not answer for "
+                                f"{CONTROLLER_WAIT_S:.0f} s; its job {submitted.job_id} may "
+                                "still run (the next sweep cancels it and resumes the run)")
+                    for task in job]
         if name in STOPPED_FROM_OUTSIDE:
             return [interrupted(task, f"its job {submitted.job_id} ended {name}")
                     for task in job]
