@@ -119,7 +119,8 @@ def test_collect_draws_a_categorical_axis_and_positive_measures_on_log_bands(met
 @pytest.mark.parametrize(("args", "key"), [
     (["--x", "method.name", "--xscale", "log"], "--xscale"),
     (["--x", "model.width", "--yscale", "exp"], "--yscale"),
-    (["--x", "model.width", "--xscale", "sideways"], "--xscale")])
+    (["--x", "model.width", "--xscale", "sideways"], "--xscale"),
+    (["--x", "method.name", "--xscale", "sideways"], "--xscale")])
 def test_collect_refuses_a_scale_the_values_cannot_take_and_writes_nothing(
         method_sweep, cli, error_line, args, key):
     for name in ("collected.parquet", "collected.csv"):

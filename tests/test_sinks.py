@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sweep_files
 import yaml
 
 from metarep.errors import ConfigError
@@ -46,14 +47,7 @@ Triple = tuple[int, str, float]
 """One logged value: (step, measure, value)."""
 
 INSTALLED = [name for name in SINK_NAMES if importlib.util.find_spec(name) is not None]
-BASE = {
-    "problem": {"d": 6, "k": 2, "noise_var": 0.5, "head_cov": "linear", "seed": 0},
-    "tasks": {"n": 30, "m_in": 5, "m_out": 5, "seed": 1},
-    "model": {"width": 4, "init_scale": 1.0, "seed": 2},
-    "method": {"name": "fo-anil", "inner_lr": 0.5, "outer_lr": 0.2},
-    "train": {"steps": 30, "record_every": 5},
-    "eval": {"shots": [5, 10], "n_tasks": 20, "seed": 3},
-}
+BASE = {**sweep_files.BASE, "train": {"steps": 30, "record_every": 5}}
 
 
 def config_of(sinks: list[str], **overrides: Any):

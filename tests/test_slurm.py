@@ -16,32 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from sweep_files import write_sweep
 
 from metarep.sweeps.collect import collect_table
 from metarep.sweeps.driver import SweepOptions, run_sweep
 
 METAREP = str(Path(sys.executable).with_name("metarep"))
-BASE = {
-    "problem": {"d": 6, "k": 2, "noise_var": 0.5, "head_cov": "linear", "seed": 0},
-    "tasks": {"n": 30, "m_in": 5, "m_out": 5, "seed": 1},
-    "model": {"width": 4, "init_scale": 1.0, "seed": 2},
-    "method": {"name": "fo-anil", "inner_lr": 0.5, "outer_lr": 0.2},
-    "train": {"steps": 20, "record_every": 10},
-    "eval": {"shots": [5, 10], "n_tasks": 20, "seed": 3},
-}
 LONG = {"train.steps": 10000, "train.record_every": 500}
 """Runs long enough (seconds) to be cancelled while they run."""
 WAIT_S = 120
-
-
-def sweep_file(folder: Path, **fields) -> Path:
-    """A base config and a sweep file over it in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump({"base": "base.yaml", **fields}, sort_keys=False))
-    return path
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -116,7 +99,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
     its jobs, and the next sweep finishes the runs; after SIGKILL to the driver the next
     sweep cancels the jobs it left running before it runs their runs."""
     env, out = slurm_cluster.env, tmp_path / "out"
-    plain = sweep_file(tmp_path / "plain", grid={"model.width": [2, 3, 0]})
+    plain = write_sweep(tmp_path / "plain", grid={"model.width": [2, 3, 0]})
     refused = sweep(env, plain, "--executor", "slurm", "--slurm-partition", "nowhere",
                     "--out", out)
     assert refused.returncode == 2
@@ -140,7 +123,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
     assert "3 runs, 2 done, 1 failed (0 ran now)" in again.stdout, again.stderr
     assert submitted(out) == tasks and modified(out, ["width=2", "width=3"]) == before
 
-    long, out = sweep_file(tmp_path / "long", set=LONG, grid={"model.width": [2, 3, 4]}), \
+    long, out = write_sweep(tmp_path / "long", set=LONG, grid={"model.width": [2, 3, 4]}), \
         tmp_path / "long-out"
     driver = start_sweep(env, long, "--executor", "slurm", "--out", out,
                          "--slurm-array-parallelism", 1)
@@ -165,7 +148,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
         assert steps == sorted(set(steps)) and steps[-1] == LONG["train.steps"]
     assert not slurm_cluster.active_jobs()
 
-    pair, out = sweep_file(tmp_path / "pair", set=LONG, grid={"model.width": [2, 3]}), \
+    pair, out = write_sweep(tmp_path / "pair", set=LONG, grid={"model.width": [2, 3]}), \
         tmp_path / "stopped"
     driver = start_sweep(env, pair, "--executor", "slurm", "--out", out)
     wait_for(lambda: len(list(out.glob(".*.tmp/metrics.csv"))) == 2, "both runs to record")
@@ -214,7 +197,7 @@ def job_processes(folder: Path) -> list[int]:
 @pytest.mark.slow
 def test_submitit_local_gives_the_local_executor_table(tmp_path):
     pytest.importorskip("submitit")
-    plain = sweep_file(tmp_path, grid={"model.width": [2, 0]}, seeds=[0, 1])
+    plain = write_sweep(tmp_path, grid={"model.width": [2, 0]}, seeds=[0, 1])
     local = run_sweep(plain, tmp_path / "local", SweepOptions(workers=1, progress=False))
     jobs = run_sweep(plain, tmp_path / "jobs", SweepOptions(executor="submitit-local",
                                                             workers=2, progress=False))
@@ -232,7 +215,7 @@ def test_submitit_local_gives_the_local_executor_table(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_a_stopped_job_leaves_its_run_to_the_next_sweep(tmp_path, start_sweep):
     pytest.importorskip("submitit")
-    long, out = sweep_file(tmp_path, set=LONG, grid={"model.width": [2, 3]}), tmp_path / "out"
+    long, out = write_sweep(tmp_path, set=LONG, grid={"model.width": [2, 3]}), tmp_path / "out"
     args = (long, "--executor", "submitit-local", "--workers", 2, "--out", out)
     driver = start_sweep(dict(os.environ), *args)
     pids = wait_for(lambda: job_processes(out / ".slurm"), "a job process")
@@ -252,7 +235,7 @@ def test_submitit_local_a_stopped_job_leaves_its_run_to_the_next_sweep(tmp_path,
 @pytest.mark.slow
 def test_submitit_local_driver_stopped_by_sigterm_stops_its_jobs(tmp_path, start_sweep):
     pytest.importorskip("submitit")
-    long, out = sweep_file(tmp_path, set=LONG, grid={"model.width": [2, 3]}), tmp_path / "out"
+    long, out = write_sweep(tmp_path, set=LONG, grid={"model.width": [2, 3]}), tmp_path / "out"
     args = (long, "--executor", "submitit-local", "--workers", 2, "--out", out)
     driver = start_sweep(dict(os.environ), *args)
     wait_for(lambda: len(list(out.glob(".*.tmp/metrics.csv"))) == 2, "both runs to record")
@@ -291,7 +274,7 @@ def test_submitit_local_driver_stopped_by_sigterm_stops_its_jobs(tmp_path, start
      "error: --executor: must be one of local, ray, slurm, submitit-local; got 'slurms'"),
 ])
 def test_a_bad_slurm_option_is_one_line_naming_it(tmp_path, cli, error_line, args, line):
-    result = cli("sweep", sweep_file(tmp_path, grid={"model.width": [2]}), "--out",
+    result = cli("sweep", write_sweep(tmp_path, grid={"model.width": [2]}), "--out",
                  tmp_path / "out", *args)
     assert result.exit_code == 2
     assert error_line(result) == line
@@ -300,7 +283,7 @@ def test_a_bad_slurm_option_is_one_line_naming_it(tmp_path, cli, error_line, arg
 
 def test_slurm_without_submitit_or_without_slurm_is_one_line(tmp_path, cli, error_line,
                                                                monkeypatch):
-    plain = sweep_file(tmp_path, grid={"model.width": [2]})
+    plain = write_sweep(tmp_path, grid={"model.width": [2]})
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails
     result = cli("sweep", plain, "--executor", "slurm", "--out", tmp_path / "out")
     assert result.exit_code == 2

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 from scipy import stats
+from sweep_files import BASE, write_sweep
 from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
@@ -52,25 +53,8 @@ from metarep.sweeps.spec import load_sweep, plan_runs, value_token
 METAREP = [str(Path(sys.executable).with_name("metarep"))]
 RUN_FILES = {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz",
              "training.png", "eval.png"}
-BASE = {
-    "problem": {"d": 6, "k": 2, "noise_var": 0.5, "head_cov": "linear", "seed": 0},
-    "tasks": {"n": 30, "m_in": 5, "m_out": 5, "seed": 1},
-    "model": {"width": 4, "init_scale": 1.0, "seed": 2},
-    "method": {"name": "fo-anil", "inner_lr": 0.5, "outer_lr": 0.2},
-    "train": {"steps": 20, "record_every": 10},
-    "eval": {"shots": [5, 10], "n_tasks": 20, "seed": 3},
-}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=,-]+$")
 RUNNER = CliRunner()
-
-
-def write_sweep(folder: Path, name: str = "sweep.yaml", **fields) -> Path:
-    """A base config ``base.yaml`` and a sweep file over it in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "base.yaml").write_text(yaml.safe_dump(BASE))
-    path = folder / name
-    path.write_text(yaml.safe_dump({"base": "base.yaml", **fields}, sort_keys=False))
-    return path
 
 
 def finished_runs(out: Path) -> list[Path]:

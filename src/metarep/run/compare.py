@@ -62,18 +62,19 @@ def _read(path: Path) -> tuple[str, dict[str, Any], pd.DataFrame, dict[str, Any]
     """A run directory's name, flat config, recorded rows and summary (``None`` while it
     runs); :class:`ConfigError` naming ``RUN_DIR`` when it is not a run with records."""
     directory = RunDirectory(path)
+    not_a_run = ConfigError(RUN_ARGUMENT, f"{path} is not a run directory (no config.yaml "
+                            "and metrics.csv in it)")
+    if not path.is_dir():
+        raise not_a_run
     try:
-        metrics = directory.metrics() if path.is_dir() else None
-        config = directory.config() if path.is_dir() else None
-        summary = directory.summary() if path.is_dir() else None
+        metrics, config, summary = directory.metrics(), directory.config(), directory.summary()
     except ConfigError as error:
         raise ConfigError(RUN_ARGUMENT, error.message) from None
     except (yaml.YAMLError, AttributeError, TypeError):
         raise ConfigError(RUN_ARGUMENT, f"{path / 'config.yaml'} is corrupt (not YAML)") \
             from None
     if metrics is None or config is None:
-        raise ConfigError(RUN_ARGUMENT, f"{path} is not a run directory (no config.yaml and "
-                          "metrics.csv in it)")
+        raise not_a_run
     if metrics.empty:
         raise ConfigError(RUN_ARGUMENT, f"{path} has no records yet (metrics.csv is empty)")
     return path.name, config, metrics, summary

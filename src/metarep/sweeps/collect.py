@@ -131,10 +131,16 @@ def seed_intervals(frame: pd.DataFrame, x: str, y: str, by: list[str],
     return pd.DataFrame(rows, columns=[*by, x, "mean", "low", "high", "n"])
 
 
+def _all_positive(values: np.ndarray) -> bool:
+    """Whether ``values`` hold a finite value and every finite one is positive."""
+    finite = values[np.isfinite(values)]
+    return bool(len(finite) and (finite > 0).all())
+
+
 def _wide_positive(values: np.ndarray) -> bool:
     """Whether values are all positive and span at least a factor 20 (then: log scale)."""
     finite = values[np.isfinite(values)]
-    return bool(len(finite) and (finite > 0).all() and finite.max() >= 20 * finite.min())
+    return _all_positive(values) and bool(finite.max() >= 20 * finite.min())
 
 
 def is_categorical(values: pd.Series) -> bool:
@@ -145,16 +151,21 @@ def is_categorical(values: pd.Series) -> bool:
     return not np.isfinite(values.to_numpy(dtype=float)).all()
 
 
+def check_scale(asked: str, option: str) -> None:
+    """:class:`ConfigError` ``option`` unless ``asked`` is one of :data:`SCALES`."""
+    if asked not in SCALES:
+        raise ConfigError(option, f"must be one of {', '.join(SCALES)}; got {asked!r}")
+
+
 def axis_scale(values: np.ndarray, asked: str, option: str) -> str:
     """``linear`` or ``log`` for an axis holding ``values``: ``auto`` takes ``log`` when every
     finite value is positive and they span at least a factor 20 (:func:`_wide_positive`);
     ``log`` asked for values that are not all positive is :class:`ConfigError` ``option``."""
-    if asked not in SCALES:
-        raise ConfigError(option, f"must be one of {', '.join(SCALES)}; got {asked!r}")
+    check_scale(asked, option)
     if asked == "auto":
         return "log" if _wide_positive(values) else "linear"
-    finite = values[np.isfinite(values)]
-    if asked == "log" and not (len(finite) and (finite > 0).all()):
+    if asked == "log" and not _all_positive(values):
+        finite = values[np.isfinite(values)]
         smallest = f"{finite.min():.4g}" if len(finite) else "none"
         raise ConfigError(option, f"a log axis needs positive values; the smallest is "
                           f"{smallest} (use linear or auto)")
@@ -218,9 +229,9 @@ def _figure(table: pd.DataFrame, manifest: Mapping[str, Any], x: str, y: str, xs
     by = [key for key in manifest["axes"] if key != x and key not in tied]
     done = table[table["status"] == "done"]
     values = done[y].to_numpy(dtype=float)
-    finite = values[np.isfinite(values)]
-    positive = bool(len(finite) and (finite > 0).all())
+    positive = _all_positive(values)
     categorical = is_categorical(table[x])
+    check_scale(xscale, "--xscale")
     if categorical and xscale == "log":
         raise ConfigError("--xscale", f"{x} is categorical (not all finite numbers); a log "
                           "axis cannot hold it")
@@ -230,12 +241,6 @@ def _figure(table: pd.DataFrame, manifest: Mapping[str, Any], x: str, y: str, xs
     intervals = seed_intervals(table, x, y, by, log=positive)
     return sweep_figure(intervals, x, y, by, title=title, scales=scales,
                         categorical=categorical, geometric=positive)
-
-
-def _wide_positive(values: np.ndarray) -> bool:
-    """Whether values are all positive and span at least a factor 20 (then: log scale)."""
-    finite = values[np.isfinite(values)]
-    return bool(len(finite) and (finite > 0).all() and finite.max() >= 20 * finite.min())
 
 
 def sweep_figure(intervals: pd.DataFrame, x: str, y: str, by: list[str], title: str,
