@@ -52,7 +52,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from metarep.core.arguments import per_config
 from metarep.core.arrays import Array, array_namespace, to_numpy
+from metarep.core.expected_steps import ExpectedGradients, check_exact
 from metarep.core.measures import measure
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem
@@ -185,16 +187,6 @@ def coordinates(
     return Frame(B_star, Q_perp, V), state
 
 
-def _per_config(value: float | Sequence[float] | np.ndarray, b: int, key: str,
-                lo: float, strict: bool) -> np.ndarray:
-    """``value`` broadcast to (b,) float64, checked ``> lo`` (``strict``) or ``>= lo``."""
-    array = np.broadcast_to(np.asarray(value, dtype=np.float64), (b,)).copy()
-    bad = np.isnan(array) | ((array <= lo) if strict else (array < lo))
-    if np.any(bad):
-        raise ArgumentError(key, f"must be {'>' if strict else '>='} {lo}, got {array[bad][0]}")
-    return array
-
-
 class _StateViews:
     """A state and the views of it that one step reads or writes."""
 
@@ -266,10 +258,10 @@ class ExactFOANIL:
         b, rows, p = shape
         k = Sigma_star.shape[0]
         self.shape, self.k, self.dtype, self.xp = shape, k, np.dtype(dtype), xp
-        alpha = _per_config(inner_lr, b, "inner_lr", 0.0, strict=True)
-        beta = _per_config(outer_lr, b, "outer_lr", 0.0, strict=True)
-        m = _per_config(m_in, b, "m_in", 1.0, strict=False)
-        noise = _per_config(noise_var, b, "noise_var", 0.0, strict=False)
+        alpha = per_config(inner_lr, b, "inner_lr", 0.0, strict=True)
+        beta = per_config(outer_lr, b, "outer_lr", 0.0, strict=True)
+        m = per_config(m_in, b, "m_in", 1.0, strict=False)
+        noise = per_config(noise_var, b, "noise_var", 0.0, strict=False)
         inv_m = np.where(np.isinf(m), 0.0, 1.0 / m)
         self.alpha, self.beta, self.m_in, self.noise_var = alpha, beta, m, noise
         self.Sigma_star = np.asarray(Sigma_star, dtype=np.float64)
@@ -353,7 +345,86 @@ class ExactFOANIL:
         return self._loss(old)
 
 
-def lambda_stars(dynamics: ExactFOANIL, width: int | None = None) -> list[np.ndarray | None]:
+class ExactInnerLoop:
+    """The exact expected outer step of any inner-loop method on infinitely many tasks
+    (ANIL, FO-MAML, MAML, FO-ANIL with several inner steps), ``b`` configurations at once,
+    with the interface of :class:`ExactFOANIL`: ``H <- H - beta G_B``, ``omega <- omega -
+    beta g_w`` with the expected gradients of
+    :class:`metarep.core.expected_steps.ExpectedGradients` (built by the Gaussian-moment
+    engine of :mod:`metarep.core.moments`; derivations in ``docs/infinite_tasks.md``).
+
+    **Arguments:** ``method``, ``inner_steps`` (:func:`metarep.core.expected_steps.check_exact`
+    says which are built); ``d`` the input dimension, which MAML's and FO-MAML's steps
+    depend on (the body's inner step moves it out of the inputs' span by a d-dimensional
+    amount); the rest as for :class:`ExactFOANIL`. Each step returns a new state.
+    """
+
+    def __init__(self, method: str, inner_steps: int, d: int, Sigma_star: np.ndarray,
+                 inner_lr: float | Sequence[float] | np.ndarray,
+                 outer_lr: float | Sequence[float] | np.ndarray,
+                 m_in: float | Sequence[float] | np.ndarray,
+                 noise_var: float | Sequence[float] | np.ndarray,
+                 shape: tuple[int, int, int], dtype: np.dtype | str = np.float64,
+                 xp: Any = np):
+        b = shape[0]
+        check_exact(method, inner_steps)
+        self.method, self.inner_steps, self.d = method, inner_steps, d
+        self.shape, self.dtype, self.xp = shape, np.dtype(dtype), xp
+        self.Sigma_star = np.asarray(Sigma_star, dtype=np.float64)
+        self.alpha = per_config(inner_lr, b, "inner_lr", 0.0, strict=True)
+        self.beta = per_config(outer_lr, b, "outer_lr", 0.0, strict=True)
+        self.m_in = per_config(m_in, b, "m_in", 1.0, strict=False)
+        self.noise_var = per_config(noise_var, b, "noise_var", 0.0, strict=False)
+        self.gradients = ExpectedGradients(method, inner_steps, d, self.Sigma_star, self.alpha,
+                                           self.m_in, self.noise_var, shape, self.dtype, xp)
+        self._beta = xp.asarray(self.beta.reshape(b, 1, 1).astype(self.dtype))
+
+    def _checked(self, state: InfiniteTaskState) -> tuple[Array, Array]:
+        b, _, p = self.shape
+        if tuple(state.H.shape) != self.shape or tuple(state.omega.shape) != (b, p):
+            raise ArgumentError("state", f"shapes {tuple(state.H.shape)}, "
+                                f"{tuple(state.omega.shape)} do not match {self.shape}")
+        xp = self.xp
+        return (xp.ascontiguousarray(state.H, dtype=self.dtype),
+                xp.ascontiguousarray(state.omega, dtype=self.dtype))
+
+    def step(
+        self, state: InfiniteTaskState, *, with_loss: bool = True
+    ) -> tuple[InfiniteTaskState, np.ndarray | None]:
+        """One expected outer step of every configuration, and the expected meta-training
+        loss at the old state (b,)."""
+        H, omega = self._checked(state)
+        body, head, loss = self.gradients(H, omega)
+        new = InfiniteTaskState(H - self._beta * body, omega - self._beta[:, :, 0] * head)
+        return new, (loss if with_loss else None)
+
+    def expected_loss(self, state: InfiniteTaskState) -> np.ndarray:
+        """Expected meta-training loss of ``state``, shape (b,)."""
+        return self.gradients(*self._checked(state))[2]
+
+
+ExactDynamics = ExactFOANIL | ExactInnerLoop
+"""The exact infinite-task dynamics of one method (:func:`exact_dynamics`)."""
+
+
+def exact_dynamics(method: str, inner_steps: int, d: int, Sigma_star: np.ndarray,
+                   inner_lr: float | Sequence[float] | np.ndarray,
+                   outer_lr: float | Sequence[float] | np.ndarray,
+                   m_in: float | Sequence[float] | np.ndarray,
+                   noise_var: float | Sequence[float] | np.ndarray,
+                   shape: tuple[int, int, int], dtype: np.dtype | str = np.float64,
+                   xp: Any = np) -> ExactDynamics:
+    """The exact expected step of ``method`` with ``inner_steps`` inner steps: FO-ANIL with one
+    inner step is the closed form :class:`ExactFOANIL` (about 20 small array operations);
+    every other method or number of steps the Gaussian-moment engine, :class:`ExactInnerLoop`.
+    Both are the same expectation for FO-ANIL with one step (tested to rounding)."""
+    if method == "fo-anil" and inner_steps == 1:
+        return ExactFOANIL(Sigma_star, inner_lr, outer_lr, m_in, noise_var, shape, dtype, xp)
+    return ExactInnerLoop(method, inner_steps, d, Sigma_star, inner_lr, outer_lr, m_in,
+                          noise_var, shape, dtype, xp)
+
+
+def lambda_stars(dynamics: ExactDynamics, width: int | None = None) -> list[np.ndarray | None]:
     """The limit of ``B_star^T B_t B_t^T B_star`` of each configuration, (k, k) each:
     ``Lambda_star`` (:func:`metarep.core.theory.lambda_star` with the configuration's
     ``sigma^2``, ``m_in`` and ``alpha``) for ``k' >= k`` (or ``width=None``), its top-k'
@@ -403,14 +474,17 @@ def undriven_perp_norm(state: InfiniteTaskState, k: int) -> np.ndarray:
 
 
 def expected_update(
-    params: LinearParams, problem: Problem, inner_lr: float, outer_lr: float, m_in: float
+    params: LinearParams, problem: Problem, inner_lr: float, outer_lr: float, m_in: float,
+    method: str = "fo-anil", inner_steps: int = 1,
 ) -> tuple[LinearParams, float]:
-    """The exact expected FO-ANIL update ``(E[B+] - B, E[w+] - w)`` in R^d from ``params``
-    (one configuration), and the expected meta-training loss at ``params``. Tested against
-    :func:`metarep.core.reference.expected_fo_anil_step`."""
+    """The exact expected update ``(E[B+] - B, E[w+] - w)`` in R^d of ``method`` with
+    ``inner_steps`` inner steps (:func:`exact_dynamics`) from ``params`` (one configuration),
+    and the expected meta-training loss at ``params``. Tested against
+    :func:`metarep.core.reference.expected_fo_anil_step` and against
+    :func:`metarep.core.monte_carlo.monte_carlo_update` of every method."""
     frame, state = coordinates(problem.B_star, params.B, params.w)
-    dynamics = ExactFOANIL(problem.Sigma_star, inner_lr, outer_lr, m_in, problem.noise_var,
-                           state.H.shape)
+    dynamics = exact_dynamics(method, inner_steps, problem.d, problem.Sigma_star, inner_lr,
+                              outer_lr, m_in, problem.noise_var, state.H.shape)
     new, loss = dynamics.step(state)
     after = frame.params(new)
     return LinearParams(after.B - params.B, after.w - params.w), float(loss[0])
