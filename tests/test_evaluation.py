@@ -552,3 +552,25 @@ def test_least_squares_on_learned_features_has_no_error_bar_where_its_variance_i
                                           least_squares_widths={"phi-lsq": width})
     stderr = {row.shots: row.stderr for row in rows if row.method == "phi-lsq"}
     assert np.isnan(stderr[6]) and np.isfinite(stderr[8])
+
+
+def test_evaluate_many_gives_each_model_the_rows_it_gets_alone(monkeypatch):
+    """Models of two step sizes, heads and ranks of span(B_star, B) (a B inside span(B_star)
+    draws other tasks), with the least-squares row on the features: each gets exactly the rows
+    of :func:`evaluate` alone, in a chunked evaluation too."""
+    problem = make_problem(8, 2, 0.5, "linear", np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    inside = problem.B_star @ rng.standard_normal((2, 3))
+    models = [(LinearParams(rng.standard_normal((8, 3)), rng.standard_normal(3)), 0.3),
+              (LinearParams(inside, np.zeros(3)), 0.5),
+              (LinearParams(rng.standard_normal((8, 3)), np.zeros(3)), 0.5)]
+    for features, chunk in ((None, 4_000_000), ("mtl-lsq", 200)):  # 200: a few tasks a chunk
+        monkeypatch.setattr(evaluation, "CHUNK_ENTRIES", chunk)
+        if features is not None:  # least squares on features of rank k' only
+            models = [models[0], models[2]]
+        together = evaluation.evaluate_many(models, problem, "fo-anil", (3, 12), 30, 1, 4,
+                                            features_row=features)
+        for (params, alpha), rows in zip(models, together, strict=True):
+            assert rows == evaluate(params, problem, "fo-anil", (3, 12), 30, alpha, 1, 4,
+                                    features_row=features)
+    assert evaluation.evaluate_many([], problem, "fo-anil", (3,), 30, 1, 4) == []

@@ -51,8 +51,9 @@ from metarep.sweeps.manifest import MANIFEST, build_manifest, write_manifest
 from metarep.sweeps.spec import load_sweep, plan_runs, value_token
 
 METAREP = [str(Path(sys.executable).with_name("metarep"))]
-RUN_FILES = {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz",
-             "training.png", "eval.png"}
+RUN_FILES = {"config.yaml", "metrics.csv", "eval.csv", "summary.json", "params.npz"}
+"""What a sweep's run writes: what `metarep run` writes but the figures (drawn on request)."""
+FIGURES = {"training.png", "eval.png"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._+=,-]+$")
 RUNNER = CliRunner()
 
@@ -193,7 +194,8 @@ def test_one_thread_limits_blas_and_torch_and_restores_them(monkeypatch):
 def run_directly(tree: dict, overrides: dict, out: Path) -> None:
     """The reference: ``metarep.run.experiment.run_experiment`` of one run, in this process."""
     with threadpool_limits(limits=1):
-        experiment.run_experiment(from_dict(tree, overrides, name="base"), out, progress=False)
+        experiment.run_experiment(from_dict(tree, overrides, name="base"), out, progress=False,
+                                  figures=False)
 
 
 @pytest.mark.slow
@@ -359,6 +361,88 @@ def test_batch_jobs_group_infinite_runs_that_differ_only_in_batch_keys(tmp_path,
             [tmp_path / "x", tmp_path / "y"])
 
 
+def test_a_batch_is_evaluated_together_and_writes_what_each_run_writes_alone(tmp_path):
+    """Two evaluation groups (sigma^2, eval.seed), one of them with two step sizes: every file
+    is byte for byte (the summary but ``seconds`` and ``provenance``) that of the run alone,
+    and no figure is drawn."""
+    cells = [{"method.inner_lr": 0.3}, {"method.inner_lr": 0.5, "tasks.m_in": math.inf},
+             {"problem.noise_var": 1.0, "eval.seed": 7}, {"eval.seed": 7, "model.seed": 5}]
+    configs = [from_dict(BASE, {**INFINITE, **cell}, name="base") for cell in cells]
+    batched = [tmp_path / "batch" / str(i) for i in range(len(cells))]
+    results = experiment.run_batch(configs, batched, figures=False)
+    assert all(result.status == "done" for result in results)
+    for i, (config, path) in enumerate(zip(configs, batched, strict=True)):
+        single = tmp_path / "single" / str(i)
+        experiment.run_experiment(config, single, progress=False, figures=False)
+        names = {p.name for p in path.iterdir()}
+        assert names == RUN_FILES == {p.name for p in single.iterdir()}
+        for name in RUN_FILES - {"summary.json"}:
+            assert (path / name).read_bytes() == (single / name).read_bytes(), (i, name)
+        summaries = [json.loads((p / "summary.json").read_text()) for p in (path, single)]
+        for summary in summaries:
+            del summary["seconds"], summary["provenance"]
+        assert summaries[0] == summaries[1]
+        assert results[i].eval_rows == experiment.run_experiment(
+            config, single, progress=False, figures=False, overwrite=True).eval_rows
+
+
+def test_figures_drawn_on_request_are_those_a_run_draws(tmp_path, monkeypatch, cli,
+                                                        error_line):
+    """``metarep figures`` draws from a run's files what the run draws from its records;
+    on a sweep directory, every finished run's; anything else is one line naming DIR."""
+    from metarep.run import figures
+
+    drawn, real = [], figures.write_run_figures
+
+    def spy(directory, metrics, eval_frame, title, theory):
+        drawn.append((Path(directory.path).name, metrics, eval_frame, title,
+                      figures.stated_limits(theory)))
+        return real(directory, metrics, eval_frame, title, theory)
+
+    monkeypatch.setattr(figures, "write_run_figures", spy)
+    skip_drawing(monkeypatch)
+    config = from_dict(BASE, INFINITE, name="base")
+    experiment.run_experiment(config, tmp_path / "drawn", progress=False)
+    experiment.run_experiment(config, tmp_path / "later", progress=False, figures=False)
+    assert not FIGURES & {p.name for p in (tmp_path / "later").iterdir()}
+    assert figures.draw_run_figures(tmp_path / "later") == [
+        tmp_path / "later" / name for name in ("training.png", "eval.png")]
+    (_, *at_run), (_, *on_request) = drawn
+    for mine, theirs in zip(at_run[:2], on_request[:2], strict=True):
+        pd.testing.assert_frame_equal(mine, theirs, check_exact=False, rtol=1e-15, atol=0)
+    assert at_run[2:] == on_request[2:] and at_run[3] is not None
+    assert FIGURES <= {p.name for p in (tmp_path / "later").iterdir()}
+
+    sweep = write_sweep(tmp_path, set=INFINITE, grid={"method.outer_lr": [0.1, 1e4, 0.2]})
+    out = tmp_path / "sweep"
+    result = cli("sweep", sweep, "--out", out, "--workers", 1, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert all(not FIGURES & {p.name for p in run.iterdir()} for run in finished_runs(out))
+    drawn.clear()
+    result = cli("figures", out)
+    assert result.exit_code == 0, result.output
+    assert "drew the figures of 3 runs" in result.stdout  # the diverged one: its training
+    assert sorted(name for name, *_ in drawn) == sorted(p.name for p in finished_runs(out))
+    for bad in (tmp_path / "nowhere", tmp_path):
+        result = cli("figures", bad)
+        assert result.exit_code == 2
+        assert error_line(result).startswith("error: DIR: ")
+    (tmp_path / "later" / "metrics.csv").write_text("not,a\ntable")
+    result = cli("figures", tmp_path / "later")
+    assert result.exit_code == 2 and error_line(result).startswith("error: RUN_DIR: ")
+
+
+def test_a_sweep_with_figures_has_each_run_draw_its_own(tmp_path, monkeypatch, cli):
+    skip_drawing(monkeypatch)
+    sweep = write_sweep(tmp_path, seeds=[0, 1])
+    result = cli("sweep", sweep, "--out", tmp_path / "out", "--workers", 1, "--no-progress",
+                 "--figures")
+    assert result.exit_code == 0, result.output
+    runs = finished_runs(tmp_path / "out")
+    assert len(runs) == 2
+    assert all({p.name for p in run.iterdir()} == RUN_FILES | FIGURES for run in runs)
+
+
 @pytest.mark.slow
 def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeypatch):
     skip_drawing(monkeypatch)
@@ -380,7 +464,7 @@ def test_infinite_task_sweep_is_batched_and_equals_single_runs(tmp_path, monkeyp
         single.mkdir(parents=True)
         shutil.copy(path / "config.yaml", single / "base.yaml")
         result = RUNNER.invoke(app, ["run", str(single / "base.yaml"), "--out",
-                                     str(single / "out"), "--no-progress"])
+                                     str(single / "out"), "--no-progress", "--no-figures"])
         assert result.exit_code == 0, result.output
         assert_same_run(path, single / "out")
     assert len(batches) == 1

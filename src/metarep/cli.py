@@ -146,6 +146,9 @@ def run(
         "--force", "--overwrite",
         help="Replace the finished or interrupted run in OUT (refused without it).")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    figures: Annotated[bool, typer.Option(
+        help="Draw training.png and eval.png (without: `metarep figures OUT` draws them "
+        "later).")] = True,
 ) -> None:
     """Train one configuration and write metrics, evaluation, summary, params and figures."""
     from metarep.run.experiment import run_experiment
@@ -160,7 +163,8 @@ def run(
         with reported("run stopped", f"what was recorded is in {out_dir}; --resume continues "
                       "from its last checkpoint"):
             result = run_experiment(cfg, out_dir, progress=progress and terminal,
-                                    resume=resume, overwrite=overwrite, on_record=beat)
+                                    resume=resume, overwrite=overwrite, on_record=beat,
+                                    figures=figures)
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     except Diverged as error:
@@ -222,6 +226,9 @@ def sweep(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     batch: Annotated[bool, typer.Option(help="Batch tasks.n: infinite runs that differ only "
                                         "in step sizes, m_in, noise and seeds.")] = True,
+    figures: Annotated[bool, typer.Option(
+        help="Each run draws its training.png and eval.png (default: not; `metarep figures "
+        "OUT` draws them from the runs' files).")] = False,
     slurm_partition: Annotated[str | None, typer.Option(
         help="SLURM partition \\[default: the cluster's default].")] = None,
     slurm_time: Annotated[int | None, typer.Option(
@@ -249,7 +256,8 @@ def sweep(
                           slurm_array_parallelism, slurm_log_dir)
     options = SweepOptions(executor=executor, workers=workers, address=address,
                            retry_failed=retry_failed, progress=progress and terminal,
-                           batch_infinite=batch, log_runs=progress and not terminal,
+                           batch_infinite=batch, figures=figures,
+                           log_runs=progress and not terminal,
                            slurm=slurm)
     try:
         fields = command_line_fields(grid or [], overrides or [], seeds, seed_keys)
@@ -318,6 +326,25 @@ def compare(
     except ConfigError as error:
         raise fail(str(error), EXIT_BAD_INPUT) from None
     typer.echo(f"compared {len(run_dirs)} runs: {png}, {pdf}")
+
+
+@app.command("figures")
+def draw_figures(
+    dirs: Annotated[list[Path], typer.Argument(
+        help="Finished run directories, or sweep directories (every finished run in them).",
+        metavar="DIR...", show_default=False)],
+) -> None:
+    """Draw training.png and eval.png of finished runs from the files they wrote."""
+    from metarep.run.figures import draw_run_figures
+    from metarep.sweeps.collect import finished_runs
+
+    try:
+        runs = [run for path in dirs for run in finished_runs(path)]
+        for run in runs:
+            draw_run_figures(run)
+    except ConfigError as error:
+        raise fail(str(error), EXIT_BAD_INPUT) from None
+    typer.echo(f"drew the figures of {len(runs)} runs")
 
 
 CLAIM_TAGS = {"pass": "pass", "fail": "FAIL", "skipped": "skip"}

@@ -226,7 +226,14 @@ def feature_least_squares_risks(
 def _feature_least_squares(B_r: np.ndarray, problem: Problem, m: int, n_tasks: int,
                            rng: np.random.Generator) -> np.ndarray:
     """:func:`feature_least_squares_risks` from the reduced body ``B_r``."""
-    heads, Z, y = _reduced_tasks(B_r, problem, m, n_tasks, rng)
+    return _feature_least_squares_on(B_r, problem, m, _reduced_tasks(B_r, problem, m, n_tasks,
+                                                                     rng))
+
+
+def _feature_least_squares_on(B_r: np.ndarray, problem: Problem, m: int,
+                              tasks: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """:func:`_feature_least_squares` on the drawn ``tasks`` (:func:`_reduced_tasks`)."""
+    heads, Z, y = tasks
     fitted = fit_least_squares(Z @ B_r, y, features_penalty(m, B_r.shape[1], problem))
     return _reduced_risk(fitted, B_r, heads)
 
@@ -384,31 +391,78 @@ def evaluate(
     of that name for least squares on the learned features (:func:`feature_least_squares_risks`,
     on its own fresh tasks); then the reference rows (:func:`reference_rows`): the oracle rows on
     the method's tasks, ``ridge`` and ``regression-lsq`` on their own."""
-    rows = []
+    return evaluate_many([(params, alpha)], problem, method, shots, n_tasks, adapt_steps, seed,
+                         features_row)[0]
+
+
+def evaluate_many(
+    models: Sequence[tuple[LinearParams, float]],
+    problem: Problem,
+    method: str,
+    shots: tuple[int, ...],
+    n_tasks: int,
+    adapt_steps: int,
+    seed: int,
+    features_row: str | None = None,
+) -> list[list[EvalRow]]:
+    """:func:`evaluate` of each of ``models`` (``(params, alpha)`` each, of one width k'), on
+    one draw of the test tasks: the rows of each are those :func:`evaluate` gives it alone,
+    number for number.
+
+    The test tasks of :func:`evaluate` depend on the model only through ``r``, the dimension
+    of span(B_star, B) (:func:`representation_basis`): the models of equal ``r`` are evaluated
+    on the tasks drawn once (their oracle rows computed once), and the d-dimensional rows
+    (:func:`regression_risks`), which do not depend on the model, are drawn once for all; each
+    model then adapts its own head on those tasks."""
+    if not models:
+        return []
+    reduced = [LinearParams(reduced_body(params.B, problem.B_star), params.w)
+               for params, _ in models]
+    if len({params.B.shape[1] for params, _ in models}) > 1:
+        raise ValueError("evaluate_many: the models must have one width k'")
+    by_rank: dict[int, list[int]] = {}
+    for i, body in enumerate(reduced):
+        by_rank.setdefault(body.B.shape[0], []).append(i)
+    results: list[list[EvalRow]] = [[] for _ in models]
     children = seed_sequence(seed, Purpose.EVAL).spawn(len(shots))
-    reduced = LinearParams(reduced_body(params.B, problem.B_star), params.w)
-    width = problem.k + params.B.shape[1]
+    width = problem.k + models[0][0].B.shape[1]
     for m, child in zip(shots, children, strict=True):
-        represent_rng, regression_rng, features_rng = (
-            np.random.default_rng(s) for s in child.spawn(3))
+        represent_seed, regression_seed, features_seed = child.spawn(3)
         chunk = max(2, CHUNK_ENTRIES // (m * width))
-        pieces = [
-            _adapted_and_oracle(reduced, problem, m, min(chunk, n_tasks - start), alpha,
-                                adapt_steps, represent_rng)
-            for start in range(0, n_tasks, chunk)
-        ]
-        method_risk = np.concatenate([piece[0] for piece in pieces])
-        rows.append(_summary(method, m, method_risk, adapted_risk(
-            params.astype(np.float64), problem, m, alpha, adapt_steps)))
-        if features_row is not None:
-            rows.append(_summary(features_row, m, np.concatenate([
-                _feature_least_squares(reduced.B, problem, m, min(chunk, n_tasks - start),
-                                       features_rng)
-                for start in range(0, n_tasks, chunk)]), finite_variance=features_variance_finite(
-                    m, params.B.shape[1], problem)))
-        rows += reference_rows(m, problem, _concatenate([piece[1] for piece in pieces]),
-                               regression_risks(problem, m, n_tasks, regression_rng))
-    return rows
+        starts = range(0, n_tasks, chunk)
+        regression = regression_risks(problem, m, n_tasks, np.random.default_rng(regression_seed))
+        for members in by_rank.values():
+            represent_rng = np.random.default_rng(represent_seed)
+            method_pieces: list[list[np.ndarray]] = [[] for _ in members]
+            oracle_pieces = []
+            for start in starts:
+                B_r = reduced[members[0]].B
+                heads, Z, y = _reduced_tasks(B_r, problem, m, min(chunk, n_tasks - start),
+                                             represent_rng)
+                for pieces, i in zip(method_pieces, members, strict=True):
+                    body, w = reduced[i].B, reduced[i].w.astype(np.float64)
+                    pieces.append(_reduced_risk(adapt_head(body, w, Z, y, models[i][1],
+                                                           adapt_steps), body, heads))
+                oracle_pieces.append(oracle_risks(Z[..., : problem.k], y, heads, problem))
+            features = None
+            if features_row is not None:
+                features_rng = np.random.default_rng(features_seed)
+                features = [_reduced_tasks(reduced[members[0]].B, problem, m,
+                                           min(chunk, n_tasks - start), features_rng)
+                            for start in starts]
+            references = reference_rows(m, problem, _concatenate(oracle_pieces), regression)
+            for pieces, i in zip(method_pieces, members, strict=True):
+                params, alpha = models[i]
+                rows = results[i]
+                rows.append(_summary(method, m, np.concatenate(pieces), adapted_risk(
+                    params.astype(np.float64), problem, m, alpha, adapt_steps)))
+                if features_row is not None and features is not None:
+                    rows.append(_summary(features_row, m, np.concatenate([
+                        _feature_least_squares_on(reduced[i].B, problem, m, tasks)
+                        for tasks in features]), finite_variance=features_variance_finite(
+                            m, params.B.shape[1], problem)))
+                rows += references
+    return results
 
 
 TEST_INPUTS = 100  # fresh inputs per task estimating E_x of a nonlinear model's excess risk

@@ -25,19 +25,16 @@ import pandas as pd
 from metarep.core.evaluation import EvalRow
 from metarep.core.infinite import InfiniteTaskState
 from metarep.errors import ConfigError
-from metarep.run import figures
 from metarep.run.backends import Backend, build_backend
 from metarep.run.backends.infinite import batched_stepper
-from metarep.run.backends.linear import LinearModelRun
+from metarep.run.backends.linear import LinearModelRun, evaluate_together
 from metarep.run.interrupts import deferred_interrupts
 from metarep.run.loop import Diverged, RecordSchedule, Trajectory, is_diverging, train
 from metarep.run.provenance import provenance
 from metarep.run.rundir import (
     CHECKPOINT,
     CONFIG,
-    EVAL_FIGURE,
     METRICS,
-    TRAINING_FIGURE,
     RunDirectory,
     check_output_dir,
     corrupt_file,
@@ -213,7 +210,7 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
                    on_record: OnRecord | None = None,
                    checkpoint_seconds: float = CHECKPOINT_SECONDS,
                    restart_unresumable: bool = False, run_name: str | None = None,
-                   group: str | None = None) -> RunResult:
+                   group: str | None = None, figures: bool = True) -> RunResult:
     """Run the experiment described by ``config`` and write its outputs to ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.npz`` (written at most every
@@ -223,6 +220,8 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
     be resumed (another config, corrupt) instead of refusing; ``on_record`` is called after
     each record. The sinks of ``log.sinks`` (:mod:`metarep.run.sinks`) log the run as
     ``run_name`` (default: the name of ``out_dir``) in ``group`` (a sweep's name).
+    ``figures`` draws ``training.png`` and ``eval.png`` (without it,
+    :func:`metarep.run.figures.draw_run_figures` draws them later from the files).
 
     Raises :class:`ConfigError` before writing anything when the input is bad, and
     :class:`~metarep.run.loop.Diverged` (after writing what was recorded) when training, or
@@ -245,7 +244,8 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
                                schedule=_schedule(backend.config),
                                advice=[divergence_advice(backend.config)], on_record=recorder,
                                progress=progress)
-        result, failure = _conclude(backend, directory, trajectory, started, diverged, origin)
+        result, failure = _conclude(backend, directory, trajectory, started, diverged, origin,
+                                    figures)
         summary = directory.summary()  # as written: plain JSON
     except KeyboardInterrupt:
         with deferred_interrupts():
@@ -284,8 +284,8 @@ def batch_key(config: Config) -> str | None:
 
 def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
               resume: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS,
-              run_names: Sequence[str] | None = None,
-              group: str | None = None) -> list[RunResult | Exception]:
+              run_names: Sequence[str] | None = None, group: str | None = None,
+              figures: bool = True) -> list[RunResult | Exception]:
     """:func:`run_experiment` of each of ``configs`` into ``out_dirs``, as one batched computation.
 
     The configs must be ``tasks.n: infinite`` and agree on every key but :data:`BATCH_KEYS`
@@ -301,7 +301,13 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
     that stopped at different steps are stepped as one batch per step, with the same
     numbers. On :class:`KeyboardInterrupt` every run's records and checkpoint are written
     before it propagates. Each run's sinks log it as ``run_names[i]`` (default: the name of
-    its directory) in ``group``, as :func:`run_experiment` does.
+    its directory) in ``group``, as :func:`run_experiment` does, and ``figures`` draws
+    each run's figures as it does.
+
+    The runs stepped together are evaluated together too
+    (:func:`metarep.run.backends.linear.evaluate_together`): those that share ``sigma^2`` and
+    ``eval.seed`` on one draw of the test tasks, with their reference rows computed once,
+    which gives each run the rows it gets alone.
 
     **Returns** per run its :class:`RunResult`, or the exception that failed it (a
     :class:`ConfigError` from :func:`prepare`, with nothing written; :class:`Diverged`, after
@@ -339,11 +345,13 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
             outcomes = _train_together([runs[j][1] for j in members],
                                        [runs[j][3] for j in members],
                                        [recorders[j] for j in members])
-            for j, diverged in zip(members, outcomes, strict=True):
+            evaluations = _evaluate_together([runs[j] for j in members], outcomes)
+            for position, (j, diverged) in enumerate(zip(members, outcomes, strict=True)):
                 i, backend, directory, trajectory = runs[j]
                 try:
                     result, failure = _conclude(backend, directory, trajectory, started,
-                                                diverged, origins[j])
+                                                diverged, origins[j], figures,
+                                                evaluations.get(position))
                     results[i] = result if failure is None else failure
                     sinks[j].close(directory.summary())
                 except Exception as error:  # this run fails alone
@@ -358,6 +366,22 @@ def run_batch(configs: Sequence[Config], out_dirs: Sequence[str | Path], *,
         for run_sinks in sinks:  # those of runs stopped before their summary
             run_sinks.close(None)
     return results
+
+
+def _evaluate_together(runs: Sequence[tuple[int, Backend, RunDirectory, Trajectory[Any]]],
+                       outcomes: Sequence[Diverged | None]) -> dict[int, list[EvalRow]]:
+    """The evaluation rows of the trained ``runs`` that are evaluated (:func:`_evaluates`), by
+    their index in ``runs``, computed together
+    (:func:`metarep.run.backends.linear.evaluate_together`); empty when that fails, and each
+    run is then evaluated alone (failing alone)."""
+    evaluated = [j for j, ((_, backend, _, _), diverged) in enumerate(
+        zip(runs, outcomes, strict=True)) if _evaluates(backend, diverged)]
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # judged per run, as alone
+            rows = evaluate_together([(runs[j][1], runs[j][3].state) for j in evaluated])
+    except Exception:  # each run is then evaluated, and fails, alone
+        return {}
+    return dict(zip(evaluated, rows, strict=True))
 
 
 def _train_together(backends: Sequence[Backend], trajectories: Sequence[Trajectory[Any]],
@@ -405,18 +429,26 @@ def _test_time_divergence(backend: Backend, rows: list[EvalRow]) -> Diverged | N
                     f"eval.adapt_steps (now {c.eval.adapt_steps}).", phase="test")
 
 
+def _evaluates(backend: Backend, diverged: Diverged | None) -> bool:
+    """Whether a trained run is evaluated: unless it ``diverged`` or has no ground truth."""
+    return diverged is None and backend.inputs.has_truth
+
+
 def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[Any],
-              started: float, diverged: Diverged | None,
-              origin: Mapping[str, Any]) -> tuple[RunResult, Diverged | None]:
-    """Write a trained run's outputs: its evaluation (none for a run that ``diverged``), the
-    final state, the figures and, last, the summary (with ``origin``, the
+              started: float, diverged: Diverged | None, origin: Mapping[str, Any],
+              draw_figures: bool = True,
+              rows: list[EvalRow] | None = None) -> tuple[RunResult, Diverged | None]:
+    """Write a trained run's outputs: its evaluation (none for a run that ``diverged``; the
+    ``rows`` given, computed with other runs', else its own), the final state, the figures
+    (with ``draw_figures``) and, last, the summary (with ``origin``, the
     :func:`~metarep.run.provenance.provenance` of the process that started or resumed it),
     which marks the run finished; remove the checkpoint. Returns the result and the
     divergence that stopped the run, in training (``diverged``) or at test time (a
     non-finite test risk of the method: :func:`_test_time_divergence`), or ``None``."""
     state, inputs = trajectory.state, backend.inputs
-    with np.errstate(over="ignore", invalid="ignore"):  # a diverging adaptation: judged below
-        rows = backend.evaluate(state) if diverged is None and inputs.has_truth else []
+    if rows is None:
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging adaptation: below
+            rows = backend.evaluate(state) if _evaluates(backend, diverged) else []
     failure = diverged if diverged is not None else _test_time_divergence(backend, rows)
     status, error = ("done", None) if failure is None else ("diverged", str(failure))
     directory.write_metrics(trajectory.records)
@@ -428,11 +460,10 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     final = dict(trajectory.records[-1]) if trajectory.records else {}
     theory = backend.theory(final, rows)
     metrics = pd.DataFrame(trajectory.records)
-    limits = figures.stated_limits(theory)
-    directory.write_figure(TRAINING_FIGURE,
-                           figures.training_figure(metrics, backend.config.name, limits))
-    if rows:
-        directory.write_figure(EVAL_FIGURE, figures.eval_figure(eval_frame, backend.config.name))
+    if draw_figures:
+        from metarep.run.figures import write_run_figures  # matplotlib: only when drawing
+
+        write_run_figures(directory, metrics, eval_frame, backend.config.name, theory)
     summary = {
         "status": status,
         "error": error,

@@ -1,14 +1,18 @@
 """Figures of a run: training curves and test risk against the number of test samples.
 
 Drawn on :class:`matplotlib.figure.Figure` objects (no pyplot, no global backend): the user's
-matplotlib settings are left alone, and the caller saves the figure where it belongs
-(:meth:`metarep.run.rundir.RunDirectory.write_figure`).
+matplotlib settings are left alone, and the figures are saved where they belong
+(:meth:`metarep.run.rundir.RunDirectory.write_figure`). A run's own two figures
+(``training.png``, ``eval.png``) are drawn by :func:`write_run_figures`: from the run's
+records as it finishes (``metarep run``), or afterwards from the files it wrote
+(:func:`draw_run_figures`, ``metarep figures``), which is how a sweep's runs get theirs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -17,6 +21,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from metarep.core.evaluation import BAYES_ORACLE, ORACLE_LSQ, REGRESSION_LSQ, RIDGE
+from metarep.errors import ConfigError
+from metarep.run.rundir import EVAL_FIGURE, TRAINING_FIGURE, RunDirectory
 
 CURVES = (
     ("train_loss", "meta-training loss"),
@@ -219,3 +225,48 @@ def eval_figure(frame: pd.DataFrame, title: str) -> Figure:
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize="small")
     return figure
+
+
+def write_run_figures(directory: RunDirectory, metrics: pd.DataFrame,
+                      eval_frame: pd.DataFrame | None, title: str,
+                      theory: Mapping[str, Any] | None) -> list[Path]:
+    """Draw a run's figures into its ``directory``: ``training.png``
+    (:func:`training_figure`, with the limits its ``theory`` states) and, where it has an
+    evaluation (``eval_frame`` with rows), ``eval.png`` (:func:`eval_figure`). Returns the
+    files written."""
+    written = [directory.file(TRAINING_FIGURE)]
+    directory.write_figure(TRAINING_FIGURE,
+                           training_figure(metrics, title, stated_limits(theory)))
+    if eval_frame is not None and len(eval_frame):
+        directory.write_figure(EVAL_FIGURE, eval_figure(eval_frame, title))
+        written.append(directory.file(EVAL_FIGURE))
+    return written
+
+
+RUN_ARGUMENT = "RUN_DIR"
+"""How :func:`draw_run_figures` names a run directory in its errors."""
+
+
+def draw_run_figures(path: str | Path) -> list[Path]:
+    """Draw the figures of the finished run in ``path`` (one with ``summary.json``: done or
+    diverged) from the files it wrote, ``metrics.csv``, ``eval.csv`` and ``summary.json``
+    (title and stated limits), read through :class:`~metarep.run.rundir.RunDirectory`: the
+    same figures as the run draws itself (:func:`write_run_figures`). Returns the files
+    written; :class:`ConfigError` naming ``RUN_DIR`` for a directory that is not a finished
+    run or whose files are corrupt."""
+    directory = RunDirectory(path)
+    try:
+        summary = directory.summary() if directory.path.is_dir() else None
+        metrics = directory.metrics() if summary is not None else None
+        eval_frame = directory.eval_table()
+    except ConfigError as error:
+        raise ConfigError(RUN_ARGUMENT, error.message) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ConfigError(RUN_ARGUMENT, f"{directory.file('eval.csv')} is corrupt (not a "
+                          f"table: {type(error).__name__})") from None
+    if summary is None or metrics is None:
+        raise ConfigError(RUN_ARGUMENT, f"{path} is not a finished run directory (no "
+                          "summary.json and metrics.csv in it)")
+    theory = summary.get("theory")
+    return write_run_figures(directory, metrics, eval_frame, str(summary.get("config", "run")),
+                             theory if isinstance(theory, dict) else None)

@@ -19,9 +19,9 @@ from scipy import stats
 
 from metarep.errors import ConfigError
 from metarep.run import atomic
-from metarep.run.rundir import RunDirectory
+from metarep.run.rundir import SUMMARY, RunDirectory
 from metarep.run.schema import iter_keys
-from metarep.sweeps.manifest import read_manifest
+from metarep.sweeps.manifest import MANIFEST, read_manifest
 from metarep.sweeps.spec import SEED_AXIS
 
 RUN_FIELDS = ("run", "status", "error", SEED_AXIS)
@@ -47,6 +47,22 @@ def _run_row(path: Path, run: Mapping[str, Any], base: Mapping[str, Any]) -> dic
                 index=False):
             row[f"{RISK_PREFIX}{method}.{shots}"] = risk
     return row
+
+
+def finished_runs(path: str | Path) -> list[Path]:
+    """The finished runs in ``path``: ``[path]`` for a run directory, every run of the sweep
+    that holds a ``summary.json`` (in sweep order) for a sweep directory (one with a
+    manifest). :class:`ConfigError` naming ``DIR`` for anything else."""
+    path = Path(path)
+    if (path / SUMMARY).is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError("DIR", f"{path} is not a directory")
+    if not (path / MANIFEST).is_file():
+        raise ConfigError("DIR", f"{path} is neither a finished run (no {SUMMARY}) nor a sweep "
+                          f"directory (no {MANIFEST})")
+    return [path / run["name"] for run in read_manifest(path)["runs"]
+            if (path / run["name"] / SUMMARY).is_file()]
 
 
 def _uniform_types(frame: pd.DataFrame) -> pd.DataFrame:

@@ -64,9 +64,11 @@ class SweepOptions:
     """How a sweep runs: ``executor`` (``local``, ``ray``, ``slurm`` or ``submitit-local``)
     with ``workers`` runs at once (default: the CPUs), a Ray ``address`` and the ``slurm``
     settings (the ``--slurm-*`` options); ``retry_failed`` redoes failed runs;
-    ``batch_infinite`` batches the infinite-task runs that can be batched; ``progress`` shows
-    a progress bar; ``log_runs`` prints one line per finished run on stderr instead (for
-    output that is not a terminal, such as a log file)."""
+    ``batch_infinite`` batches the infinite-task runs that can be batched; ``figures`` has
+    each run draw its own figures (``training.png``, ``eval.png``; by default a sweep's runs
+    do not, and ``metarep figures`` draws them from the files on request); ``progress``
+    shows a progress bar; ``log_runs`` prints one line per finished run on stderr instead
+    (for output that is not a terminal, such as a log file)."""
 
     executor: str = "local"
     workers: int | None = None
@@ -74,6 +76,7 @@ class SweepOptions:
     retry_failed: bool = False
     progress: bool = True
     batch_infinite: bool = True
+    figures: bool = False
     log_runs: bool = False
     slurm: SlurmSettings | None = None
 
@@ -321,7 +324,7 @@ def _drive(spec: SweepSpec, plans: list[RunPlan], out: Path, pool: Executor,
             counts[state] += 1
     cwd, where = os.getcwd(), out.resolve()
     tasks = [RunTask(plan.name, spec.tree, plan.overrides, spec.config_name,
-                     str(workdir(where, plan.name)), cwd)
+                     str(workdir(where, plan.name)), cwd, options.figures)
              for plan in todo]
     by_name = {task.name: task for task in tasks}
     jobs = (batch_jobs(tasks, pool.workers) if options.batch_infinite

@@ -71,7 +71,9 @@ class RunTask:
     ``tree`` is the base config (nested dict, as read from YAML), ``overrides`` the run's
     dotted keys (fixed ``set`` values, its grid/zip cell and its seeds), ``config_name`` the
     name recorded in the run's outputs, ``workdir`` the temporary directory a local worker
-    writes into and ``cwd`` the driver's directory (relative paths in the config refer to it).
+    writes into and ``cwd`` the driver's directory (relative paths in the config refer to it);
+    ``figures``: the run draws its own figures (a sweep's runs do not by default:
+    ``metarep figures`` draws them from the files).
     """
 
     name: str
@@ -80,6 +82,7 @@ class RunTask:
     config_name: str
     workdir: str
     cwd: str
+    figures: bool = False
 
     @property
     def sweep(self) -> str:
@@ -147,7 +150,7 @@ def execute(task: RunTask, workdir: str | Path) -> Outcome:
         with one_thread():
             run_experiment(from_dict(task.tree, task.overrides, name=task.config_name), workdir,
                            progress=False, resume=True, restart_unresumable=True,
-                           run_name=task.name, group=task.sweep)
+                           run_name=task.name, group=task.sweep, figures=task.figures)
     except Exception as error:
         return failed(task, workdir, error)
     return Outcome(task.name, "done", None)
@@ -175,7 +178,8 @@ def execute_group(tasks: Job, workdirs: Sequence[str | Path]) -> list[Outcome]:
         configs = [from_dict(task.tree, task.overrides, name=task.config_name) for task in tasks]
         with one_thread():
             results = run_batch(configs, workdirs, resume=True,
-                                run_names=[task.name for task in tasks], group=tasks[0].sweep)
+                                run_names=[task.name for task in tasks], group=tasks[0].sweep,
+                                figures=tasks[0].figures)
     except Exception as error:
         results = [error] * len(tasks)
     return [failed(task, workdir, result) if isinstance(result, Exception)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from metarep.core.arrays import moved_state, numpy_state
 from metarep.core.evaluation import (
     EvalRow,
     HeldOutRow,
-    evaluate,
+    evaluate_many,
     features_row,
     held_out_risks,
 )
@@ -133,10 +133,16 @@ class LinearModelRun:
         size ``alpha`` from the learned head. ``mtl`` has no meta-learned head (its heads
         belong to the training tasks), so it starts from ``w = 0`` and adds the row
         ``mtl-lsq``: least squares on the learned features ``X B``."""
-        e, per_task = self.config.eval, isinstance(state, MTLState)
-        return evaluate(self.test_params(state), self.problem, self.method_name, e.shots,
-                        e.n_tasks, self.alpha, e.adapt_steps, e.seed,
-                        features_row=features_row(self.method_name) if per_task else None)
+        return evaluate_together([(self, state)])[0]
+
+    def evaluation_key(self, state: Any) -> tuple[Any, ...]:
+        """What decides the test tasks and reference rows of :meth:`evaluate` besides the
+        model itself: runs with equal keys are evaluated together (:func:`evaluate_together`)."""
+        problem = self.problem
+        return (self.method_name, isinstance(state, MTLState), self.config.eval,
+                problem.noise_var, problem.B_star.shape, problem.B_star.tobytes(),
+                np.asarray(problem.Sigma_star, np.float64).tobytes(),
+                self.test_params(state).B.shape[1])
 
     def test_params(self, state: Any) -> LinearParams:
         """The ``(B, w)`` test-time adaptation starts from: the learned ones, with ``w = 0``
@@ -257,3 +263,29 @@ class LinearBackend(LinearModelRun):
 
     def measure(self, state: State, index: int = 0) -> dict[str, float]:
         return measure(numpy_state(state), self.truth, self.Lambda_star)
+
+
+def evaluate_together(runs: Sequence[tuple[LinearModelRun, Any]]) -> list[list[EvalRow]]:
+    """:meth:`LinearModelRun.evaluate` of each ``(backend, state)`` of ``runs``, with the same
+    rows: the test-time evaluation, the same for every method, ``eval.adapt_steps`` head steps
+    of size ``alpha`` from the learned head. ``mtl`` has no meta-learned head (its heads
+    belong to the training tasks), so it starts from ``w = 0`` and adds the row ``mtl-lsq``:
+    least squares on the learned features ``X B``.
+
+    Runs of equal :meth:`~LinearModelRun.evaluation_key` (a batch of infinite-task runs that
+    share ``sigma^2`` and ``eval.seed``) are evaluated on one draw of their test tasks
+    (:func:`metarep.core.evaluation.evaluate_many`), their reference rows computed once."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (backend, state) in enumerate(runs):
+        groups.setdefault(backend.evaluation_key(state), []).append(i)
+    results: list[list[EvalRow]] = [[] for _ in runs]
+    for members in groups.values():
+        first, state = runs[members[0]]
+        e, per_task = first.config.eval, isinstance(state, MTLState)
+        rows = evaluate_many([(runs[i][0].test_params(runs[i][1]), runs[i][0].alpha)
+                              for i in members], first.problem, first.method_name, e.shots,
+                             e.n_tasks, e.adapt_steps, e.seed,
+                             features_row=features_row(first.method_name) if per_task else None)
+        for i, row in zip(members, rows, strict=True):
+            results[i] = row
+    return results
