@@ -74,7 +74,7 @@ def _letters(H: np.ndarray, omega: np.ndarray, Sigma: np.ndarray, noise_var: flo
     letters = {"B": B, "B'": B.transpose(0, 2, 1), "w": w, "w'": w.transpose(0, 2, 1),
                "n": n, "n'": n.transpose(0, 2, 1), "P": P[None], "I": np.eye(q + 1)[None],
                "T": T[None]}
-    return Words(letters, d, np)
+    return Words(letters, d)
 
 
 @pytest.mark.parametrize("m", [1.0, 3.0, math.inf])
@@ -282,3 +282,32 @@ def test_programs_do_not_depend_on_d_and_limits_are_refused():
         check_exact("maml", MAX_INNER_STEPS["maml"] + 1)
     with pytest.raises(ArgumentError, match="method"):
         check_exact("mtl", 1)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.mark.parametrize(("method", "steps"), [("maml", 1), ("anil", 2)])
+def test_runs_of_every_method_batch_like_runs_alone(tmp_path, method, steps):
+    """``tasks.n: infinite`` runs of ``method``: three configurations stepped as one batch
+    write the metrics each writes alone, byte for byte; the loss falls; the summary's theory
+    gives no FO-ANIL limits for them."""
+    from metarep.run.experiment import run_batch, run_experiment
+    from metarep.run.schema import load_config
+
+    base = ["tasks.n=infinite", f"method.name={method}", f"method.inner_steps={steps}",
+            "problem.d=12", "model.width=4", "train.steps=300", "train.record_every=log",
+            "eval.n_tasks=40", "method.inner_lr=0.2", "method.outer_lr=0.1"]
+    cells = [[], ["method.inner_lr=0.1"], ["tasks.m_in=inf", "model.seed=4"]]
+    configs = [load_config("quick", base + cell) for cell in cells]
+    batched = run_batch(configs, [tmp_path / "batch" / str(i) for i in range(3)],
+                        figures=False)
+    for i, config in enumerate(configs):
+        alone = run_experiment(config, tmp_path / "alone" / str(i), progress=False,
+                               figures=False)
+        assert batched[i].status == alone.status == "done"
+        assert ((tmp_path / "batch" / str(i) / "metrics.csv").read_bytes()
+                == (tmp_path / "alone" / str(i) / "metrics.csv").read_bytes())
+        losses = alone.metrics["train_loss"].to_numpy()
+        assert losses[-1] < losses[0]
+        assert alone.summary["theory"]["limits"] is None

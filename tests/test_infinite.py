@@ -532,9 +532,12 @@ def test_cli_infinite_m_in_predicts_the_kept_perp_norm(cli, tmp_path):
 
 @pytest.mark.parametrize(("overrides", "key"), [
     (["tasks.m_in=inf"], "tasks.m_in"),
-    (["tasks.n=infinite", "method.name=maml"], "method.name"),
+    (["tasks.n=infinite", "method.name=mtl"], "method.name"),
     (["tasks.n=infinite", "train.tasks_per_step=5"], "train.tasks_per_step"),
-    (["tasks.n=infinite", "method.inner_steps=2"], "method.inner_steps"),
+    (["tasks.n=infinite", "method.name=maml", "method.inner_steps=2"], "method.inner_steps"),
+    (["tasks.n=infinite", "method.inner_steps=4"], "method.inner_steps"),
+    (["tasks.n=infinite", "method.name=anil", "train.backend=torch"], "train.backend"),
+    (["tasks.n=infinite", "method.name=maml", "train.device=cuda"], "train.device"),
     (["tasks.n=infinite", "tasks.m_in=0"], "tasks.m_in"),
     (["tasks.n=infinite", "tasks.from=pool.npz"], "tasks.from"),
     (["tasks.n=infinite", "model.kind=relu"], "tasks.n"),
@@ -547,15 +550,19 @@ def test_cli_rejects_bad_infinite_configs(cli, tmp_path, overrides, key):
     assert result.stderr.startswith(f"error: {key}") and not out.exists()
 
 
-def test_cli_fo_maml_infinite_needs_a_zero_head(cli, tmp_path):
+def test_cli_fo_maml_infinite_from_a_head_runs_its_own_dynamics(cli, tmp_path):
+    """From w_0 != 0, FO-MAML's exact dynamics are its own (not FO-ANIL's): the run goes, and
+    the summary gives no FO-ANIL limits for it (its scope says the head is not zero)."""
     init = tmp_path / "init.npz"
-    write_npz(init, B=np.ones((20, 4)), w=np.ones(4))
-    out = tmp_path / "bad"
+    write_npz(init, B=0.05 * np.ones((20, 4)), w=0.2 * np.ones(4))
+    out = tmp_path / "run"
     result = cli("run", "quick", "--set", "tasks.n=infinite", "--set",
-                                 "method.name=fo-maml", "--set", f"model.init_from={init}",
-                                 "--out", str(out), "--no-progress")
-    assert result.exit_code == EXIT_BAD_INPUT
-    assert result.stderr.startswith("error: model.init_from") and not out.exists()
+                 "method.name=fo-maml", "--set", f"model.init_from={init}", "--set",
+                 "train.steps=50", "--set", "eval.n_tasks=50", "--out", str(out),
+                 "--no-progress", "--no-figures")
+    assert result.exit_code == 0, result.stderr
+    theory = json.loads((out / "summary.json").read_text())["theory"]
+    assert theory["scope"]["zero_head"] is False and theory["limits"] is None
 
 
 @pytest.mark.parametrize("spelling", [".inf", "inf", "Infinity", "infinite"])

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import numpy as np
 
-from metarep.core.arrays import Array, to_numpy
 from metarep.core.moments import Chain, Expectation, Monomial, Poly, Program, Words, expectation
 from metarep.errors import ArgumentError
 
@@ -119,29 +117,28 @@ def _words(mono: Monomial) -> list[Chain]:
 
 class ExpectedGradients:
     """The exact expected outer gradients and loss of an inner-loop method on infinitely many
-    tasks, for ``b`` configurations at once, in the coordinates of :mod:`metarep.core.infinite`.
+    tasks, for ``b`` configurations at once, in the coordinates of :mod:`metarep.core.infinite`
+    (numpy).
 
     **Arguments:** ``method`` (one of :data:`METHOD_FLAGS`) and ``inner_steps`` (1 ..
     :data:`MAX_INNER_STEPS`); ``d`` the input dimension (>= q); ``Sigma_star`` (k, k);
     ``alpha`` (the inner step size), ``m_in`` (``inf`` allowed) and ``noise_var``: (b,)
-    arrays; ``shape`` the state's ``(b, q, p)``; ``dtype``; ``xp`` the array namespace.
-    Calling it on ``H`` (b, q, p), ``omega`` (b, p) returns ``(G_B (b, q, p), g_w (b, p),
-    loss (b,) numpy)``: ``B = [B_star, Q_perp] H V^T`` has expected gradient
-    ``[B_star, Q_perp] G_B V^T`` (its part outside the inputs' span has mean zero) and
-    ``w = V omega`` has ``V g_w``.
+    arrays; ``shape`` the state's ``(b, q, p)``; ``dtype``. Calling it on ``H`` (b, q, p),
+    ``omega`` (b, p) returns ``(G_B (b, q, p), g_w (b, p), loss (b,))``:
+    ``B = [B_star, Q_perp] H V^T`` has expected gradient ``[B_star, Q_perp] G_B V^T`` (its
+    part outside the inputs' span has mean zero) and ``w = V omega`` has ``V g_w``.
     """
 
     def __init__(self, method: str, inner_steps: int, d: int, Sigma_star: np.ndarray,
                  alpha: np.ndarray, m_in: np.ndarray, noise_var: np.ndarray,
-                 shape: tuple[int, int, int], dtype: np.dtype | str = np.float64,
-                 xp: Any = np):
+                 shape: tuple[int, int, int], dtype: np.dtype | str = np.float64):
         b, q, _ = shape
         if d < q:
             raise ArgumentError("d", f"must be >= the coordinates' {q} rows; got {d}")
-        self.d, self.dtype, self.xp = d, np.dtype(dtype), xp
+        self.d, self.dtype = d, np.dtype(dtype)
         parts = step_expectations(method, inner_steps)
         self._body, self._head, self._loss = (
-            Program(e, alpha, m_in, xp, self.dtype) for e in (parts.body, parts.head, parts.loss))
+            Program(e, alpha, m_in, self.dtype) for e in (parts.body, parts.head, parts.loss))
         size = q + 1
         k = Sigma_star.shape[0]
         projector = np.eye(size)
@@ -151,25 +148,24 @@ class ExpectedGradients:
         noise = np.zeros((b, size, 1))
         noise[:, q, 0] = -np.sqrt(noise_var)
         constant = {"P": projector, "I": np.eye(size), "T": theta}
-        self._constants = {name: xp.asarray(np.broadcast_to(value, (b, size, size))
-                                            .astype(self.dtype))
+        self._constants = {name: np.broadcast_to(value.astype(self.dtype), (b, size, size))
                            for name, value in constant.items()}
-        self._constants["n"] = xp.asarray(noise.astype(self.dtype))
-        self._constants["n'"] = xp.asarray(np.swapaxes(noise, 1, 2).astype(self.dtype))
+        self._constants["n"] = noise.astype(self.dtype)
+        self._constants["n'"] = np.swapaxes(noise, 1, 2).astype(self.dtype)
 
-    def _words(self, H: Array, omega: Array) -> Words:
-        xp = self.xp
+    def _words(self, H: np.ndarray, omega: np.ndarray) -> Words:
         b, _, p = H.shape
-        B = xp.concatenate([H, xp.zeros((b, 1, p), dtype=H.dtype)], axis=1)
+        B = np.concatenate([H, np.zeros((b, 1, p), dtype=H.dtype)], axis=1)
         w = omega[:, :, None]
-        letters = {"B": B, "B'": xp.transpose(B, (0, 2, 1)), "w": w,
-                   "w'": xp.transpose(w, (0, 2, 1)), **self._constants}
-        return Words(letters, self.d, xp)
+        letters = {"B": B, "B'": B.transpose(0, 2, 1), "w": w, "w'": w.transpose(0, 2, 1),
+                   **self._constants}
+        return Words(letters, self.d)
 
-    def __call__(self, H: Array, omega: Array) -> tuple[Array, Array, np.ndarray]:
+    def __call__(self, H: np.ndarray, omega: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         words = self._words(H, omega)
         q = H.shape[1]
         body = self._body(words)[:, :q]
         head = self._head(words)[:, :, 0]
-        loss = to_numpy(self._loss(words)[:, 0, 0])
-        return body, head, np.asarray(loss, dtype=np.float64)
+        loss = self._loss(words)[:, 0, 0]
+        return body, head, loss.astype(np.float64)

@@ -368,6 +368,9 @@ class ExactInnerLoop:
                  xp: Any = np):
         b = shape[0]
         check_exact(method, inner_steps)
+        if xp is not np:
+            raise ArgumentError("xp", "the exact steps of methods other than one-step "
+                                "FO-ANIL compute in numpy")
         self.method, self.inner_steps, self.d = method, inner_steps, d
         self.shape, self.dtype, self.xp = shape, np.dtype(dtype), xp
         self.Sigma_star = np.asarray(Sigma_star, dtype=np.float64)
@@ -376,17 +379,16 @@ class ExactInnerLoop:
         self.m_in = per_config(m_in, b, "m_in", 1.0, strict=False)
         self.noise_var = per_config(noise_var, b, "noise_var", 0.0, strict=False)
         self.gradients = ExpectedGradients(method, inner_steps, d, self.Sigma_star, self.alpha,
-                                           self.m_in, self.noise_var, shape, self.dtype, xp)
-        self._beta = xp.asarray(self.beta.reshape(b, 1, 1).astype(self.dtype))
+                                           self.m_in, self.noise_var, shape, self.dtype)
+        self._beta = self.beta.reshape(b, 1, 1).astype(self.dtype)
 
-    def _checked(self, state: InfiniteTaskState) -> tuple[Array, Array]:
+    def _checked(self, state: InfiniteTaskState) -> tuple[np.ndarray, np.ndarray]:
         b, _, p = self.shape
         if tuple(state.H.shape) != self.shape or tuple(state.omega.shape) != (b, p):
             raise ArgumentError("state", f"shapes {tuple(state.H.shape)}, "
                                 f"{tuple(state.omega.shape)} do not match {self.shape}")
-        xp = self.xp
-        return (xp.ascontiguousarray(state.H, dtype=self.dtype),
-                xp.ascontiguousarray(state.omega, dtype=self.dtype))
+        return (np.ascontiguousarray(state.H, dtype=self.dtype),
+                np.ascontiguousarray(state.omega, dtype=self.dtype))
 
     def step(
         self, state: InfiniteTaskState, *, with_loss: bool = True

@@ -41,11 +41,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import numpy as np
-
-from metarep.core.arrays import Array
 
 Chain = tuple[str, ...]
 """A product of items, left to right: fixed letters, ``W`` and ``t`` / ``t'``."""
@@ -422,17 +419,17 @@ def coefficients(coefs: dict[tuple[int, int], float], alpha: np.ndarray,
 class Words:
     """The values of words in given letters for ``b`` configurations, memoised by prefix.
 
-    ``letters``: every letter of :data:`LETTERS` and its transpose (``"B'"``, ...) as an
-    array (b, rows, cols) of namespace ``xp``, in the coordinates of the module docstring;
-    ``d`` the input dimension (the trace of ``P``; ``I`` has trace ``d + 1``)."""
+    ``letters``: every letter of :data:`LETTERS` and its transpose (``"B'"``, ...) as a numpy
+    array (b, rows, cols), in the coordinates of the module docstring; ``d`` the input
+    dimension (the trace of ``P``; ``I`` has trace ``d + 1``)."""
 
-    def __init__(self, letters: dict[str, Array], d: int, xp: Any):
-        self.letters, self.d, self.xp = letters, d, xp
-        self.memo: dict[Chain, Array] = {}
+    def __init__(self, letters: dict[str, np.ndarray], d: int):
+        self.letters, self.d = letters, d
+        self.memo: dict[Chain, np.ndarray] = {}
         first = letters["B"]
-        self.one = xp.ones((first.shape[0], 1, 1), dtype=first.dtype)
+        self.one = np.ones((first.shape[0], 1, 1), dtype=first.dtype)
 
-    def product(self, word: Chain) -> Array:
+    def product(self, word: Chain) -> np.ndarray:
         """The matrix product of ``word``, (b, rows, cols); 1 for the empty word."""
         if not word:
             return self.one
@@ -443,48 +440,63 @@ class Words:
             self.memo[word] = value
         return value
 
-    def scalar(self, word: Chain) -> Array:
+    def scalar(self, word: Chain) -> np.ndarray:
         """A path between two vector ends, (b,)."""
         return self.product(word)[:, 0, 0]
 
-    def trace(self, word: Chain) -> Array:
+    def trace(self, word: Chain) -> np.ndarray:
         """A cycle's trace over R^{d+1}: ``tr P = d``, ``tr I = d + 1``; every other letter
         is zero on the complement, so the trace is that of the coordinates' product."""
         if set(word) <= {"P", "I"}:
             return self.one[:, 0, 0] * float(self.d + ("P" not in word))
-        return self.xp.einsum("bii->b", self.product(word))
+        return np.einsum("bii->b", self.product(word))
 
 
 class Program:
     """An :data:`Expectation` ready to evaluate for ``b`` configurations with inner step
-    sizes ``alpha`` (b,) and sample counts ``m`` (b,) (``inf`` allowed): per output word
-    pair, the scalar words of each monomial and its coefficient vector (b,)."""
+    sizes ``alpha`` (b,) and sample counts ``m`` (b,) (``inf`` allowed).
 
-    def __init__(self, expect: Expectation, alpha: np.ndarray, m: np.ndarray, xp: Any = np,
+    The monomials' scalar factors (paths and traces) are numbered once; a call evaluates each
+    distinct word once (:class:`Words`), multiplies each monomial's factors and coefficient
+    as one array operation, sums them per output word pair (``add.reduceat``), and adds up
+    ``weight * (left @ right)`` over the pairs."""
+
+    def __init__(self, expect: Expectation, alpha: np.ndarray, m: np.ndarray,
                  dtype: np.dtype | str = np.float64):
-        groups: dict[tuple[Chain, Chain | None],
-                     list[tuple[tuple[Chain, ...], tuple[Chain, ...], Array]]] = defaultdict(list)
-        for mono, coefs in expect.items():
-            vector = coefficients(coefs, np.asarray(alpha, np.float64), np.asarray(m, np.float64))
-            if np.any(vector != 0.0):
-                groups[(mono.left, mono.right)].append(
-                    (mono.paths, mono.cycles, xp.asarray(vector.astype(dtype))))
-        if not groups:
-            raise ValueError("Program: the expectation is identically zero")
-        self.groups = dict(groups)
+        outputs: dict[tuple[Chain, Chain | None], int] = {}
+        factors: dict[tuple[str, Chain], int] = {}
+        rows, coefs, groups = [], [], []
+        for mono, terms in expect.items():
+            # Every monomial is kept, also where its coefficient is 0 for every configuration
+            # (m = inf): the sums then run over the same terms for any batch.
+            vector = coefficients(terms, np.asarray(alpha, np.float64), np.asarray(m, np.float64))
+            groups.append(outputs.setdefault((mono.left, mono.right), len(outputs)))
+            rows.append([factors.setdefault(("path", w), len(factors) + 1) for w in mono.paths]
+                        + [factors.setdefault(("cycle", w), len(factors) + 1)
+                           for w in mono.cycles])
+            coefs.append(vector)
+        if not rows:
+            raise ValueError("Program: the expectation has no terms")
+        order = np.argsort(groups, kind="stable")  # monomials by output pair
+        width = max(1, max(len(row) for row in rows))
+        padded = np.array([row + [0] * (width - len(row)) for row in rows])  # 0: the number 1
+        self.index = padded[order]                                          # (monomials, L)
+        self.coefs = np.ascontiguousarray(np.array(coefs, dtype=dtype)[order].T)  # (b, monos)
+        self.starts = np.searchsorted(np.asarray(groups)[order], np.arange(len(outputs)))
+        self.outputs = list(outputs)
+        self.factors = list(factors)
 
-    def __call__(self, words: Words) -> Array:
+    def __call__(self, words: Words) -> np.ndarray:
         """``sum coef * prod(paths) * prod(traces) * (left @ right)``, (b, rows, cols)."""
+        values = np.stack([words.one[:, 0, 0]] + [
+            words.scalar(word) if kind == "path" else words.trace(word)
+            for kind, word in self.factors], axis=1)                           # (b, factors)
+        # Per configuration, the same operations in the same order whatever b is (a batched
+        # run gives each configuration the numbers it gets alone).
+        terms = self.coefs * values[:, self.index].prod(axis=2)                # (b, monos)
+        weights = np.add.reduceat(terms, self.starts, axis=1)                   # (b, groups)
         total = None
-        for (left, right), monomials in self.groups.items():
-            weight = 0.0
-            for paths, cycles, coef in monomials:
-                factor = coef
-                for path in paths:
-                    factor = factor * words.scalar(path)
-                for cycle in cycles:
-                    factor = factor * words.trace(cycle)
-                weight = weight + factor
+        for (left, right), weight in zip(self.outputs, weights.T, strict=True):
             value = words.product(left)
             if right is not None:
                 value = value @ words.product(right)

@@ -208,19 +208,28 @@ REGIMES = ("infinite", "pool", "online")
 class Setting:
     """What the theory's statements depend on: the ``method``'s name, the width ``k'``, the
     inner steps ``s``, the test-time head steps, and the ``regime`` of the training tasks
-    (``infinite``: exact expectations; ``pool``: a finite pool; ``online``: fresh tasks)."""
+    (``infinite``: exact expectations; ``pool``: a finite pool; ``online``: fresh tasks), and
+    whether training starts from the head ``w_0 = 0`` (``zero_head``: FO-MAML's dynamics are
+    FO-ANIL's only from there)."""
 
     method: str
     width: int
     inner_steps: int
     adapt_steps: int
     regime: str
+    zero_head: bool = True
 
     def scope(self, k: int) -> dict[str, object]:
         """The setting as plain data, with ``k`` for the comparison of ``k'`` with it."""
         return {"method": self.method, "width": self.width, "k": k,
                 "inner_steps": self.inner_steps, "adapt_steps": self.adapt_steps,
-                "regime": self.regime}
+                "regime": self.regime, "zero_head": self.zero_head}
+
+    def is_fo_anil(self) -> bool:
+        """Whether the run's dynamics are FO-ANIL's: FO-ANIL, or FO-MAML from ``w_0 = 0``
+        with infinitely many tasks (then ``w_t = 0`` and the body's inner step vanishes)."""
+        return self.method == "fo-anil" or (self.method == "fo-maml" and self.zero_head
+                                            and self.regime == "infinite")
 
 
 def top_part(Lambda: np.ndarray, rank: int) -> np.ndarray | None:
@@ -264,8 +273,7 @@ def gram_target(problem: Problem, m_in: float, alpha: float,
                          f"{setting.method} update at w = 0 (infinitely many tasks); not "
                          "proven to be reached")
         return Lambda, statement
-    if setting.method != "fo-anil" and not (setting.method == "fo-maml"
-                                            and setting.regime == "infinite"):
+    if not setting.is_fo_anil():
         return None, f"{setting.method} with k' < k: no prediction"
     target = top_part(Lambda, setting.width)
     if target is None:
@@ -280,9 +288,10 @@ def predicted_limits(
     problem: Problem, m_in: float, alpha: float, setting: Setting, shots: tuple[int, ...] = ()
 ) -> dict[str, object] | None:
     """The limits as ``t -> inf`` of the run of ``setting``, where the theory gives them: the
-    exact infinite-task dynamics of FO-ANIL (or of FO-MAML from ``w_0 = 0``, the same) with one
-    inner step whose :func:`gram_target` is known; ``None`` for any other run (a finite pool
-    stops at a floor set by N, m and the noise; the other methods have no proven limit).
+    exact infinite-task dynamics of FO-ANIL (or of FO-MAML from ``w_0 = 0``, the same:
+    :meth:`Setting.is_fo_anil`) with one inner step whose :func:`gram_target` is known;
+    ``None`` for any other run (a finite pool stops at a floor set by N, m and the noise; the
+    other methods have no proven limit).
 
     **Returns** a dict: ``gram`` (k, k), the limit ``G`` of ``B_star^T B B^T B_star``
     (:func:`gram_target`); ``head_norm``, ``lambda_err`` and ``span_outside``: 0;
@@ -302,7 +311,7 @@ def predicted_limits(
     are ``None`` (``gram``, ``lambda_err``, ``head_norm`` and ``train_loss`` stand: the
     population inner step sees ``B`` only through ``B_star^T B``).
     """
-    if setting.regime != "infinite" or setting.method not in ("fo-anil", "fo-maml"):
+    if setting.regime != "infinite" or not setting.is_fo_anil():
         return None
     gram, _ = gram_target(problem, m_in, alpha, setting)
     if gram is None:

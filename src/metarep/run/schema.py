@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from metarep.core.expected_steps import MAX_INNER_STEPS
 from metarep.core.methods import METHOD_NAMES
 from metarep.engine import DEVICES
 from metarep.errors import ConfigError
@@ -30,7 +31,6 @@ from metarep.errors import ConfigError
 Checker = Callable[[str, Any], Any]
 
 BUILTIN_CONFIGS = ("paper", "quick")
-INFINITE_METHODS = ("fo-anil", "fo-maml")  # exact infinite-task dynamics (metarep.core.infinite)
 DTYPES = ("float64", "float32")
 LINEAR_BACKENDS = ("numpy", "torch")  # where linear runs compute (metarep.run.backends.linear)
 MODEL_KINDS = ("linear", "relu")
@@ -274,8 +274,8 @@ class TasksConfig:
     n: int | str = param(
         5000,
         "number N of tasks in the pool (>= 1), `online` (fresh tasks every step) or `infinite` "
-        "(exact expected dynamics, see docs/infinite_tasks.md: fo-anil, or fo-maml from "
-        "w_0 = 0; one inner step)",
+        "(exact expected dynamics of fo-anil (1-3 inner steps), anil (1-2), fo-maml and maml "
+        "(1), see docs/infinite_tasks.md)",
         one_of(integer(1), literal("online", "infinite"),
                describe="an integer >= 1, online or infinite"),
     )
@@ -609,9 +609,6 @@ def validate(config: Config) -> None:
     if m.head_scale > 0 and (m.kind != "linear" or m.init_from is not None):
         raise ConfigError("model.head_scale", "must be 0 with model.kind: relu or "
                           "model.init_from (which give their own head)")
-    if m.head_scale > 0 and t.n == "infinite" and config.method.name == "fo-maml":
-        raise ConfigError("model.head_scale", "must be 0 for fo-maml with tasks.n: infinite "
-                          "(its exact dynamics are FO-ANIL's only from w_0 = 0)")
     if m.kind == "linear" and tr.task_chunk is not None:
         raise ConfigError("train.task_chunk", "is for the torch engine (model.kind: relu); "
                           "linear runs step every task at once: use null")
@@ -622,23 +619,33 @@ def validate(config: Config) -> None:
 
 def _validate_infinite(config: Config) -> None:
     """``tasks.n: infinite`` runs the exact expected dynamics (:mod:`metarep.core.infinite`),
-    which exist for one inner step of FO-ANIL (and FO-MAML from w_0 = 0, checked on loading
-    ``model.init_from``); ``tasks.m_in: inf`` only makes sense there."""
+    which exist for the inner-loop methods with the inner steps of
+    :data:`metarep.core.expected_steps.MAX_INNER_STEPS`; ``tasks.m_in: inf`` only makes sense
+    there."""
     t, tr, method = config.tasks, config.train, config.method
     if t.n != "infinite":
         if math.isinf(t.m_in):
             raise ConfigError("tasks.m_in", f"inf needs tasks.n: infinite (got tasks.n: {t.n}); "
                               "use an integer >= 1")
         return
-    if method.name not in INFINITE_METHODS:
+    if method.name not in MAX_INNER_STEPS:
         raise ConfigError("method.name", f"tasks.n: infinite has exact dynamics for "
-                          f"{', '.join(INFINITE_METHODS)} only; got {method.name}")
-    if method.inner_steps != 1:
-        raise ConfigError("method.inner_steps", f"must be 1 with tasks.n: infinite (the exact "
-                          f"expectation is derived for one inner step); got {method.inner_steps}")
+                          f"{', '.join(MAX_INNER_STEPS)} only (mtl keeps a head per task); "
+                          f"got {method.name}")
+    most = MAX_INNER_STEPS[method.name]
+    if method.inner_steps > most:
+        raise ConfigError("method.inner_steps", f"must be in [1, {most}] for {method.name} with "
+                          f"tasks.n: infinite (the exact expectation is built up to {most}); "
+                          f"got {method.inner_steps}")
     if tr.tasks_per_step is not None:
         raise ConfigError("train.tasks_per_step", f"must be null with tasks.n: infinite (every "
                           f"step averages over all tasks); got {tr.tasks_per_step}")
+    closed_form = method.name == "fo-anil" and method.inner_steps == 1
+    if not closed_form and (tr.backend == "torch" or tr.device == "cuda"):
+        key = "train.backend" if tr.backend == "torch" else "train.device"
+        raise ConfigError(key, f"the exact infinite-task steps of {method.name} with "
+                          f"{method.inner_steps} inner step(s) compute in numpy on the cpu; "
+                          "torch and cuda are for one-step fo-anil")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,6 +1,7 @@
 """Many configurations of the exact infinite-task dynamics in one vectorised computation, as a
 table: ``simulate_batch(problem, grid(inner_lr=[0.1, 0.2], m_in=[10, inf], seed=[0, 1]),
-width=50, init_scale=0.1, steps=10_000, record_every="log")``.
+width=50, init_scale=0.1, steps=10_000, record_every="log")``, for FO-ANIL or any other
+inner-loop method (``method="maml"``, ``inner_steps=...``).
 
 The configurations go through the training loop of every run (:func:`metarep.run.loop.train`),
 so they follow its divergence rule at every step.
@@ -15,10 +16,11 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from metarep.core.infinite import ExactFOANIL, coordinates, lambda_stars
+from metarep.core.infinite import coordinates, exact_dynamics
 from metarep.core.model import init_linear
 from metarep.core.problem import Problem
 from metarep.core.seeding import Purpose, seed_rng
+from metarep.core.theory import Setting, gram_target
 from metarep.errors import ArgumentError
 from metarep.run.backends.infinite import ExactStepper
 from metarep.run.loop import RecordSchedule, Trajectory, train
@@ -50,8 +52,13 @@ def simulate_batch(
     record_every: int | str,
     defaults: Mapping[str, float] | None = None,
     dtype: np.dtype | str = np.float64,
+    method: str = "fo-anil",
+    inner_steps: int = 1,
 ) -> pd.DataFrame:
-    """Exact infinite-task FO-ANIL for every row of ``configs``, in one batched computation.
+    """The exact infinite-task dynamics of ``method`` with ``inner_steps`` inner steps
+    (:func:`metarep.core.infinite.exact_dynamics`) for every row of ``configs``, in one batched
+    computation; ``lambda_err`` is measured against the target the theory gives each
+    configuration (:func:`metarep.core.theory.gram_target`; ``nan`` where it gives none).
 
     ``configs`` has columns among ``inner_lr, outer_lr, m_in, noise_var, seed`` (missing ones
     come from ``defaults``, else ``noise_var`` from ``problem`` and ``seed`` 0). Configuration
@@ -79,10 +86,16 @@ def simulate_batch(
     B0 = np.stack([init_linear(problem.d, width, init_scale,
                                seed_rng(int(seed), Purpose.MODEL)).B for seed in table["seed"]])
     _, state = coordinates(problem.B_star, B0, keep_basis=False, dtype=dtype)
-    dynamics = ExactFOANIL(problem.Sigma_star, table["inner_lr"], table["outer_lr"],
-                           table["m_in"], table["noise_var"], state.H.shape, dtype)
+    dynamics = exact_dynamics(method, inner_steps, problem.d, problem.Sigma_star,
+                              table["inner_lr"], table["outer_lr"], table["m_in"],
+                              table["noise_var"], state.H.shape, dtype)
+    setting = Setting(method, width, inner_steps, 1, "infinite")
+    targets = [gram_target(Problem(problem.B_star, problem.Sigma_star, float(noise)), float(m),
+                           float(alpha), setting)[0]
+               for alpha, m, noise in zip(table["inner_lr"], table["m_in"], table["noise_var"],
+                                          strict=True)]
     trajectories = [Trajectory(None, 0) for _ in range(len(table))]
-    train(ExactStepper(dynamics, lambda_stars(dynamics, width)), state, trajectories,
+    train(ExactStepper(dynamics, targets), state, trajectories,
           schedule=schedule, advice=[ADVICE] * len(table), progress=False)
     rows = []
     for i, (config, trajectory) in enumerate(zip(table.to_dict("records"), trajectories,

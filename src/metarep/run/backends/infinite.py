@@ -1,13 +1,15 @@
 """Exact infinite-task dynamics as a run (``tasks.n: infinite``), alone or many at once.
 
-:class:`ExactStepper` steps ``b`` configurations of :class:`metarep.core.infinite.ExactFOANIL`
-through the training loop; :class:`InfiniteTaskBackend` is one run of them (a stepper of one,
-with the frame that maps its coordinates back to ``(B, w)``), and :func:`batched_stepper` joins runs
-that share everything but their per-run parameters into one stepper.
+:class:`ExactStepper` steps ``b`` configurations of the exact dynamics of the run's method
+(:func:`metarep.core.infinite.exact_dynamics`) through the training loop;
+:class:`InfiniteTaskBackend` is one run of them (a stepper of one, with the frame that maps its
+coordinates back to ``(B, w)``), and :func:`batched_stepper` joins runs that share everything
+but their per-run parameters into one stepper.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,14 +17,15 @@ import numpy as np
 
 from metarep.core.arrays import array_namespace, moved_state, numpy_state
 from metarep.core.infinite import (
-    ExactFOANIL,
+    ExactDynamics,
     InfiniteTaskState,
     coordinate_measures,
     coordinates,
+    exact_dynamics,
     undriven_perp_norm,
 )
 from metarep.core.model import LinearParams
-from metarep.errors import ConfigError
+from metarep.core.theory import gram_target
 from metarep.run.backends.linear import LinearModelRun, initial_params
 from metarep.run.backends.sources import RunInputs
 
@@ -34,7 +37,7 @@ class ExactStepper:
     which come from the coordinates alone (no d-sized work), read as numpy arrays whatever
     namespace the dynamics compute in."""
 
-    def __init__(self, dynamics: ExactFOANIL, Lambda_star: Sequence[np.ndarray | None]):
+    def __init__(self, dynamics: ExactDynamics, Lambda_star: Sequence[np.ndarray | None]):
         self.dynamics, self.Lambda_star = dynamics, Lambda_star
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
@@ -57,27 +60,31 @@ class ExactStepper:
 
 
 class InfiniteTaskBackend(LinearModelRun):
-    """Exact infinite-task FO-ANIL from ``(B_0, w_0)`` as a run; states are coordinates
+    """Exact infinite-task dynamics of the run's method (``method.name``, any inner-loop
+    method, with ``method.inner_steps``) from ``(B_0, w_0)`` as a run; states are coordinates
     (:class:`~metarep.core.infinite.InfiniteTaskState` of one configuration) on the frame built
     once from ``B_0``, of arrays of the namespace ``xp``
     (:func:`~metarep.run.backends.linear.array_backend`: numpy, or torch on a device; the frame
-    stays numpy). ``fo-maml`` is exact here only from ``w_0 = 0``, where it coincides with
-    FO-ANIL."""
+    stays numpy; the Gaussian-moment engine of the methods other than one-step FO-ANIL computes
+    in numpy whatever ``xp`` is)."""
 
     def __init__(self, inputs: RunInputs, xp: Any = np):
         inputs, init = initial_params(inputs)
         config = inputs.config
-        if config.method.name == "fo-maml" and np.any(init.w != 0):
-            raise ConfigError("model.init_from", "fo-maml with tasks.n: infinite needs w = 0 "
-                              "(its exact dynamics are FO-ANIL's there); use fo-anil or a zero "
-                              "head")
+        if config.method.name != "fo-anil" or config.method.inner_steps != 1:
+            xp = np
         super().__init__(inputs, config.method.name, xp)
+        if np.any(init.w != 0):  # the theory's statements for w_0 = 0 do not apply
+            self.setting = dataclasses.replace(self.setting, zero_head=False)
+            self.Lambda_star, self.reference = gram_target(
+                self.problem, config.tasks.m_in, self.alpha, self.setting)
         dtype = config.train.dtype
         self.init = init
         self.frame, self.initial = coordinates(self.problem.B_star, init.B, init.w, dtype=dtype)
-        dynamics = ExactFOANIL(self.problem.Sigma_star, self.alpha, config.method.outer_lr,
-                               config.tasks.m_in, self.problem.noise_var, self.initial.H.shape,
-                               dtype, xp)
+        dynamics = exact_dynamics(config.method.name, config.method.inner_steps,
+                                  self.problem.d, self.problem.Sigma_star, self.alpha,
+                                  config.method.outer_lr, config.tasks.m_in,
+                                  self.problem.noise_var, self.initial.H.shape, dtype, xp)
         self.stepper = ExactStepper(dynamics, [self.Lambda_star])
 
     def params(self, state: InfiniteTaskState) -> LinearParams:
@@ -121,10 +128,14 @@ class InfiniteTaskBackend(LinearModelRun):
         return self.stepper.take(state, index)
 
     def predicted_perp_limit(self) -> float | None:
-        """The limit of ``perp_norm`` predicted from the initialisation: 0 for finite
-        ``m_in``; for ``m_in = inf`` from ``w_0 = 0``, the conserved
-        :func:`~metarep.core.infinite.undriven_perp_norm` of ``B_0``; otherwise unknown
-        (``None``)."""
+        """The limit of ``perp_norm`` predicted from the initialisation, for FO-ANIL with one
+        inner step (the paper's dynamics): 0 for finite ``m_in``; for ``m_in = inf`` from
+        ``w_0 = 0``, the conserved :func:`~metarep.core.infinite.undriven_perp_norm` of
+        ``B_0``. Otherwise none (``None``): whether the other methods unlearn is what their
+        exact runs measure."""
+        config = self.config
+        if config.method.name != "fo-anil" or config.method.inner_steps != 1:
+            return None
         dynamics = self.stepper.dynamics
         if np.isfinite(dynamics.m_in[0]):
             return 0.0
@@ -134,15 +145,15 @@ class InfiniteTaskBackend(LinearModelRun):
 
 
 def batched_stepper(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
-    """One stepper for the runs ``backends``, which share ``Sigma_star``, the shapes and the
-    dtype: each keeps its own ``alpha``, ``beta``, ``m_in``, ``sigma^2`` and ``Lambda_star``,
-    and each configuration's slice is computed with the same operations (and in the same
-    namespace) as in a run alone."""
-    first = backends[0].stepper.dynamics
+    """One stepper for the runs ``backends``, which share the method, its inner steps,
+    ``d``, ``Sigma_star``, the shapes and the dtype: each keeps its own ``alpha``, ``beta``,
+    ``m_in``, ``sigma^2`` and ``Lambda_star``, and each configuration's slice is computed with
+    the same operations (and in the same namespace) as in a run alone."""
+    first = backends[0]
     parts = [backend.stepper.dynamics for backend in backends]
-    b = len(backends)
-    dynamics = ExactFOANIL(first.Sigma_star, [d.alpha[0] for d in parts],
-                           [d.beta[0] for d in parts], [d.m_in[0] for d in parts],
-                           [d.noise_var[0] for d in parts], (b, *first.shape[1:]), first.dtype,
-                           first.xp)
+    dynamics = exact_dynamics(first.config.method.name, first.config.method.inner_steps,
+                              first.problem.d, parts[0].Sigma_star,
+                              [d.alpha[0] for d in parts], [d.beta[0] for d in parts],
+                              [d.m_in[0] for d in parts], [d.noise_var[0] for d in parts],
+                              (len(backends), *parts[0].shape[1:]), parts[0].dtype, parts[0].xp)
     return ExactStepper(dynamics, [target for bk in backends for target in bk.stepper.Lambda_star])
