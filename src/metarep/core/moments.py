@@ -54,6 +54,7 @@ SYMMETRIC = frozenset({"P", "I", "T", "W"})
 RANDOM = frozenset({"W", "t", "t'"})
 
 
+@cache
 def transposed(item: str) -> str:
     """The transpose of one item: ``X`` <-> ``X'`` (symmetric items are themselves)."""
     if item in SYMMETRIC:
@@ -61,6 +62,7 @@ def transposed(item: str) -> str:
     return item[:-1] if item.endswith("'") else item + "'"
 
 
+@cache
 def reverse(chain: Chain) -> Chain:
     """The transpose of a product: reversed, each item transposed."""
     return tuple(transposed(item) for item in reversed(chain))
@@ -138,6 +140,7 @@ class Poly:
         return len(self.terms)
 
 
+@cache
 def _scalar_key(chain: Chain) -> Chain:
     """A scalar chain and its transpose are the same number: the smaller of the two."""
     return min(chain, reverse(chain))
@@ -165,6 +168,7 @@ ZERO_PAIRS = frozenset({("P", "n"), ("n'", "P"), ("T", "n"), ("n'", "T"), ("B'",
 ABSORBS_P = frozenset({"B", "T"})  # P B = B, P T = T (and transposed: B' P = B', T P = T)
 
 
+@cache
 def _simplify(word: Chain, cyclic: bool) -> Chain | None:
     """``word`` with identities dropped and ``P`` absorbed where the product allows (``P B =
     B``, ``P P = P``, ...); ``None`` when the product is zero (``P n = 0``, ...). ``cyclic``:
@@ -190,6 +194,7 @@ def _simplify(word: Chain, cyclic: bool) -> Chain | None:
     return tuple(letters)
 
 
+@cache
 def _canonical_cycle(word: Chain) -> Chain:
     """A cycle's trace is unchanged by rotation and by transposition: the smallest of its
     rotations and those of its transpose."""
