@@ -40,6 +40,7 @@ _PUBLIC: dict[str, str] = {
     "measure": "metarep.core.measures", "subspace_distance": "metarep.core.measures",
     "EvalRow": "metarep.core.evaluation", "evaluate": "metarep.core.evaluation",
     "ExactFOANIL": "metarep.core.infinite", "expected_update": "metarep.core.infinite",
+    "ExactInnerLoop": "metarep.core.infinite", "exact_dynamics": "metarep.core.infinite",
     "monte_carlo_update": "metarep.core.monte_carlo",
     "lambda_star": "metarep.core.theory", "one_step_risk": "metarep.core.theory",
     "predicted_limits": "metarep.core.theory",
