@@ -50,6 +50,21 @@ most that many tasks at a time (the gradients summed over the chunks, so the aut
 one chunk is in memory at once) and test-time adaptation with
 ``vmap(..., chunk_size=task_chunk)``: the results equal the unchunked ones up to rounding.
 ``deterministic`` runs every computation of the learner under :func:`deterministic_algorithms`.
+
+The networks of :mod:`metarep.engine.networks` (:class:`~metarep.engine.networks.LinearNet`,
+:class:`~metarep.engine.networks.ReLUNet`, with the head ``w`` and no buffers) train on a fast
+path with the same updates: :func:`~metarep.engine.networks.chain_gradient` computes every
+task's loss and gradient at once with the tasks as a batch axis (a shared weight multiplies
+all tasks' rows in one matrix product), its backward pass written out, so the inner loop
+``fast_i <- fast_i - alpha grad L_i`` costs a few batched products instead of vmap's per-call
+tracing. An adapted first layer is kept as ``W_1 - X_i^T C_i`` (its gradients
+``X_i^T dZ_1`` lie in the span of the task's inner inputs), so that ``X W_1,i`` is
+``X W_1 - (X X_i^T) C_i``: one product of all rows with the shared ``W_1`` and (m, m_in)
+Gram matrices, never a (d, h_1) matrix per task. The first-order methods apply the same
+function at the adapted parameters (``sum_i grad L_i`` summed in one product); the exact ones
+take ``grad_theta`` of the outer objective by autograd through the written-out inner
+gradients, which are differentiable torch operations: the exact second-order gradient. The
+results equal the generic path's up to rounding.
 """
 
 from __future__ import annotations
@@ -66,6 +81,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from metarep.core.arguments import check_count, check_step_size
 from metarep.engine import DEVICES
+from metarep.engine.networks import HEAD, chain_gradient, chain_of, first_layer_offset
 from metarep.errors import ArgumentError
 
 METHODS = ("anil", "maml", "mtl")
@@ -286,6 +302,7 @@ class MetaLearner:
         self.buffers = {name: b.to(self.device, self.dtype if b.is_floating_point() else None)
                         for name, b in module.named_buffers()}
         self._buffers_checked = not self.buffers
+        self.chain = chain_of(module) if self.head == HEAD and not self.buffers else None
         self.state = self.init_state(module, n_tasks)
 
     def init_state(self, module: nn.Module, n_tasks: int | None = None) -> EngineState:
@@ -386,7 +403,11 @@ class MetaLearner:
         the trainable parameters; the frozen ones are held."""
         frozen, body, head = self.partition(state.params)
         fixed, fast = (body, head) if self.method == "anil" else ({}, {**body, **head})
-        gradient_of = self._first_order_gradient if self.first_order else self._exact_gradient
+        if self.chain is None:
+            gradient_of = self._first_order_gradient if self.first_order else self._exact_gradient
+        else:
+            gradient_of = (self._chain_first_order_gradient if self.first_order
+                           else self._chain_exact_gradient)
         gradient: Params = {}
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         for part in self._chunks(X_in.shape[0]):
@@ -434,10 +455,63 @@ class MetaLearner:
         (g_fixed, g_adapted), loss = grad_and_value(objective, argnums=(0, 1))(fixed, adapted)
         return {**g_fixed, **{n: g.sum(0) for n, g in g_adapted.items()}}, loss
 
+    def _chain_inner_loop(self, fixed: Params, fast: Params, X: Tensor, y: Tensor
+                          ) -> tuple[Params, Tensor | None]:
+        """:meth:`_inner_loop` on every task of ``X`` (n, m, d), ``y`` (n, m) at once by
+        :func:`~metarep.engine.networks.chain_gradient`: the adapted ``fast`` parameters with a
+        task axis (n, ...), but for the first layer ``W_1`` when it adapts, which stays shared,
+        the adapted one being ``W_1 - X_i^T C_i``; returns the parameters and ``C`` (n, m, h_1)
+        (``None`` when the first layer is not adapted)."""
+        first = self.chain.layers[0]
+        adapts_first = first in fast
+        coefficient = None
+        for _ in range(self.inner_steps):
+            _, gradient = chain_gradient(self.chain, {**fixed, **fast}, X, y, tuple(fast),
+                                         offset=first_layer_offset(X, X, coefficient),
+                                         coefficient=adapts_first)
+            if adapts_first:
+                step = self.inner_lr * gradient[first]
+                coefficient = step if coefficient is None else coefficient + step
+            fast = {n: fast[n] if n == first else fast[n] - self.inner_lr * gradient[n]
+                    for n in fast}
+        return fast, coefficient
+
+    def _chain_exact_gradient(self, frozen: Params, fixed: Params, fast: Params, X_in: Tensor,
+                              y_in: Tensor, X_out: Tensor, y_out: Tensor
+                              ) -> tuple[Params, Tensor]:
+        """:meth:`_exact_gradient` on the fast path: ``S = sum_i L(fixed, fast_i^(s); out_i)``
+        from the batched inner loop, and ``grad S`` by autograd through it."""
+        leaves = {n: p.detach().requires_grad_() for n, p in {**fixed, **fast}.items()}
+        with torch.enable_grad():
+            held = {**frozen, **{n: leaves[n] for n in fixed}}
+            adapted, coefficient = self._chain_inner_loop(held, {n: leaves[n] for n in fast},
+                                                          X_in, y_in)
+            losses, _ = chain_gradient(self.chain, {**held, **adapted}, X_out, y_out, (),
+                                       offset=first_layer_offset(X_out, X_in, coefficient))
+            loss = losses.sum()
+            gradient = torch.autograd.grad(loss, tuple(leaves.values()))
+        return dict(zip(leaves, gradient, strict=True)), loss.detach()
+
+    def _chain_first_order_gradient(self, frozen: Params, fixed: Params, fast: Params,
+                                    X_in: Tensor, y_in: Tensor, X_out: Tensor, y_out: Tensor
+                                    ) -> tuple[Params, Tensor]:
+        """:meth:`_first_order_gradient` on the fast path: ``sum_i grad L(fixed, fast_i^(s);
+        out_i)`` at the adapted parameters of the batched inner loop, summed over the tasks
+        by :func:`~metarep.engine.networks.chain_gradient` itself."""
+        with torch.no_grad():
+            held = {**frozen, **fixed}
+            adapted, coefficient = self._chain_inner_loop(held, fast, X_in, y_in)
+            names = (*fixed, *fast)
+            losses, gradient = chain_gradient(
+                self.chain, {**held, **adapted}, X_out, y_out, names, summed=names,
+                offset=first_layer_offset(X_out, X_in, coefficient))
+        return gradient, losses.sum()
+
     def _mtl_step(self, state: EngineState, X: Tensor, y: Tensor,
                   tasks: ArrayLike | None) -> tuple[EngineState, float]:
         """Burer-Monteiro step on all rows ``X`` (n, m, d), ``y`` (n, m) of the sampled tasks,
-        chunk by chunk: the body's gradient summed over the chunks, each head's its own."""
+        chunk by chunk: the body's gradient summed over the chunks, each head's its own (on the
+        fast path, both from one :func:`~metarep.engine.networks.chain_gradient`)."""
         assert state.heads is not None
         n_total = next(iter(state.heads.values())).shape[0]
         index = torch.arange(X.shape[0]) if tasks is None else torch.as_tensor(tasks).long()
@@ -459,8 +533,18 @@ class MetaLearner:
         g_heads: list[Params] = []
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         for part in self._chunks(X.shape[0]):
-            (chunk_body, chunk_heads), chunk_loss = grad_and_value(objective, argnums=(0, 1))(
-                body, {name: h[part] for name, h in heads.items()}, X[part], y[part])
+            part_heads = {name: h[part] for name, h in heads.items()}
+            if self.chain is None:
+                (chunk_body, chunk_heads), chunk_loss = grad_and_value(
+                    objective, argnums=(0, 1))(body, part_heads, X[part], y[part])
+            else:
+                with torch.no_grad():
+                    losses, chunk_gradient = chain_gradient(
+                        self.chain, {**frozen, **body, **part_heads}, X[part], y[part],
+                        (*body, *part_heads), summed=tuple(body))
+                chunk_body = {name: chunk_gradient[name] for name in body}
+                chunk_heads = {name: chunk_gradient[name] for name in part_heads}
+                chunk_loss = losses.sum()
             g_body = _added(g_body, chunk_body)
             g_heads.append(chunk_heads)
             loss = loss + chunk_loss
