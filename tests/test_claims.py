@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from metarep.run.rundir import RunData
-from metarep.study.claims import claim_rows, evaluate_claims
-from metarep.study.design import Runs, study_runs
+from metarep.study.claims import claim_rows, evaluate_claims, infinite_method_rows
+from metarep.study.design import INFINITE_METHODS, Runs, study_runs
 
 
 def fake_run(name: str, perp_norm: list[float], **columns: list[float]) -> RunData:
@@ -43,16 +43,19 @@ def test_a_claim_fails_when_its_measure_misses_its_criterion():
     assert missing.claim == "run pool-mtl finished" and not missing.passed
 
 
-def law_run(exponent: float, scale: float = 1.0) -> RunData:
-    """An infinite-task run whose perp_norm is ``scale (2 alpha^2 beta c t)^(-1/2)`` bent to
-    ``t^exponent`` (alpha = 0.5, beta = 0.2, Sigma_star = I_3, sigma^2 = 1, m_in = 10)."""
-    config = {"method": {"inner_lr": 0.5, "outer_lr": 0.2}, "problem": {"noise_var": 1.0},
-              "tasks": {"m_in": 10}}
+def law_run(exponent: float, scale: float = 1.0, method: str = "fo-anil",
+            kappa: int = 1) -> RunData:
+    """An infinite-task ``method`` run whose perp_norm is ``scale (2 kappa alpha^2 beta c
+    t)^(-1/2)`` bent to ``t^exponent`` (alpha = 0.5, beta = 0.2, Sigma_star = I_3, sigma^2 = 1,
+    m_in = 10), with lambda_err 1e-15 and a train_loss."""
+    config = {"method": {"name": method, "inner_lr": 0.5, "outer_lr": 0.2},
+              "problem": {"noise_var": 1.0}, "tasks": {"m_in": 10}}
     c = (3 + 1.0) / 10
     steps = np.unique(np.round(np.logspace(0, 5, 101)).astype(int))
-    perp = scale * (2 * 0.5**2 * 0.2 * c) ** -0.5 * steps.astype(float) ** exponent
-    metrics = pd.DataFrame({"step": steps, "perp_norm": perp})
-    return RunData(Runs.INFINITE, config, metrics, None, {"status": "done"},
+    perp = scale * (2 * kappa * 0.5**2 * 0.2 * c) ** -0.5 * steps.astype(float) ** exponent
+    metrics = pd.DataFrame({"step": steps, "perp_norm": perp, "lambda_err": 1e-15,
+                            "train_loss": 1 + perp**2})
+    return RunData(Runs.infinite(method), config, metrics, None, {"status": "done"},
                    {"Sigma_star": np.eye(3)})
 
 
@@ -65,6 +68,50 @@ def test_the_unlearning_rate_and_constant_claims_hold_only_for_the_predicted_law
     assert float(constant.evaluate(exact).value) == pytest.approx(1.0, rel=1e-9)
     assert not slope.evaluate({Runs.INFINITE: law_run(-0.45)}).passed  # a slower rate
     assert not constant.evaluate({Runs.INFINITE: law_run(-0.5, scale=1.05)}).passed
+
+
+def exact_study(*changed: RunData) -> dict[str, RunData]:
+    """The exact infinite-task runs of every model-agnostic method on their theory's law (the
+    ``kappa`` of their method), and ANIL's ``m_in = inf`` control keeping its complement;
+    each of ``changed`` replaces the run of its name."""
+    kappa = {"fo-anil": 1, "fo-maml": 1, "anil": 2, "maml": 2}
+    runs = [law_run(-0.5, method=m, kappa=k) for m, k in kappa.items()]
+    runs.append(fake_run(Runs.m_in("inf", "anil"), [1.0, 0.99, 0.98]))
+    return {run.name: run for run in (*runs, *changed)}
+
+
+def test_the_infinite_method_claims_fail_on_a_counterexample_each():
+    """Every claim on the exact runs of ANIL, FO-MAML and MAML passes on runs that follow the
+    theory, and each fails on its counterexample alone: a complement that stays, the
+    first-order rate (kappa = 1) in a second-order method, lambda_err at 1e-4, a MAML run 1e-6
+    away from ANIL's, an m_in = inf control that unlearns."""
+    rows = infinite_method_rows()
+    assert all(row.evaluate(exact_study()).passed for row in rows)
+
+    def failing(*changed: RunData) -> list[str]:
+        runs = exact_study(*changed)
+        return [row.claim for row in rows if not row.evaluate(runs).passed]
+
+    def edited(method: str, kappa: int, column: str, value: float) -> RunData:
+        run = law_run(-0.5, method=method, kappa=kappa)
+        run.metrics[column] = value
+        return run
+
+    for method in INFINITE_METHODS:
+        stuck = failing(edited(method, 2, "perp_norm", 1.0))
+        assert f"{method}, infinitely many tasks: the orthogonal complement is unlearned " \
+               "(B_perp^T B_t -> 0)" in stuck
+    wrong_rate = failing(*(law_run(-0.5, method=m, kappa=1) for m in ("anil", "maml")))
+    assert [claim.split(",")[0] for claim in wrong_rate] == ["anil", "maml"]
+    assert all("perp_norm(t) = (2 kappa" in claim for claim in wrong_rate)
+    [not_reached] = failing(edited("maml", 2, "lambda_err", 1e-4))
+    assert not_reached.startswith("maml, infinitely many tasks: B_star^T B_t B_t^T B_star")
+    apart = law_run(-0.5, method="maml", kappa=2)
+    apart.metrics["perp_norm"] *= 1 + 1e-6
+    [twin] = failing(apart)
+    assert twin.startswith("from w_0 = 0, infinite-task maml follows anil exactly")
+    [control] = failing(fake_run(Runs.m_in("inf", "anil"), [1.0, 0.3, 0.1]))
+    assert control.startswith("negative control (ANIL, and so MAML)")
 
 
 def floor_run(n: int, seed: int, floor: float, drift: float = 0.0) -> RunData:

@@ -14,6 +14,7 @@ import numpy as np
 
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem
+from metarep.errors import ArgumentError
 
 
 def lambda_star(problem: Problem, m_in: float, alpha: float) -> np.ndarray:
@@ -184,17 +185,36 @@ def adapted_risk(
     return math.nan
 
 
+UNDRIVEN_RATE = {"fo-anil": 1, "fo-maml": 1, "anil": 2, "maml": 2}
+"""The factor ``kappa`` of :func:`undriven_decay` per method (one inner step, ``w = 0``): 1 for
+the first-order methods, 2 for ANIL and MAML, whose gradient through the inner step adds the
+first-order cubic term once more."""
+
+
 def undriven_decay(problem: Problem, m_in: float, alpha: float, beta: float,
-                   t: np.ndarray | float) -> np.ndarray | float:
-    """``(2 alpha^2 beta c t)^(-1/2)``, ``c = (tr Sigma_star + sigma^2) / m_in``: the size at
-    step ``t`` of a direction of ``B`` outside span(B_star) that the task signal does not drive,
-    under infinite-task FO-ANIL with ``w = 0``, once it is small. There the expected step is
-    ``rho <- rho (1 - beta alpha^2 c rho^2)`` (docs/infinite_tasks.md), whose solution is
-    ``rho_t ~ (2 alpha^2 beta c t)^(-1/2)`` whatever ``rho_0``; ``inf`` for ``m_in = inf``
-    (no decay)."""
+                   t: np.ndarray | float, method: str = "fo-anil") -> np.ndarray | float:
+    """``(2 kappa alpha^2 beta c t)^(-1/2)``, ``c = (tr Sigma_star + sigma^2) / m_in``: the size
+    at step ``t`` of a direction of ``B`` outside span(B_star) that the task signal does not
+    drive, under the infinite-task dynamics of ``method`` with one inner step and ``w = 0``,
+    once it is small; ``kappa`` is :data:`UNDRIVEN_RATE` (``inf`` for ``m_in = inf``: no decay).
+
+    FO-ANIL: the expected step there is ``rho <- rho (1 - beta alpha^2 c rho^2)``
+    (docs/infinite_tasks.md), whose solution is ``rho_t ~ (2 alpha^2 beta c t)^(-1/2)`` whatever
+    ``rho_0``. ANIL: with ``g = S_in v - e_in`` (``v = -B_star w_star`` at ``w = 0``) the inner
+    step is ``w_i = -alpha B^T g``, and differentiating through it adds ``-alpha E[g r^T] B`` to
+    the body's gradient, ``r = B w_i - B_star w_star`` the outer residual; outside
+    span(B_star), ``E[g g^T] = c I``, so the added part is ``alpha^2 c B_perp^T B B^T B``,
+    FO-ANIL's own cubic term again: ``rho <- rho (1 - 2 beta alpha^2 c rho^2)``, ``kappa = 2``.
+    From ``w_0 = 0`` the expected head step of every one of these methods is odd in
+    ``(w_star, noise)``, so ``w_t = 0``, the body's inner step ``-alpha g w^T`` of FO-MAML and
+    MAML vanishes, and their dynamics are those of FO-ANIL and ANIL (``kappa`` 1 and 2)."""
     c = (float(np.trace(problem.Sigma_star)) + problem.noise_var) * _inverse(m_in)
+    if method not in UNDRIVEN_RATE:
+        raise ArgumentError("method", f"must be one of {', '.join(UNDRIVEN_RATE)}; "
+                            f"got {method!r}")
+    kappa = UNDRIVEN_RATE[method]
     with np.errstate(divide="ignore"):
-        return 1.0 / np.sqrt(2 * alpha**2 * beta * c * np.asarray(t, dtype=float))
+        return 1.0 / np.sqrt(2 * kappa * alpha**2 * beta * c * np.asarray(t, dtype=float))
 
 
 FIXED_POINT_METHODS = ("fo-anil", "anil", "fo-maml", "maml")

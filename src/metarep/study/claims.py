@@ -20,11 +20,12 @@ from metarep.core.evaluation import BAYES_ORACLE, RIDGE, features_row
 from metarep.core.measures import moment_subspace, subspace_distance
 from metarep.core.methods import MTL
 from metarep.core.problem import Problem
-from metarep.core.theory import undriven_decay
+from metarep.core.theory import UNDRIVEN_RATE, undriven_decay
 from metarep.run.backends.sources import resolve_inputs
 from metarep.run.rundir import RunData
 from metarep.run.schema import from_dict
 from metarep.study.design import (
+    INFINITE_METHODS,
     MODEL_AGNOSTIC,
     POOL_METHODS,
     RELU_LAYERS,
@@ -222,16 +223,56 @@ def run_problem(run: RunData) -> Problem:
 
 
 def unlearning_law(run: RunData, steps: np.ndarray | float) -> np.ndarray | float:
-    """:func:`metarep.core.theory.undriven_decay` at ``steps`` for an infinite-task run."""
+    """:func:`metarep.core.theory.undriven_decay` at ``steps`` for an infinite-task run of its
+    method."""
     method = run.config["method"]
     return undriven_decay(run_problem(run), float(run.config["tasks"]["m_in"]),
-                          method["inner_lr"], method["outer_lr"], steps)
+                          method["inner_lr"], method["outer_lr"], steps, method["name"])
 
 
 def unlearning_constant(run: RunData) -> Measurement:
-    """``perp_norm(T) / (2 alpha^2 beta c T)^(-1/2)``: 1 when the undriven directions decay
-    as the theory says (:func:`unlearning_law`)."""
-    return one(last(run, "perp_norm") / float(unlearning_law(run, run.metrics["step"].iloc[-1])))
+    """``perp_norm(T) / (2 kappa alpha^2 beta c T)^(-1/2)``: 1 when the undriven directions
+    decay as the theory says for the run's method (:func:`unlearning_law`); ``T`` in the
+    fields as ``steps``."""
+    steps = int(run.metrics["step"].iloc[-1])
+    value = last(run, "perp_norm") / float(unlearning_law(run, steps))
+    return Measurement((value,), f"{value:.4g}", {"steps": steps})
+
+
+def perp_shrinkage(run: RunData) -> float:
+    """``perp_norm(T) / perp_norm(0)``."""
+    return last(run, "perp_norm") / first(run, "perp_norm")
+
+
+def at_the_end(value: Callable[[RunData], float]) -> Measure:
+    """``value`` of one run, with its last step ``T`` in the fields as ``steps``."""
+    def measured(run: RunData) -> Measurement:
+        found = value(run)
+        return Measurement((found,), f"{found:.4g}", {"steps": int(run.metrics["step"].iloc[-1])})
+
+    return measured
+
+
+SAME_DYNAMICS_COLUMNS = ("perp_norm", "train_loss")
+SAME_DYNAMICS_TOLERANCE = 1e-9
+"""Two exact runs follow the same dynamics when :func:`same_dynamics` is below this: far above
+the rounding of float64 steps (about 1e-14 after T steps), far below any real difference."""
+
+
+def same_dynamics(run: RunData, twin: RunData) -> Measurement:
+    """The largest relative difference ``|a - b| / max(|a|, |b|)`` between two runs' records
+    of :data:`SAME_DYNAMICS_COLUMNS` at the steps both recorded (at least two; 0 where both
+    are 0); the number of those steps in the fields as ``records``."""
+    both = run.metrics.merge(twin.metrics, on="step", suffixes=("", "_twin"))
+    if len(both) < 2:
+        raise ValueError("fewer than two common record steps")
+    worst = 0.0
+    for column in SAME_DYNAMICS_COLUMNS:
+        a, b = both[column].to_numpy(), both[f"{column}_twin"].to_numpy()
+        scale = np.maximum(np.abs(a), np.abs(b))
+        gap = np.divide(np.abs(a - b), scale, out=np.zeros_like(scale), where=scale > 0)
+        worst = max(worst, float(gap.max()))
+    return Measurement((worst,), f"{worst:.2g}", {"records": len(both)})
 
 
 def gap_decay(k: int) -> Measure:
@@ -406,6 +447,64 @@ def relu_rows(layers: int, seeds: Sequence[int]) -> list[ClaimRow]:
     return rows
 
 
+RATE_REASON = {
+    "fo-maml": "from w_0 = 0 its dynamics are FO-ANIL's",
+    "anil": "the gradient through the inner step doubles FO-ANIL's cubic shrinkage",
+    "maml": "from w_0 = 0 its dynamics are ANIL's",
+}
+"""Why ``kappa`` (:data:`metarep.core.theory.UNDRIVEN_RATE`) is what it is, per method of
+:data:`~metarep.study.design.INFINITE_METHODS`."""
+
+TWINS = (("maml", "anil"), ("fo-maml", "fo-anil"))
+"""Pairs whose exact infinite-task dynamics coincide from ``w_0 = 0`` (one inner step)."""
+
+
+def infinite_method_rows() -> list[ClaimRow]:
+    """The claims on the exact infinite-task runs of ANIL, FO-MAML and MAML (one inner step,
+    ``w_0 = 0``), per method: the complement is unlearned; at the rate
+    ``(2 kappa alpha^2 beta c t)^(-1/2)`` of :func:`metarep.core.theory.undriven_decay`;
+    ``B_star^T B_t B_t^T B_star`` reaches ``Lambda_star``, which the theory gives only as a
+    stationary point of the expected step at ``w = 0`` (whether it is reached is measured).
+    Then that MAML follows ANIL and FO-MAML follows FO-ANIL exactly (the head stays 0), and
+    the negative control of ANIL (and so MAML) with ``m_in = inf``."""
+    rows = []
+    for method in INFINITE_METHODS:
+        run = Runs.infinite(method)
+        kappa = UNDRIVEN_RATE[method]
+        rows += [
+            ClaimRow(f"{method}, infinitely many tasks: the orthogonal complement is unlearned "
+                     "(B_perp^T B_t -> 0)", (run,),
+                     f"perp_norm(T) / perp_norm(0), T = {{steps}} ({run})", "< 0.2",
+                     at_the_end(perp_shrinkage),
+                     lambda v: v < 0.2),
+            ClaimRow(f"{method}, infinitely many tasks: perp_norm(t) = (2 kappa alpha^2 beta c "
+                     f"t)^(-1/2) with kappa = {kappa} ({RATE_REASON[method]})", (run,),
+                     f"perp_norm(T) sqrt(2 kappa alpha^2 beta c T), T = {{steps}} ({run})",
+                     "1 +/- 0.02", unlearning_constant, lambda v: abs(v - 1) <= 0.02),
+            ClaimRow(f"{method}, infinitely many tasks: B_star^T B_t B_t^T B_star -> "
+                     "Lambda_star, a stationary point of its expected step at w = 0 (that it "
+                     "is reached is measured, not proven)", (run,),
+                     f"lambda_err at T = {{steps}} ({run})", "< 1e-6",
+                     at_the_end(lambda r: last(r, "lambda_err")), lambda v: v < 1e-6),
+        ]
+    for method, twin in TWINS:
+        rows.append(ClaimRow(
+            f"from w_0 = 0, infinite-task {method} follows {twin} exactly (the expected head "
+            "step is odd in (w_star, noise), so w_t = 0 and the body's inner step vanishes)",
+            (Runs.infinite(method), Runs.infinite(twin)),
+            f"largest relative difference of perp_norm and train_loss over the {{records}} "
+            f"common records, {Runs.infinite(method)} vs {Runs.infinite(twin)}",
+            f"< {SAME_DYNAMICS_TOLERANCE:g}", same_dynamics,
+            lambda v: v < SAME_DYNAMICS_TOLERANCE))
+    control = Runs.m_in("inf", "anil")
+    rows.append(ClaimRow(
+        "negative control (ANIL, and so MAML): with infinitely many inner samples the "
+        "complement is not unlearned", (control,),
+        f"perp_norm(T) / perp_norm(0), T = {{steps}} ({control})", "> 0.5",
+        at_the_end(perp_shrinkage), lambda v: v > 0.5))
+    return rows
+
+
 def claim_rows(k: int, d: int, floors: Sequence[str] = (),
                relu_seeds: Sequence[int] = ()) -> list[ClaimRow]:
     """Every claim of the study for latent dimension ``k`` and ambient dimension ``d``, in the
@@ -446,6 +545,7 @@ def claim_rows(k: int, d: int, floors: Sequence[str] = (),
                  "lambda_err at T (infinite-task FO-ANIL)", "< 1e-3", final("lambda_err"),
                  lambda v: v < 1e-3),
     ]
+    rows += infinite_method_rows()
     for method in MODEL_AGNOSTIC:
         run = Runs.pool(method)
         rows.append(ClaimRow(

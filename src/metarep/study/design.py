@@ -8,6 +8,8 @@ config derived from the scale's base setting:
 - ``infinite-fo-anil``: the exact infinite-task FO-ANIL dynamics from the same ``B_0``;
 - ``infinite-w0``: the same from a non-zero head ``w_0``;
 - ``infinite-m_in-<m>``: the same with other inner sample counts, ``inf`` included;
+- ``infinite-<method>``: the exact infinite-task dynamics of ANIL, FO-MAML and MAML (one inner
+  step) from the same ``B_0``, and ``infinite-anil-m_in-inf``: ANIL with ``m_in = inf``;
 - ``floor-N<n>-s<seed>``: FO-ANIL trained to its finite-pool floor on pools of several sizes
   N and seeds (docs/finite_pool_floor.md);
 - ``relu<L>-<method>-s<seed>``: the appendix study with ReLU bodies of ``L`` hidden layers,
@@ -28,6 +30,9 @@ from metarep.errors import ConfigError
 SCALES = ("quick", "default", "paper")
 POOL_METHODS = ("fo-anil", "anil", "fo-maml", "maml", "mtl")
 MODEL_AGNOSTIC = ("fo-anil", "anil", "fo-maml", "maml")
+INFINITE_METHODS = ("anil", "fo-maml", "maml")
+"""The methods with an exact infinite-task run of their own besides FO-ANIL
+(``infinite-<method>``, :data:`SCALE_SETTINGS` ``infinite_method_steps`` steps)."""
 
 _PAPER_PROBLEM = {"d": 50, "k": 5, "noise_var": 4.0, "head_cov": "linear", "seed": 0}
 
@@ -44,6 +49,7 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         },
         "infinite_steps": 20_000,
         "infinite_record_every": "log",
+        "infinite_method_steps": 1000,
         "m_in_values": (5, 10, 40, "inf"),
         "floor": {"n_values": (250, 1000, 4000), "seeds": (1, 2), "steps": 5000},
         "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
@@ -62,6 +68,7 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         },
         "infinite_steps": 200_000,
         "infinite_record_every": "log",
+        "infinite_method_steps": 1000,
         "m_in_values": (5, 20, 80, "inf"),
         "floor": {"n_values": (2000, 4000, 8000), "seeds": (1, 2), "steps": 3000},
         "relu": {"problem.d": 20, "tasks.n": 1000, "train.steps": 5000, "train.record_every": "log",
@@ -85,6 +92,7 @@ SCALE_SETTINGS["paper"] = _merged(SCALE_SETTINGS["default"], {
     "base": {"train": {"steps": 10_000, "record_every": "log"}, "eval": {"n_tasks": 5000}},
     "infinite_steps": 1_000_000,
     "infinite_record_every": "log",
+    "infinite_method_steps": 10_000,
     "floor": {"n_values": (2000, 8000, 32000), "seeds": (1, 2, 3), "steps": 6000},
     "relu": {"problem.d": 40, "model.width": 16, "model.hidden_width": 20, "tasks.n": 5000,
              "train.steps": 20_000, "eval.n_tasks": 2000},
@@ -119,9 +127,16 @@ class Runs:
         return f"pool-{method}"
 
     @staticmethod
-    def m_in(m_in: int | str) -> str:
-        """Exact infinite-task FO-ANIL with ``m_in`` inner samples (``inf`` included)."""
-        return f"infinite-m_in-{m_in}"
+    def infinite(method: str) -> str:
+        """The exact infinite-task dynamics of ``method`` from the pool runs' ``B_0``
+        (:attr:`INFINITE` for FO-ANIL)."""
+        return f"infinite-{method}"
+
+    @staticmethod
+    def m_in(m_in: int | str, method: str = "fo-anil") -> str:
+        """Exact infinite-task ``method`` with ``m_in`` inner samples (``inf`` included):
+        ``infinite-m_in-<m>`` for FO-ANIL, ``infinite-<method>-m_in-<m>`` otherwise."""
+        return f"infinite-m_in-{m_in}" if method == "fo-anil" else f"infinite-{method}-m_in-{m_in}"
 
     @staticmethod
     def floor(n: int, seed: int) -> str:
@@ -203,6 +218,14 @@ def study_runs(scale: str) -> list[StudyRun]:
     for m_in in settings["m_in_values"]:
         if m_in != base_m_in:
             runs.append(StudyRun(Runs.m_in(m_in), {**infinite, "tasks.m_in": m_in}))
+    # The other methods' exact dynamics cost 5-40 times FO-ANIL's per step, and their claims
+    # are settled well before infinite_steps (docs/study.md), so they run fewer steps.
+    exact = {**infinite, "train.steps": settings["infinite_method_steps"]}
+    for method in INFINITE_METHODS:
+        runs.append(StudyRun(Runs.infinite(method), {
+            **exact, "method.name": method, "method.outer_lr": OUTER_LR[method]}))
+    runs.append(StudyRun(Runs.m_in("inf", "anil"), {
+        **exact, "method.name": "anil", "method.outer_lr": OUTER_LR["anil"], "tasks.m_in": "inf"}))
     floor = settings["floor"]
     for n in floor["n_values"]:
         for seed in floor["seeds"]:

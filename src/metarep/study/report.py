@@ -35,9 +35,12 @@ from metarep.run.figures import (
 from metarep.run.rundir import RunData
 from metarep.study.claims import (
     CLAIM_COLUMNS,
+    SAME_DYNAMICS_TOLERANCE,
+    TWINS,
     Claim,
     floor_exponent,
     risk,
+    same_dynamics,
     seed_mean,
     share_path,
     unlearning_law,
@@ -116,36 +119,68 @@ def _loglog(axis: Axes, xlabel: str, ylabel: str, title: str) -> None:
 
 def figure_unlearning(runs: dict[str, RunData],
                       floors: tuple[str, ...] = ()) -> tuple[Figure, pd.DataFrame]:
-    """(a) ``||B_perp^T B_t||`` against t, log-log, every method on the pool, with the exact
-    infinite-task FO-ANIL curve and the rate the theory gives for its undriven directions;
-    beside it, the finite-pool floor of the ``floors`` runs against N with its fitted power
-    law and the N^(-1/2) of a statistical error for contrast."""
-    names = [Runs.pool(m) for m in POOL_METHODS] + [Runs.INFINITE]
+    """(a) ``||B_perp^T B_t||`` against t, log-log: every method on the pool (solid; FO-MAML
+    and MAML dotted, over FO-ANIL and ANIL which they follow closely), each model-agnostic
+    method's exact infinite-task curve from the same ``B_0`` in its colour (dashed; one
+    curve for a pair whose curves coincide, :func:`_exact_curves`), and the rates the theory
+    gives for the undriven directions, ``(2 kappa alpha^2 beta c t)^(-1/2)`` with ``kappa = 1``
+    (first order) and 2 (ANIL, MAML); beside it, the finite-pool floor of the ``floors`` runs
+    against N with its fitted power law and the N^(-1/2) of a statistical error for
+    contrast."""
+    names = [Runs.pool(m) for m in POOL_METHODS] + [Runs.infinite(m) for m in MODEL_AGNOSTIC]
     table = _long(runs, names, ["perp_norm"])
-    figure = Figure(figsize=(13, 5), layout="constrained")
+    figure = Figure(figsize=(13, 6.5), layout="constrained")
     axis, floor_axis = figure.subplots(1, 2, width_ratios=(3, 2))
     for method in POOL_METHODS:
         run = runs.get(Runs.pool(method))
         if run is not None:
-            overlap = " = FO-ANIL up to the line width" if method == "fo-maml" else ""
+            overlap = {"fo-maml": " (close to FO-ANIL)", "maml": " (close to ANIL)"}
             axis.plot(_steps(run.metrics), run.metrics["perp_norm"], color=COLORS[method],
-                      linestyle=STYLES[method], label=f"{LABELS[method]} (N-task pool){overlap}")
-    infinite = runs.get(Runs.INFINITE)
-    if infinite is not None:
-        axis.plot(_steps(infinite.metrics), infinite.metrics["perp_norm"], "k--", linewidth=2,
-                  label="FO-ANIL, infinitely many tasks (exact)")
-        steps = _steps(infinite.metrics)
-        axis.plot(steps, unlearning_law(infinite, steps), color="0.4", linestyle=":",
-                  label=r"theory: $(2\alpha^2\beta c\,t)^{-1/2}$, $c = (\mathrm{tr}\,"
-                  r"\Sigma_* + \sigma^2)/m_{in}$")
+                      linestyle=":" if method in overlap else "-",
+                      label=f"{LABELS[method]}, N-task pool{overlap.get(method, '')}")
+    for method, label in _exact_curves(runs):
+        run = runs[Runs.infinite(method)]
+        axis.plot(_steps(run.metrics), run.metrics["perp_norm"], color=COLORS[method],
+                  linestyle="--", linewidth=2, label=label)
+    for method, kappa in (("fo-anil", 1), ("anil", 2)):
+        run = runs.get(Runs.infinite(method))
+        if run is not None:
+            steps = _steps(run.metrics)
+            axis.plot(steps, unlearning_law(run, steps), color="0.4" if kappa == 1 else "0.65",
+                      linestyle=":", label=rf"theory, $\kappa = {kappa}$ ({LABELS[method]}): "
+                      r"$(2\kappa\alpha^2\beta c\,t)^{-1/2}$, $c = (\mathrm{tr}\,\Sigma_* + "
+                      r"\sigma^2)/m_{in}$")
     _loglog(axis, "outer step t + 1", r"$\|B_\perp^\top B_t\|_2$",
-            "(a) Unlearning the orthogonal complement of span(B*)")
+            f"(a) Unlearning the orthogonal complement of span(B*); dashed: {INFINITE_N} (exact)")
+    axis.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     floor_table = _floor_points(runs, floors)
     if len(floor_table):
         _draw_floors(floor_axis, floor_table, [runs[name] for name in floor_table["run"]])
         table = pd.concat([table, floor_table], ignore_index=True)
     floor_axis.set_title("The finite-pool floor of FO-ANIL against the pool size N", fontsize=10)
     return figure, table
+
+
+INFINITE_N = r"$N = \infty$"
+
+
+def _exact_curves(runs: dict[str, RunData]) -> list[tuple[str, str]]:
+    """``(method, legend label)`` of each exact infinite-task curve to draw: every finished
+    ``infinite-<method>`` run, except that FO-MAML and MAML, whose dynamics from ``w_0 = 0``
+    are FO-ANIL's and ANIL's (:data:`metarep.study.claims.TWINS`), are not drawn over their
+    twin where the two runs' records agree (:func:`metarep.study.claims.same_dynamics` below
+    :data:`~metarep.study.claims.SAME_DYNAMICS_TOLERANCE`): the twin's label says so, with
+    the measured difference."""
+    labels = {m: f"{LABELS[m]}, {INFINITE_N} (exact)" for m in MODEL_AGNOSTIC
+              if Runs.infinite(m) in runs}
+    for method, twin in TWINS:
+        if method in labels and twin in labels:
+            gap = same_dynamics(runs[Runs.infinite(method)], runs[Runs.infinite(twin)]).values[0]
+            if gap < SAME_DYNAMICS_TOLERANCE:
+                del labels[method]
+                labels[twin] = (f"{LABELS[twin]} = {LABELS[method]}, {INFINITE_N} (exact; "
+                                f"one curve from $w_0 = 0$, relative difference {gap:.1g})")
+    return list(labels.items())
 
 
 def _floor_points(runs: dict[str, RunData], floors: tuple[str, ...]) -> pd.DataFrame:
@@ -430,12 +465,17 @@ def _save_figure(figure: Figure, stem: Path) -> None:
 
 
 FIGURES: tuple[tuple[str, str], ...] = (
-    ("a_unlearning", "Unlearning: the part of B_t outside span(B*) over training. The dashed "
-     "black curve is the exact infinite-task FO-ANIL dynamics from the same B_0; the dotted "
-     "grey line is the rate the theory gives for its undriven directions, (2 alpha^2 beta c "
-     "t)^(-1/2) with c = (tr Sigma* + sigma^2) / m_in. The finite-pool curves leave it at a "
-     "floor set by N, m and the noise. FO-MAML from w_0 = 0 follows FO-ANIL closely, so "
-     "their curves overlap. Right: the floor of FO-ANIL trained to convergence on pools of "
+    ("a_unlearning", "Unlearning: the part of B_t outside span(B*) over training. Solid (and "
+     "dotted for FO-MAML and MAML, which follow FO-ANIL and ANIL closely): each method on the "
+     "finite pool. Dashed, in the same colour: the exact infinite-task dynamics of each "
+     "model-agnostic method from the same B_0 (one inner step, w_0 = 0); from w_0 = 0 the "
+     "head stays 0, so FO-MAML's curve is FO-ANIL's and MAML's is ANIL's exactly, and each "
+     "pair is drawn once, as the legend says (the claims measure the difference). The "
+     "dotted grey lines are the rates the theory gives for the undriven directions, (2 kappa "
+     "alpha^2 beta c t)^(-1/2) with c = (tr Sigma* + sigma^2) / m_in: kappa = 1 for the "
+     "first-order methods, 2 for ANIL and MAML, whose gradient through the inner step doubles "
+     "the cubic shrinkage. The finite-pool curves leave them at a floor set by N, m and the "
+     "noise. Right: the floor of FO-ANIL trained to convergence on pools of "
      "several sizes N (one point per pool seed), its fitted power law, the N^(-1/4) that "
      "cubic unlearning against pool noise of order N^(-1/2) gives (docs/finite_pool_floor.md) "
      "and the N^(-1/2) of a statistical error for contrast."),
