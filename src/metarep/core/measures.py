@@ -59,7 +59,8 @@ class SpanMeasures(NamedTuple):
     span_missed: float
 
 
-def span_measures(B: np.ndarray, B_star: np.ndarray) -> SpanMeasures:
+def span_measures(B: np.ndarray, B_star: np.ndarray,
+                  svd: tuple[np.ndarray, np.ndarray] | None = None) -> SpanMeasures:
     """``subspace_dist``, ``span_outside`` and ``span_missed`` of ``B`` (d, k') against
     ``B_star`` (d, k, orthonormal), from one SVD of ``B``.
 
@@ -81,9 +82,10 @@ def span_measures(B: np.ndarray, B_star: np.ndarray) -> SpanMeasures:
     ``B_star -> Q B_star`` for any ``Q`` (d', d) and ``V`` (k'', k') with orthonormal columns
     (singular values and the map of left singular vectors are kept): the infinite-task
     coordinates ``H`` with ``B_star = [I_k; 0]`` give the measures of ``B`` in R^d.
+    ``svd``: ``(U, singular values)`` of ``B`` (thin SVD) when the caller has them already.
     """
     k = B_star.shape[1]
-    U, singular, _ = np.linalg.svd(B, full_matrices=False)
+    U, singular = svd if svd is not None else np.linalg.svd(B, full_matrices=False)[:2]
     r = min(k, numerical_rank(singular))
     U_B = U[:, :r]
     outside = float(min(1.0, np.linalg.norm(outside_span(U_B, B_star), 2))) if r else 0.0
@@ -141,14 +143,15 @@ def measure(
     is None.
     """
     B = params.B.astype(np.float64)
+    U, singular, _ = np.linalg.svd(B, full_matrices=False)  # one SVD for the span and sv_*
     out = dict.fromkeys(TRUTH_MEASURES, np.nan)
     if problem is not None:
         out["perp_norm"], out["perp_norm_fro"] = perp_norms(B, problem.B_star)
-        out.update(span_measures(B, problem.B_star)._asdict())
+        out.update(span_measures(B, problem.B_star, (U, singular))._asdict())
         if Lambda_star is not None:
             out["lambda_err"] = lambda_error(B, problem.B_star, Lambda_star)
     out["head_norm"] = float(np.linalg.norm(params.w))
-    for i, value in enumerate(singular_values(B), start=1):
+    for i, value in enumerate(singular, start=1):
         out[f"sv_{i}"] = float(value)
     return out
 

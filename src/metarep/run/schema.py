@@ -792,9 +792,14 @@ def load_config(
     return from_dict(tree, flat, name=name)
 
 
+YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+"""libyaml's emitter where PyYAML has it (the same text as the pure-Python one, three times
+faster: a sweep writes one config per run)."""
+
+
 def dump_yaml(config: Config) -> str:
     """The fully resolved config as YAML text."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    return yaml.dump(to_dict(config), Dumper=YAML_DUMPER, sort_keys=False)
 
 
 def written_as(text: str, config: Config) -> bool:
