@@ -52,8 +52,10 @@ SCALE_SETTINGS: dict[str, dict[str, Any]] = {
         "infinite_method_steps": 1000,
         "m_in_values": (5, 10, 40, "inf"),
         "floor": {"n_values": (250, 1000, 4000), "seeds": (1, 2), "steps": 5000},
-        "relu": {"problem.d": 40, "tasks.n": 1000, "train.steps": 600, "train.record_every": "log",
-                 "model.hidden_width": 20, "eval.shots": [5, 10, 20], "eval.n_tasks": 1000},
+        # A smoke test of figure (f) (no claims at this scale): small enough to take seconds.
+        "relu": {"problem.d": 20, "tasks.n": 250, "train.steps": 300, "train.record_every": "log",
+                 "model.width": 8, "model.hidden_width": 10, "eval.shots": [5, 10, 20],
+                 "eval.n_tasks": 200},
         "relu_study": {"seeds": (1,), "claims": False},
     },
     "default": {
