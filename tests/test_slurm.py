@@ -24,6 +24,9 @@ from metarep.sweeps.driver import SweepOptions, run_sweep
 METAREP = str(Path(sys.executable).with_name("metarep"))
 LONG = {"train.steps": 10000, "train.record_every": 500}
 """Runs long enough (seconds) to be cancelled while they run."""
+ORPHANS = {**LONG, "train.steps": 30000}
+"""Runs that outlive a killed driver long enough (about 20 s) for the next sweep to find
+them still running and cancel them."""
 WAIT_S = 120
 
 
@@ -163,6 +166,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
     assert statuses(out) == dict.fromkeys(("width=2", "width=3"), "done")
 
     out = tmp_path / "killed"  # SIGKILL: the jobs go on, and the next sweep cancels them first
+    pair = write_sweep(tmp_path / "orphans", set=ORPHANS, grid={"model.width": [2, 3]})
     driver = start_sweep(env, pair, "--executor", "slurm", "--out", out)
     wait_for(lambda: len(list(out.glob(".*.tmp/metrics.csv"))) == 2, "both runs to record")
     driver.kill()
@@ -172,7 +176,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
     assert "2 runs, 2 done, 0 failed (2 ran now)" in rerun.stdout, rerun.stderr
     for name in ("width=2", "width=3"):
         steps = record_steps(out / name)
-        assert steps == sorted(set(steps)) and steps[-1] == LONG["train.steps"]
+        assert steps == sorted(set(steps)) and steps[-1] == ORPHANS["train.steps"]
     assert not slurm_cluster.active_jobs()
 
 

@@ -58,7 +58,6 @@ CASES = {
     "narrow": {"model.width": 2, "method.name": "anil"},
     "infinite": {"tasks.n": "infinite"},
     "infinite-m-inf": {"tasks.n": "infinite", "tasks.m_in": "inf"},
-    "infinite-fo-maml": {"tasks.n": "infinite", "method.name": "fo-maml", "model.width": 8},
     "infinite-head-scale": {"tasks.n": "infinite", "model.head_scale": 0.4},
 }
 
