@@ -32,7 +32,7 @@ from functools import cache
 
 import numpy as np
 
-from metarep.core.moments import Chain, Expectation, Monomial, Poly, Program, Words, expectation
+from metarep.core.moments import Expectation, Poly, Program, Words, expectation, words
 from metarep.errors import ArgumentError
 
 METHOD_FLAGS: dict[str, tuple[bool, bool]] = {
@@ -104,15 +104,10 @@ def check_exact(method: str, inner_steps: int) -> None:
 
 def program_size(method: str, inner_steps: int) -> dict[str, int]:
     """How many monomials and distinct words one expected step evaluates."""
-    parts = step_expectations(method, inner_steps)
-    monos = [*parts.body, *parts.head, *parts.loss]
-    words = {w for mono in monos for w in _words(mono)}
-    return {"monomials": len(monos), "words": len(words)}
-
-
-def _words(mono: Monomial) -> list[Chain]:
-    return [mono.left, *([mono.right] if mono.right is not None else []), *mono.paths,
-            *mono.cycles]
+    step = step_expectations(method, inner_steps)
+    parts = (step.body, step.head, step.loss)
+    return {"monomials": sum(len(part) for part in parts),
+            "words": len({word for part in parts for word in words(part)})}
 
 
 class ExpectedGradients:

@@ -187,6 +187,15 @@ def coordinates(
     return Frame(B_star, Q_perp, V), state
 
 
+def check_shape(state: InfiniteTaskState, shape: tuple[int, int, int]) -> None:
+    """Refuse a state whose ``H`` is not ``shape`` = (b, q, p) or whose ``omega`` is not
+    (b, p)."""
+    b, _, p = shape
+    if tuple(state.H.shape) != shape or tuple(state.omega.shape) != (b, p):
+        raise ArgumentError("state", f"shapes {tuple(state.H.shape)}, "
+                            f"{tuple(state.omega.shape)} do not match {shape}")
+
+
 class _StateViews:
     """A state and the views of it that one step reads or writes."""
 
@@ -287,10 +296,7 @@ class ExactFOANIL:
         for buffer in self._work.buffers:
             if state.H is buffer.H and state.omega is buffer.state.omega:
                 return buffer
-        b, _, p = self.shape
-        if state.H.shape != self.shape or state.omega.shape != (b, p):
-            raise ArgumentError("state", f"shapes {state.H.shape}, {state.omega.shape} do not "
-                                f"match {self.shape}")
+        check_shape(state, self.shape)
         xp = self.xp
         return _StateViews(xp.ascontiguousarray(state.H, dtype=self.dtype),
                            xp.ascontiguousarray(state.omega, dtype=self.dtype), self.k)
@@ -383,10 +389,7 @@ class ExactInnerLoop:
         self._beta = self.beta.reshape(b, 1, 1).astype(self.dtype)
 
     def _checked(self, state: InfiniteTaskState) -> tuple[np.ndarray, np.ndarray]:
-        b, _, p = self.shape
-        if tuple(state.H.shape) != self.shape or tuple(state.omega.shape) != (b, p):
-            raise ArgumentError("state", f"shapes {tuple(state.H.shape)}, "
-                                f"{tuple(state.omega.shape)} do not match {self.shape}")
+        check_shape(state, self.shape)
         return (np.ascontiguousarray(state.H, dtype=self.dtype),
                 np.ascontiguousarray(state.omega, dtype=self.dtype))
 

@@ -51,7 +51,6 @@ LETTERS = ("B", "w", "n", "P", "I", "T")
 """The fixed letters (see the module docstring); ``P``, ``I``, ``T`` are symmetric."""
 
 SYMMETRIC = frozenset({"P", "I", "T", "W"})
-RANDOM = frozenset({"W", "t", "t'"})
 
 
 @cache
@@ -129,15 +128,6 @@ class Poly:
             scalars = tuple(sorted(a.scalars + b.scalars + (_scalar_key(product),)))
             terms[Term(a.alpha_power + b.alpha_power, (), scalars)] += ca * cb
         return Poly(terms)
-
-    def times(self, scalar: Poly) -> Poly:
-        """``self`` times the scalar polynomial ``scalar`` (terms with an empty chain)."""
-        if any(t.chain for t in scalar.terms):
-            raise ValueError("times: the factor is not a scalar polynomial")
-        return self @ scalar
-
-    def __len__(self) -> int:
-        return len(self.terms)
 
 
 @cache
