@@ -80,8 +80,12 @@ def wait_for(condition, what: str, timeout: float = WAIT_S):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def record_steps(run: Path) -> list[int]:
-    return pd.read_csv(run / "metrics.csv")["step"].tolist()
+def assert_each_record_once(out: Path, names: tuple[str, ...], last_step: int) -> None:
+    """Every run of ``names`` (resumed or started anew) has each record step once, in order,
+    up to ``last_step``."""
+    for name in names:
+        steps = pd.read_csv(out / name / "metrics.csv")["step"].tolist()
+        assert steps == sorted(set(steps)) and steps[-1] == last_step, name
 
 
 def modified(out: Path, names: list[str]) -> dict[str, int]:
@@ -146,9 +150,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
     assert "3 runs, 3 done, 0 failed (2 ran now)" in rerun.stdout, rerun.stderr
     assert statuses(out) == dict.fromkeys(("width=2", "width=3", "width=4"), "done")
     assert modified(out, ["width=3"]) == before
-    for name in ("width=2", "width=4"):  # resumed or started: each record once
-        steps = record_steps(out / name)
-        assert steps == sorted(set(steps)) and steps[-1] == LONG["train.steps"]
+    assert_each_record_once(out, ("width=2", "width=4"), LONG["train.steps"])
     assert not slurm_cluster.active_jobs()
 
     pair, out = write_sweep(tmp_path / "pair", set=LONG, grid={"model.width": [2, 3]}), \
@@ -174,9 +176,7 @@ def test_a_sweep_on_slurm_runs_every_run_once_also_after_cancelled_jobs(tmp_path
     assert len(slurm_cluster.running_jobs()) == 2
     rerun = sweep(env, pair, "--executor", "slurm", "--out", out)
     assert "2 runs, 2 done, 0 failed (2 ran now)" in rerun.stdout, rerun.stderr
-    for name in ("width=2", "width=3"):
-        steps = record_steps(out / name)
-        assert steps == sorted(set(steps)) and steps[-1] == ORPHANS["train.steps"]
+    assert_each_record_once(out, ("width=2", "width=3"), ORPHANS["train.steps"])
     assert not slurm_cluster.active_jobs()
 
 
@@ -231,9 +231,7 @@ def test_submitit_local_a_stopped_job_leaves_its_run_to_the_next_sweep(tmp_path,
     assert "unfinished: width=" in stdout and len(statuses(out)) == 1
     rerun = sweep(dict(os.environ), *args)
     assert "2 runs, 2 done, 0 failed (1 ran now)" in rerun.stdout, rerun.stderr
-    for name in ("width=2", "width=3"):
-        steps = record_steps(out / name)
-        assert steps == sorted(set(steps)) and steps[-1] == LONG["train.steps"]
+    assert_each_record_once(out, ("width=2", "width=3"), LONG["train.steps"])
 
 
 @pytest.mark.slow
