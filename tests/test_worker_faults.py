@@ -34,7 +34,7 @@ from metarep.sweeps.spec import load_sweep, plan_runs
 PROC = Path("/proc")
 needs_proc = pytest.mark.skipif(not (PROC / "self" / "stat").exists(),
                                 reason="reads processes from /proc (Linux)")
-STEPS, RECORD_EVERY = 3000, 500  # a run of `quick` then takes several seconds
+STEPS, RECORD_EVERY = 20000, 2000  # a run of `quick` then takes ~8 s: it outlives a kill
 WIDTHS = [17, 18, 19, 20]
 LOGGED = re.compile(r"^\[\d+/\d+\] (?P<name>\S+): (?P<status>done|failed) ", re.MULTILINE)
 RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
