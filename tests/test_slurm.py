@@ -24,9 +24,11 @@ from metarep.sweeps.driver import SweepOptions, run_sweep
 METAREP = str(Path(sys.executable).with_name("metarep"))
 LONG = {"train.steps": 10000, "train.record_every": 500}
 """Runs long enough (seconds) to be cancelled while they run."""
-ORPHANS = {**LONG, "train.steps": 30000}
-"""Runs that outlive a killed driver long enough (about 20 s) for the next sweep to find
-them still running and cancel them."""
+ORPHANS = {**LONG, "train.steps": 100000}
+"""Runs that outlive a killed driver long enough (about 40 s; at 30,000 steps a loaded machine
+could finish them before the next sweep started) for the next sweep to find them still
+running and cancel them; that sweep resumes them from the checkpoints they save when
+cancelled."""
 WAIT_S = 120
 
 
