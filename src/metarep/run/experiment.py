@@ -15,12 +15,11 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from metarep.core.evaluation import EvalRow
 from metarep.core.infinite import InfiniteTaskState
@@ -34,6 +33,7 @@ from metarep.run.provenance import provenance
 from metarep.run.rundir import (
     CHECKPOINT,
     CONFIG,
+    EVAL_COLUMNS,
     METRICS,
     RunDirectory,
     check_output_dir,
@@ -41,6 +41,9 @@ from metarep.run.rundir import (
 )
 from metarep.run.schema import Config, dump_yaml, flatten, to_dict, written_as
 from metarep.run.sinks import RunIdentity, Sinks, check_installed
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CHECKPOINT_SECONDS = 10.0
 """A running run writes ``metrics.csv`` and ``checkpoint.npz`` at most this often (default)."""
@@ -56,10 +59,18 @@ class RunResult:
 
     out_dir: Path
     status: str
-    metrics: pd.DataFrame
+    records: list[dict[str, float]]
     eval_rows: list[EvalRow]
     params: Any
     summary: dict[str, Any]
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """The records as a table (one row per recorded step), as ``metrics.csv`` holds
+        them."""
+        import pandas as pd  # only where a table is asked for: a run writes without it
+
+        return pd.DataFrame(self.records)
 
 
 def divergence_advice(config: Config) -> str:
@@ -455,15 +466,18 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     truth = {"B_star": inputs.problem.B_star} if inputs.has_truth else {}  # else a random one
     directory.write_params({**backend.arrays(state), **truth,
                             "Sigma_star": inputs.problem.Sigma_star})
-    eval_frame = directory.write_eval(rows)
+    directory.write_eval(rows)
     directory.write_held_out(backend.held_out(state) if diverged is None else [])
     final = dict(trajectory.records[-1]) if trajectory.records else {}
     theory = backend.theory(final, rows)
-    metrics = pd.DataFrame(trajectory.records)
-    if draw_figures:
-        from metarep.run.figures import write_run_figures  # matplotlib: only when drawing
+    if draw_figures:  # pandas and matplotlib: only when drawing
+        import pandas as pd
 
-        write_run_figures(directory, metrics, eval_frame, backend.config.name, theory)
+        from metarep.run.figures import write_run_figures
+
+        write_run_figures(directory, pd.DataFrame(trajectory.records),
+                          pd.DataFrame([asdict(row) for row in rows], columns=EVAL_COLUMNS),
+                          backend.config.name, theory)
     summary = {
         "status": status,
         "error": error,
@@ -478,5 +492,6 @@ def _conclude(backend: Backend, directory: RunDirectory, trajectory: Trajectory[
     }
     directory.write_summary(summary)
     directory.remove_checkpoint()
-    result = RunResult(directory.path, status, metrics, rows, backend.params(state), summary)
+    result = RunResult(directory.path, status, list(trajectory.records), rows,
+                       backend.params(state), summary)
     return result, failure

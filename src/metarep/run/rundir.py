@@ -23,17 +23,19 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import shutil
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import yaml
 
 from metarep.core.evaluation import EvalRow, HeldOutRow
@@ -42,6 +44,7 @@ from metarep.run import atomic
 from metarep.run.schema import flatten
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
 
 CONFIG, METRICS, EVAL, SUMMARY = "config.yaml", "metrics.csv", "eval.csv", "summary.json"
@@ -154,7 +157,7 @@ class RunDirectory:
 
     def write_metrics(self, records: list[dict[str, float]]) -> None:
         """Write ``metrics.csv`` whole (atomically): one row per record, ``step`` first."""
-        atomic.write_text(self.file(METRICS), pd.DataFrame(records).to_csv(index=False))
+        atomic.write_text(self.file(METRICS), csv_text(records))
 
     def metrics_size(self) -> int:
         """The size of ``metrics.csv`` in bytes (0 when absent)."""
@@ -166,7 +169,7 @@ class RunDirectory:
         written so far; 0: a new file, with its header), cutting whatever lies beyond it (a
         write torn by a signal or a full disk), and flush them to the disk, so that a
         checkpoint written next may count them. Returns the new end."""
-        text = pd.DataFrame(rows).to_csv(index=False, header=offset == 0).encode()
+        text = csv_text(rows, header=offset == 0).encode()
         file = self.file(METRICS)
         with atomic.named_errors(file), \
                 open(file, "r+b" if offset and file.is_file() else "wb") as handle:
@@ -187,22 +190,21 @@ class RunDirectory:
     def remove_checkpoint(self) -> None:
         self.file(CHECKPOINT).unlink(missing_ok=True)
 
-    def write_eval(self, rows: list[EvalRow]) -> pd.DataFrame:
+    def write_eval(self, rows: list[EvalRow]) -> None:
         """Write ``eval.csv`` (or, with no rows, remove any stale ``eval.csv`` and
-        ``eval.png``); returns the table."""
-        frame = pd.DataFrame([asdict(row) for row in rows], columns=EVAL_COLUMNS)
+        ``eval.png``)."""
         if rows:
-            atomic.write_text(self.file(EVAL), frame.to_csv(index=False))
+            atomic.write_text(self.file(EVAL), csv_text([asdict(row) for row in rows],
+                                                        EVAL_COLUMNS))
         else:
             for stale in (EVAL, EVAL_FIGURE):
                 self.file(stale).unlink(missing_ok=True)
-        return frame
 
     def write_held_out(self, rows: list[HeldOutRow]) -> None:
         """Write ``heldout.csv`` (or, with no rows, remove a stale one)."""
         if rows:
-            frame = pd.DataFrame([asdict(row) for row in rows], columns=HELD_OUT_COLUMNS)
-            atomic.write_text(self.file(HELD_OUT), frame.to_csv(index=False))
+            atomic.write_text(self.file(HELD_OUT), csv_text([asdict(row) for row in rows],
+                                                            HELD_OUT_COLUMNS))
         else:
             self.file(HELD_OUT).unlink(missing_ok=True)
 
@@ -296,6 +298,8 @@ class RunDirectory:
     def metrics(self) -> pd.DataFrame | None:
         """``metrics.csv`` as a table (one row per record), or ``None`` when not written yet;
         a file that is not such a table is refused (:class:`ConfigError` naming ``DIR``)."""
+        import pandas as pd  # only where tables are read: a run writes without it
+
         file = self.file(METRICS)
         if not file.is_file():
             return None
@@ -345,6 +349,8 @@ class RunDirectory:
         return data
 
     def eval_table(self) -> pd.DataFrame | None:
+        import pandas as pd
+
         file = self.file(EVAL)
         return pd.read_csv(file) if file.is_file() else None
 
@@ -374,6 +380,8 @@ class RunDirectory:
 
     def read(self) -> RunData | None:
         """A finished run's outputs, or ``None`` if it did not finish."""
+        import pandas as pd
+
         summary = self.summary()
         if summary is None or summary.get("status") != "done":
             return None
@@ -381,6 +389,37 @@ class RunDirectory:
             params = {key: data[key] for key in data.files}
         return RunData(self.path.name, yaml.safe_load(self.config_text() or "{}"),
                        pd.read_csv(self.file(METRICS)), self.eval_table(), summary, params)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+             header: bool = True) -> str:
+    """``rows`` as CSV text, as ``pandas.DataFrame(rows, columns=columns).to_csv(index=False,
+    header=header)`` writes it: the columns in the order given, else in the order the rows
+    first name them; a missing, ``None`` or NaN cell empty; numbers at full precision (the
+    shortest text that reads back to the same value); fields quoted only where needed. (A
+    column of float32 numbers alone, which pandas writes at float32's shortest text, is
+    written at its exact value.)"""
+    names = list(columns) if columns is not None else list(
+        dict.fromkeys(name for row in rows for name in row))
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    if header:
+        writer.writerow(names)
+    writer.writerows([_cell(row.get(name)) for name in names] for row in rows)
+    return text.getvalue()
+
+
+def _cell(value: Any) -> str:
+    """One CSV field: ``None`` and NaN empty, booleans ``True``/``False``, integers as
+    integers, floats (numpy's of any precision too) as the shortest text that reads back to
+    the same float64 value."""
+    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    return str(value)
 
 
 def _record(line: str, columns: list[str], file: Path) -> dict[str, float]:
