@@ -41,11 +41,10 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"  # one core: set before numpy and torch are imported
 
 import argparse  # noqa: E402
-import resource  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, peak_rss_line  # noqa: E402
 
 from metarep.engine.learner import MetaLearner  # noqa: E402
 from metarep.engine.networks import init_relu, layer_shapes  # noqa: E402
@@ -162,8 +161,7 @@ def main() -> None:
         print("  bmm GFLOP/s by shape (m, a, b): " + ", ".join(
             f"{shape}: {pair[0] / 1e9:.1f} (all rows {pair[1] / 1e9:.1f})"
             for shape, pair in speed.items()))
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: {peak_rss:.0f} MiB")
+    print(peak_rss_line())
 
 
 if __name__ == "__main__":

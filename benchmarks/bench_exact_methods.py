@@ -24,10 +24,10 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"  # one core: set before numpy is imported
 
 import argparse  # noqa: E402
-import resource  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from timing import peak_rss_line  # noqa: E402
 
 from metarep.core.expected_steps import (  # noqa: E402
     MAX_INNER_STEPS,
@@ -107,8 +107,7 @@ def main() -> None:
     cells = " ".join(f"{rate:>12,.0f}" for rate in closed)
     print(f"{'fo-anil x1 closed':<18} {'':>8} {'':>9} {'':>6} {cells} "
           f"{closed[-1] / closed[0]:>6.2f}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory: {peak:.0f} MiB (the d = 100,000 initialisation, "
+    print(f"{peak_rss_line()} (the d = 100,000 initialisation, "
           f"{100_000 * WIDTH * 8 / 2**20:.0f} MiB, is the largest array)")
 
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 from peers import Peer, available_peers
 from threadpoolctl import threadpool_info, threadpool_limits
-from timing import median_seconds
+from timing import median_seconds, peak_rss_line
 
 from metarep.core.methods import FOANIL
 from metarep.core.model import LinearParams, init_linear
@@ -144,3 +144,4 @@ def report(n: int, repeats: int, warmup: int) -> None:
 
 if __name__ == "__main__":
     main()
+    print(peak_rss_line())

@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from timing import peak_rss_line  # noqa: E402
 
 from metarep.core.infinite import ExactFOANIL, InfiniteTaskState, coordinates  # noqa: E402
 from metarep.core.model import init_linear  # noqa: E402
@@ -100,3 +101,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(peak_rss_line())

@@ -32,7 +32,7 @@ from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, peak_rss_line  # noqa: E402
 
 from metarep.core.methods import ANIL, FOANIL  # noqa: E402
 from metarep.core.model import LinearParams  # noqa: E402
@@ -117,3 +117,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(peak_rss_line())

@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from timing import median_seconds
+from timing import median_seconds, peak_rss_line
 
 from metarep.run.experiment import run_experiment
 from metarep.run.schema import load_config
@@ -51,3 +51,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(peak_rss_line())

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from timing import peak_rss_line
 
 from metarep.sweeps.driver import SweepOptions, run_sweep
 
@@ -180,3 +181,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(peak_rss_line())

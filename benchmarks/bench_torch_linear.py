@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from threadpoolctl import threadpool_info
-from timing import median_seconds
+from timing import median_seconds, peak_rss_line
 
 from metarep.core.arrays import moved_state, numpy_state
 from metarep.core.methods import FOANIL
@@ -134,3 +134,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(peak_rss_line())
