@@ -25,7 +25,9 @@ default); the tables are checked to be equal, and the ratio is printed against t
 (issue 11: >= 5x). A separate line adds the figures: the batched sweep followed by drawing all
 64 runs' figures on request (``metarep figures``, serially in this process), against the runs
 one by one each drawing its own (``SweepOptions(batch_infinite=False, figures=True)``, as
-sweeps did before), so the same files, figures included, are compared too.
+sweeps did before), so the same files, figures included, are compared too. Another line
+runs the same 64 runs as 64 ``metarep run --no-figures`` commands, two at a time (as one would
+without sweeps), their files checked against the sweep's.
 
     python benchmarks/bench_sweep.py            # 32 runs, then 64 infinite-task runs
     python benchmarks/bench_sweep.py --quick    # short runs: a check that it runs
@@ -35,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -100,6 +104,12 @@ def bench_infinite(folder: Path, quick: bool) -> None:
     drawing = timed(lambda: [draw_run_figures(run) for run in finished_runs(folder / "batched")])
     with_figures = timed(lambda: run_sweep(sweep, folder / "single-figures", SweepOptions(
         workers=WORKERS, progress=False, batch_infinite=False, figures=True)))
+    commands = timed(lambda: run_commands(sweep, folder / "commands"))
+    for run in finished_runs(folder / "single"):
+        for table in ("metrics.csv", "eval.csv"):
+            pd.testing.assert_frame_equal(pd.read_csv(folder / "commands" / run.name / table),
+                                          pd.read_csv(run / table), check_exact=False,
+                                          rtol=1e-10, atol=0)
     steps = 100 if quick else 2000
     print(f"\nsweep of {runs} infinite-task runs ({steps} steps each, d = 20, k = 3, k' = 10), "
           f"{WORKERS} workers; the tables are equal")
@@ -111,11 +121,34 @@ def bench_infinite(folder: Path, quick: bool) -> None:
     verdict = "met" if ratio >= TARGET_BATCHED else "NOT met"
     print(f"target: batched >= {TARGET_BATCHED:g}x one by one (same files, no per-run figures): "
           f"{ratio:.2f}x, {verdict}")
+    print(f"the same runs as {runs} `metarep run --no-figures` commands, {WORKERS} at a time: "
+          f"{commands:.2f} s, {commands / seconds['batched']:.1f}x the batched sweep "
+          "(each command starts Python and imports metarep)")
     total = seconds["batched"] + drawing
     print(f"with the figures: batched {seconds['batched']:.2f} s + {runs} runs' figures drawn on "
           f"request afterwards {drawing:.2f} s (serially, 1 process) = {total:.2f} s, against "
           f"one by one each drawing its own ({WORKERS} workers) {with_figures:.2f} s: "
           f"{with_figures / total:.2f}x")
+
+
+def run_commands(sweep: Path, out: Path) -> None:
+    """Each run of ``sweep`` as its own ``metarep run`` command into ``out/NAME``,
+    ``WORKERS`` commands at a time (as a user without sweeps would run them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metarep.sweeps.spec import load_sweep, plan_runs
+
+    spec = load_sweep(sweep)
+
+    def run(plan) -> None:
+        sets = [item for key, value in plan.overrides.items()
+                for item in ("--set", f"{key}={yaml.safe_dump(value).splitlines()[0]}")]
+        subprocess.run([sys.executable, "-m", "metarep", "run", spec.config_name, *sets,
+                        "--out", str(out / plan.name), "--no-progress", "--no-figures"],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(run, plan_runs(spec)))
 
 
 def timed(run: Callable[[], object]) -> float:
