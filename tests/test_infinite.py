@@ -183,6 +183,34 @@ def test_measures_from_coordinates_equal_measures_of_the_reconstructed_B(d, k, w
     np.testing.assert_allclose(again.omega, state.omega, atol=1e-12)
 
 
+def test_measures_of_a_batch_equal_each_configurations_own():
+    """The measures of stacked configurations of different ranks (full, below k, zero) and
+    with and without a ``lambda_err`` target, computed together, equal those of each
+    ``B`` in R^d (:func:`metarep.core.measures.measure`) and those computed alone."""
+    d, k, width = 12, 3, 6
+    problem = problem_of(d, k, noise_var=0.3)
+    rng = np.random.default_rng(8)
+    full = random_params(d, width, seed=9)
+    low = LinearParams(full.B[:, :2] @ rng.standard_normal((2, width)), full.w)
+    zero = LinearParams(np.zeros((d, width)), np.zeros(width))
+    configs = [full, low, zero, random_params(d, width, seed=10)]
+    frame, state = pop.coordinates(problem.B_star, np.stack([p.B for p in configs]),
+                                   np.stack([p.w for p in configs]))
+    target = np.diag([1.0, 2.0, 3.0])
+    Lambda = [target, None, target, 2 * target]
+    together = pop.coordinate_measures(state, problem.Sigma_star, Lambda)
+    assert [m["subspace_dist"] for m in together][1:3] == [1.0, 1.0]
+    assert together[2]["span_outside"] == 0.0 and math.isnan(together[1]["lambda_err"])
+    for i, ours in enumerate(together):
+        alone = pop.coordinate_measures(state, problem.Sigma_star, Lambda, [i])[0]
+        assert list(ours) == list(alone)
+        np.testing.assert_array_equal(list(ours.values()), list(alone.values()))
+        theirs = measure(frame.params(state, i), problem, Lambda[i])
+        assert list(ours) == list(theirs)
+        for key, value in theirs.items():
+            assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+
+
 def test_cost_and_results_do_not_depend_on_d():
     """The same coordinates embedded in d = 40 and d = 100,000 give the same state sizes and
     the same trajectory; the state is (k + k') x k' however large d is."""

@@ -132,8 +132,8 @@ class CountingStepper:
     def finite(self, state):
         return np.array([True])
 
-    def measure(self, state, index):
-        return {"state": float(state)}
+    def measures(self, state, indices):
+        return [{"state": float(state)} for _ in indices]
 
     def take(self, state, index):
         return state

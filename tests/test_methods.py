@@ -415,5 +415,5 @@ def test_a_run_gets_the_theory_of_its_own_setting_only(overrides, limits, target
     assert (theory["limits"] is not None) == limits, theory["prediction"]
     assert (theory["lambda_star"] is not None) == target, theory["reference"]
     assert theory["scope"]["width"] == config.model.width and theory["scope"]["k"] == 3
-    lambda_err = backend.measure(backend.initial_state())["lambda_err"]
+    lambda_err = backend.measures(backend.initial_state())[0]["lambda_err"]
     assert np.isfinite(lambda_err) == target

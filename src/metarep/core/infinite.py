@@ -55,7 +55,7 @@ import numpy as np
 from metarep.core.arguments import per_config
 from metarep.core.arrays import Array, array_namespace, to_numpy
 from metarep.core.expected_steps import ExpectedGradients, check_exact
-from metarep.core.measures import measure
+from metarep.core.measures import TRUTH_MEASURES, numerical_rank
 from metarep.core.model import LinearParams
 from metarep.core.problem import Problem
 from metarep.core.theory import lambda_star, top_part
@@ -444,23 +444,73 @@ def lambda_stars(dynamics: ExactDynamics, width: int | None = None) -> list[np.n
 
 def coordinate_measures(
     state: InfiniteTaskState, Sigma_star: np.ndarray,
-    Lambda_star: Sequence[np.ndarray | None] | np.ndarray, index: int | None = None,
+    Lambda_star: Sequence[np.ndarray | None] | np.ndarray,
+    indices: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
-    """The measures of :func:`metarep.core.measures.measure` (``head_norm``, ``perp_norm``,
+    """The measures of :func:`metarep.core.measures.measure` (``perp_norm``,
     ``perp_norm_fro``, ``subspace_dist``, ``span_outside``, ``span_missed``, ``lambda_err``,
-    ``sv_*``) of each configuration, computed from the coordinates (no d-sized work): ``H``
-    against ``B_star = [I_k; 0]``. Exact: each is invariant under the orthonormal maps of
+    ``head_norm``, ``sv_*``, in that order) of each configuration, computed from the
+    coordinates (no d-sized work) for all configurations at once (stacked SVDs and norms):
+    ``H`` against ``B_star = [I_k; 0]``. Exact: each is invariant under the orthonormal maps of
     ``B = [B_star, Q_perp] H V^T`` (norms of projections, principal angles, singular values;
     the numerical rank of :func:`metarep.core.measures.span_measures` sees the same singular
-    values). ``Lambda_star``: per configuration the (k, k) target of ``lambda_err``, or
-    ``None`` (then ``lambda_err`` is ``nan``); ``index`` restricts to one configuration."""
-    b, rows, _ = state.H.shape
+    values). In these coordinates the part of ``H`` outside span(B_star) is its last rows
+    ``H_perp``, and with ``U_B`` the top ``r = min(k, rank)`` left singular vectors,
+    ``span_outside = ||U_B[k:]||_2`` and ``span_missed = ||[I_k; 0] - U_B U_B[:k]^T||_2``.
+    ``Lambda_star``: per configuration the (k, k) target of ``lambda_err``, or ``None`` (then
+    ``lambda_err`` is ``nan``); ``indices`` restricts to those configurations, in that order.
+    """
     k = Sigma_star.shape[0]
-    frame = Problem(np.eye(rows, k), Sigma_star, 0.0)
-    chosen = range(b) if index is None else [index]
-    return [measure(LinearParams(state.H[i].astype(np.float64),
-                                 state.omega[i].astype(np.float64)), frame, Lambda_star[i])
-            for i in chosen]
+    chosen = list(range(state.H.shape[0])) if indices is None else list(indices)
+    H = np.asarray(state.H, dtype=np.float64)[chosen]
+    omega = np.asarray(state.omega, dtype=np.float64)[chosen]
+    U, singular, _ = np.linalg.svd(H, full_matrices=False)
+    perp = H[:, k:, :]
+    columns = {"perp_norm": _spectral_norms(perp), "perp_norm_fro": np.linalg.norm(perp,
+                                                                                  axis=(1, 2))}
+    columns.update(_coordinate_spans(U, singular, k))
+    gram = H[:, :k, :] @ np.swapaxes(H[:, :k, :], 1, 2)  # B_star^T B B^T B_star
+    targets = [Lambda_star[i] for i in chosen]
+    with_target = [j for j, target in enumerate(targets) if target is not None]
+    columns["lambda_err"] = np.full(len(chosen), np.nan)
+    if with_target:
+        columns["lambda_err"][with_target] = _spectral_norms(
+            gram[with_target] - np.stack([targets[j] for j in with_target]))
+    columns["head_norm"] = np.linalg.norm(omega, axis=1)
+    for i in range(singular.shape[1]):
+        columns[f"sv_{i + 1}"] = singular[:, i]
+    order = [*TRUTH_MEASURES, "head_norm", *(f"sv_{i + 1}" for i in range(singular.shape[1]))]
+    return [{name: float(columns[name][j]) for name in order} for j in range(len(chosen))]
+
+
+def _spectral_norms(M: np.ndarray) -> np.ndarray:
+    """``||M_j||_2`` of a stack ``M`` (b, p, q); zeros for empty matrices."""
+    if M.shape[1] == 0 or M.shape[2] == 0:
+        return np.zeros(M.shape[0])
+    return np.linalg.norm(M, 2, axis=(1, 2))
+
+
+def _coordinate_spans(U: np.ndarray, singular: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """``subspace_dist``, ``span_outside``, ``span_missed``
+    (:func:`metarep.core.measures.span_measures`) of each configuration from the stacked thin
+    SVD of its coordinates ``H`` (``U`` (b, k + r, p), ``singular`` (b, p)), grouped by the
+    rank ``r = min(k, numerical rank)`` of each."""
+    b = U.shape[0]
+    ranks = np.array([min(k, numerical_rank(values)) for values in singular])
+    outside, missed = np.zeros(b), np.ones(b)
+    for r in np.unique(ranks):
+        group = np.flatnonzero(ranks == r)
+        if r == 0:
+            continue
+        top = U[group, :, :r]
+        outside[group] = np.minimum(1.0, _spectral_norms(top[:, k:, :]))
+        if r == k:
+            frame = np.eye(U.shape[1], k)
+            missed[group] = np.minimum(1.0, _spectral_norms(
+                frame - top @ np.swapaxes(top[:, :k, :], 1, 2)))
+    full = ranks == k
+    return {"subspace_dist": np.where(full, outside, 1.0), "span_outside": outside,
+            "span_missed": np.where(full, missed, 1.0)}
 
 
 def undriven_perp_norm(state: InfiniteTaskState, k: int) -> np.ndarray:

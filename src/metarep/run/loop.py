@@ -64,8 +64,9 @@ class Stepper(Protocol[State]):
         """Per run, shape (b,), whether its part of ``state`` is all finite."""
         ...
 
-    def measure(self, state: State, index: int) -> dict[str, float]:
-        """The measures recorded for run ``index`` at ``state``."""
+    def measures(self, state: State, indices: Sequence[int]) -> list[dict[str, float]]:
+        """The measures recorded for the runs ``indices`` at ``state``, one dict per run in
+        that order (all at once, so a batch can compute them together)."""
         ...
 
     def take(self, state: State, index: int) -> Any:
@@ -212,8 +213,12 @@ def train(
                 blown = (np.zeros(b, dtype=bool) if last
                          else active & ~exploded & ~stepper.finite(new))
             if t == next_record:
-                for i in np.flatnonzero(active & ~exploded):
-                    _record(stepper, state, t, i, float(losses[i]), trajectories[i], on_record)
+                recording = [int(i) for i in np.flatnonzero(active & ~exploded)
+                             if not _has_record(trajectories[i], t)]
+                measured = stepper.measures(state, recording) if recording else []
+                for i, measures in zip(recording, measured, strict=True):
+                    _record(stepper, state, t, i, float(losses[i]), measures, trajectories[i],
+                            on_record)
                 if b == 1:
                     bar.set_postfix(loss=f"{losses[0]:.4g}", refresh=False)
                 next_record = next(records, -1)
@@ -233,13 +238,16 @@ def train(
         bar.close()
 
 
+def _has_record(trajectory: Trajectory[Any], t: int) -> bool:
+    """Whether ``trajectory`` holds its record at step ``t`` already (a resumed run)."""
+    return bool(trajectory.records) and trajectory.records[-1]["step"] == t
+
+
 def _record(stepper: Stepper[State], state: State, t: int, i: int, loss: float,
-            trajectory: Trajectory[Any],
+            measures: dict[str, float], trajectory: Trajectory[Any],
             on_record: Callable[[int, Trajectory[Any]], None] | None) -> None:
-    """Append run ``i``'s record at step ``t`` (unless a resumed run has it already)."""
-    if trajectory.records and trajectory.records[-1]["step"] == t:
-        return
-    trajectory.records.append({"step": t, "train_loss": loss, **stepper.measure(state, i)})
+    """Append run ``i``'s record at step ``t`` (its loss and ``measures``)."""
+    trajectory.records.append({"step": t, "train_loss": loss, **measures})
     trajectory.state, trajectory.step = stepper.take(state, i), t
     if on_record is not None:
         on_record(i, trajectory)

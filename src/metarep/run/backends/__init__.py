@@ -17,7 +17,7 @@ evaluate / theory through it and never asks which kind of run it holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,7 +65,9 @@ class Backend(Protocol):
 
     def finite(self, state: Any) -> np.ndarray: ...
 
-    def measure(self, state: Any, index: int = 0) -> dict[str, float]: ...
+    def measures(self, state: Any, indices: Sequence[int] = (0,)) -> list[dict[str, float]]:
+        """The recorded measures of the runs ``indices`` (a run alone: ``(0,)``)."""
+        ...
 
     def take(self, state: Any, index: int) -> Any: ...
 

@@ -7,7 +7,7 @@ does (a :class:`~metarep.errors.ConfigError` naming ``model.kind`` without PyTor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -108,8 +108,9 @@ class EngineBackend:
     def finite(self, state: Any) -> np.ndarray:
         return np.array([state.is_finite()])
 
-    def measure(self, state: Any, index: int = 0) -> dict[str, float]:
-        return measure_network(state.arrays(), self.truth)
+    def measures(self, state: Any, indices: Sequence[int] = (0,)) -> list[dict[str, float]]:
+        """A run alone: its measures for each index (each is 0)."""
+        return [measure_network(state.arrays(), self.truth) for _ in indices]
 
     def take(self, state: Any, index: int) -> Any:
         return state

@@ -46,9 +46,10 @@ class ExactStepper:
     def finite(self, state: InfiniteTaskState) -> np.ndarray:
         return state.finite()
 
-    def measure(self, state: InfiniteTaskState, index: int) -> dict[str, float]:
+    def measures(self, state: InfiniteTaskState,
+                 indices: Sequence[int]) -> list[dict[str, float]]:
         return coordinate_measures(numpy_state(state), self.dynamics.Sigma_star,
-                                   self.Lambda_star, index)[0]
+                                   self.Lambda_star, indices)
 
     def take(self, state: InfiniteTaskState, index: int) -> InfiniteTaskState:
         """A copy: the dynamics reuse their output buffers."""
@@ -121,8 +122,9 @@ class InfiniteTaskBackend(LinearModelRun):
     def finite(self, state: InfiniteTaskState) -> np.ndarray:
         return self.stepper.finite(state)
 
-    def measure(self, state: InfiniteTaskState, index: int = 0) -> dict[str, float]:
-        return self.stepper.measure(state, index)
+    def measures(self, state: InfiniteTaskState,
+                 indices: Sequence[int] = (0,)) -> list[dict[str, float]]:
+        return self.stepper.measures(state, indices)
 
     def take(self, state: InfiniteTaskState, index: int) -> InfiniteTaskState:
         return self.stepper.take(state, index)

@@ -261,8 +261,9 @@ class LinearBackend(LinearModelRun):
     def finite(self, state: State) -> np.ndarray:
         return np.array([state.is_finite()])
 
-    def measure(self, state: State, index: int = 0) -> dict[str, float]:
-        return measure(numpy_state(state), self.truth, self.Lambda_star)
+    def measures(self, state: State, indices: Sequence[int] = (0,)) -> list[dict[str, float]]:
+        """A run alone: its measures for each index (each is 0)."""
+        return [measure(numpy_state(state), self.truth, self.Lambda_star) for _ in indices]
 
 
 def evaluate_together(runs: Sequence[tuple[LinearModelRun, Any]]) -> list[list[EvalRow]]:
