@@ -10,6 +10,7 @@ the same outputs as :func:`run_experiment` of each.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -64,10 +65,10 @@ class RunResult:
     params: Any
     summary: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def metrics(self) -> pd.DataFrame:
         """The records as a table (one row per recorded step), as ``metrics.csv`` holds
-        them."""
+        them; built on first use."""
         import pandas as pd  # only where a table is asked for: a run writes without it
 
         return pd.DataFrame(self.records)
