@@ -432,6 +432,29 @@ def test_figures_drawn_on_request_are_those_a_run_draws(tmp_path, monkeypatch, c
     assert result.exit_code == 2 and error_line(result).startswith("error: RUN_DIR: ")
 
 
+def test_figures_drawn_by_several_processes_are_those_drawn_in_this_one(tmp_path, cli,
+                                                                          error_line):
+    """``metarep figures --workers 2`` draws every run's two figures, byte for byte those
+    drawn in this process; ``--workers 0`` is refused naming the option."""
+    from metarep.run import figures
+
+    sweep = write_sweep(tmp_path, set=INFINITE, grid={"method.outer_lr": [0.1, 0.2]})
+    out = tmp_path / "sweep"
+    assert cli("sweep", sweep, "--out", out, "--workers", 1, "--no-progress").exit_code == 0
+    runs = finished_runs(out)
+    serial = {run.name: [run / name for name in sorted(FIGURES)] for run in runs}
+    figures.draw_figures(runs)
+    drawn = {path: path.read_bytes() for paths in serial.values() for path in paths}
+    for path in drawn:
+        path.unlink()
+    result = cli("figures", out, "--workers", 2)
+    assert result.exit_code == 0, result.output
+    assert "drew the figures of 2 runs" in result.stdout
+    assert {path: path.read_bytes() for path in drawn} == drawn
+    result = cli("figures", out, "--workers", 0)
+    assert result.exit_code == 2 and "--workers" in error_line(result)
+
+
 def test_a_sweep_with_figures_has_each_run_draw_its_own(tmp_path, monkeypatch, cli):
     skip_drawing(monkeypatch)
     sweep = write_sweep(tmp_path, seeds=[0, 1])

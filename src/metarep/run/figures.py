@@ -270,3 +270,20 @@ def draw_run_figures(path: str | Path) -> list[Path]:
     theory = summary.get("theory")
     return write_run_figures(directory, metrics, eval_frame, str(summary.get("config", "run")),
                              theory if isinstance(theory, dict) else None)
+
+
+def draw_figures(paths: Sequence[str | Path], workers: int = 1) -> list[Path]:
+    """:func:`draw_run_figures` of each finished run in ``paths``, on ``workers`` processes
+    (``spawn``ed, each importing matplotlib once: worth it from a few runs on; 1: in this
+    process). Returns the files written, run by run in the order of ``paths``; the first
+    :class:`ConfigError` of a run stops the drawing."""
+    if workers < 1:
+        raise ConfigError("--workers", f"must be an integer >= 1; got {workers}")
+    if workers == 1 or len(paths) <= 1:
+        return [file for path in paths for file in draw_run_figures(path)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(workers, len(paths)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [file for files in pool.map(draw_run_figures, paths) for file in files]
