@@ -93,9 +93,9 @@ def time_peer(peer: Peer, arrays: tuple[np.ndarray, ...], ours: LinearParams, dt
         if not error <= TOLERANCE[dtype]:
             raise AssertionError(f"{peer.name} disagrees with metarep on {name} in {dtype}: "
                                  f"relative error {error:.1e}")
-    slow = "loop" in peer.name
     return median_seconds(lambda: peer.result(peer.step(prepared)),
-                          min(repeats, 3) if slow else repeats, 0 if slow else warmup)
+                          min(repeats, 3) if peer.slow else repeats,
+                          0 if peer.slow else warmup)
 
 
 def main() -> None:

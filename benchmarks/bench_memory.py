@@ -45,11 +45,12 @@ def peak_rss_bytes(base: str, overrides: dict[str, object], out: Path) -> int:
     command = [sys.executable, "-m", "metarep", "run", base, "--out", str(out), "--no-progress"]
     for key, value in overrides.items():
         command += ["--set", f"{key}={yaml.safe_dump(value).splitlines()[0]}"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
+    with tempfile.TemporaryFile() as stderr:  # a file: a pipe left unread could fill up
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            stderr.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed: {stderr.read().decode()}")
     return usage.ru_maxrss * 1024
 
 

@@ -36,12 +36,14 @@ Arrays = tuple[np.ndarray, ...]
 class Peer:
     """A peer: ``prepare(arrays)`` moves the inputs into its library once (outside the timing);
     ``step(prepared)`` runs one outer step there; ``result(output)`` brings ``(B, w)`` back as
-    numpy arrays (after waiting for the computation)."""
+    numpy arrays (after waiting for the computation). ``slow``: seconds per step, so timed
+    with few repetitions."""
 
     name: str
     prepare: Callable[[Arrays], object]
     step: Callable[[object], object]
     result: Callable[[object], tuple[np.ndarray, np.ndarray]]
+    slow: bool = False
 
 
 def numpy_step(B, w, X_in, y_in, X_out, y_out, alpha: float, beta: float):
@@ -130,7 +132,7 @@ def _per_task_loop_peer(alpha: float, beta: float) -> Peer:
 
     return Peer("per-task loop (torch autograd)",
                 lambda arrays: tuple(torch.from_numpy(a) for a in arrays), step,
-                lambda out: tuple(t.numpy() for t in out))
+                lambda out: tuple(t.numpy() for t in out), slow=True)
 
 
 def available_peers(alpha: float, beta: float, dtype: str) -> tuple[list[Peer], list[str]]:
