@@ -17,7 +17,7 @@ torch.set_num_threads(1)  # two test workers share two cores
 
 from metarep.cli import EXIT_BAD_INPUT  # noqa: E402
 from metarep.core.evaluation import evaluate, evaluate_predictors  # noqa: E402
-from metarep.core.measures import perp_share  # noqa: E402
+from metarep.core.measures import perp_share, unit_perp_shares  # noqa: E402
 from metarep.core.model import LinearParams  # noqa: E402
 from metarep.core.problem import make_problem  # noqa: E402
 from metarep.engine.learner import MetaLearner  # noqa: E402
@@ -101,6 +101,24 @@ def test_perp_share_against_an_explicit_complement_basis():
     expected = np.linalg.norm(B_perp.T @ W1) / np.linalg.norm(W1)
     assert perp_share(W1, problem.B_star) == pytest.approx(expected, rel=1e-12)
     assert perp_share(problem.B_star @ rng.standard_normal((3, 5)), problem.B_star) < 1e-12
+
+
+def test_unit_perp_shares_against_an_explicit_complement_basis():
+    """Each unit's share outside span(B_star) from an explicit complement basis; a unit inside
+    the span has 0, one in the complement 1, a zero unit 0; their energies add up to
+    perp_share's."""
+    rng = np.random.default_rng(5)
+    problem = make_problem(8, 2, 0.0, "isotropic", rng)
+    B_perp = null_space(problem.B_star.T)
+    W1 = np.column_stack([rng.standard_normal(8), problem.B_star @ [1.0, 2.0],
+                          B_perp @ rng.standard_normal(6), np.zeros(8)])
+    shares = unit_perp_shares(W1, problem.B_star)
+    expected = np.linalg.norm(B_perp.T @ W1[:, 0]) / np.linalg.norm(W1[:, 0])
+    assert shares[0] == pytest.approx(expected, rel=1e-12)
+    assert shares[1] < 1e-12 and shares[2] == pytest.approx(1.0, rel=1e-12) and shares[3] == 0
+    energies = (shares * np.linalg.norm(W1, axis=0)) ** 2
+    assert np.sqrt(energies.sum()) / np.linalg.norm(W1) == pytest.approx(
+        perp_share(W1, problem.B_star), rel=1e-12)
 
 
 def test_predictor_evaluation_agrees_with_the_exact_linear_evaluation():

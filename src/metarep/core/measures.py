@@ -37,6 +37,15 @@ def perp_share(W1: np.ndarray, B_star: np.ndarray) -> float:
     return perp_norms(W1, B_star)[1] / total if total > 0.0 else 0.0
 
 
+def unit_perp_shares(W1: np.ndarray, B_star: np.ndarray) -> np.ndarray:
+    """``||B_perp^T W1[:, j]|| / ||W1[:, j]||`` for each unit ``j`` of a first layer ``W1``
+    (d, h): how much of each unit's weights lies outside span(B_star), shape (h,) (0 for a
+    zero column)."""
+    norms = np.linalg.norm(W1, axis=0)
+    outside = np.linalg.norm(outside_span(W1, B_star), axis=0)
+    return np.divide(outside, norms, out=np.zeros_like(norms), where=norms > 0.0)
+
+
 def top_left_singular_vectors(B: np.ndarray, r: int) -> np.ndarray:
     """The ``r`` leading left singular vectors of ``B``, shape (d, min(r, k'))."""
     U, _, _ = np.linalg.svd(B, full_matrices=False)
