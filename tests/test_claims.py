@@ -7,6 +7,7 @@ import pytest
 from metarep.run.rundir import RunData
 from metarep.study.claims import claim_rows, evaluate_claims, infinite_method_rows
 from metarep.study.design import INFINITE_METHODS, Runs, study_runs
+from metarep.study.report import stranded_units
 
 
 def fake_run(name: str, perp_norm: list[float], **columns: list[float]) -> RunData:
@@ -155,11 +156,17 @@ def test_the_floor_is_reached_claim_fails_for_a_run_still_moving():
     assert not claim.passed and claim.value.startswith("0.03")
 
 
+UNLEARNED = [0.9, 0.3, 0.1, 0.06, 0.052, 0.05]
+"""W1's share outside span(B*) of a run that unlearns it and has settled."""
+KEPT = [0.9, 0.6, 0.5, 0.45, 0.45, 0.45]
+"""The share of a run that stops at a floor (a pool) or keeps it (Burer-Monteiro)."""
+
+
 def relu_run(name: str, risk: float, stderr: float = 0.02, ridge: float = 2.0,
              share: list[float] | None = None) -> RunData:
     """A ReLU run with ``risk`` for fo-anil (and mtl-lsq) at m_test = 5 and ridge at ``ridge``,
     and ``w1_perp_share`` over 1000 steps."""
-    share = share if share is not None else [0.9, 0.6, 0.5, 0.5, 0.5, 0.5]
+    share = share if share is not None else UNLEARNED
     steps = np.linspace(0, 1000, len(share)).astype(int)
     metrics = pd.DataFrame({"step": steps, "w1_perp_share": share})
     rows = [(method, 5, risk, stderr, 1000, np.nan)
@@ -170,25 +177,41 @@ def relu_run(name: str, risk: float, stderr: float = 0.02, ridge: float = 2.0,
     return RunData(name, {}, metrics, frame, {"status": "done"}, {})
 
 
-def relu_study(risks: dict[int, float], early_risk: float,
-               moving: list[float] | None = None) -> dict[str, RunData]:
+def relu_study(risks: dict[int, float], early_risk: float, moving: list[float] | None = None,
+               shares: dict[str, list[float]] | None = None) -> dict[str, RunData]:
+    """The runs of the ReLU study with one hidden layer: every method's share :data:`UNLEARNED`
+    but Burer-Monteiro's and the pool control's, :data:`KEPT`; ``moving`` replaces MAML's share,
+    ``shares`` those of the methods (and ``"pool"``) it names."""
+    shares = {"mtl": KEPT, "pool": KEPT, **({"maml": moving} if moving else {}),
+              **(shares or {})}
     runs = {}
     for method in ("fo-anil", "anil", "fo-maml", "maml", "mtl"):
         for seed, value in risks.items():
             name = Runs.relu(1, method, seed)
-            runs[name] = relu_run(name, value, share=moving if method == "maml" else None)
+            runs[name] = relu_run(name, value, share=shares.get(method))
         name = Runs.relu_early(1, method, 1)
         runs[name] = relu_run(name, early_risk)
+    pool = Runs.relu_pool(1, 1)
+    runs[pool] = relu_run(pool, 1.8, share=shares["pool"])
     return runs
 
 
-def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
+def relu_claims() -> dict[str, object]:
+    """The ReLU claims with one hidden layer over seeds 1-3, by their role."""
     rows = [row for row in claim_rows(3, 20, relu_seeds=(1, 2, 3))
             if row.claim.startswith("ReLU (2 layers)")]
-    risk_flat, share_flat, *against_ridge = rows
-    fo_anil = next(row for row in against_ridge if "fo-anil" in row.claim)
+    risk_flat, share_flat, unlearned, pool_floor, mtl_keeps, *against_ridge = rows
+    return {"risk_flat": risk_flat, "share_flat": share_flat, "unlearned": unlearned,
+            "pool_floor": pool_floor, "mtl_keeps": mtl_keeps,
+            "fo_anil": next(row for row in against_ridge if "fo-anil" in row.claim)}
+
+
+def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
+    claims = relu_claims()
+    risk_flat, share_flat, fo_anil = claims["risk_flat"], claims["share_flat"], claims["fo_anil"]
     good = relu_study({1: 1.5, 2: 1.52, 3: 1.48}, early_risk=1.505)
-    assert risk_flat.evaluate(good).passed and share_flat.evaluate(good).passed
+    for row in claims.values():
+        assert row.evaluate(good).passed, row.evaluate(good)
     claim = fo_anil.evaluate(good)
     assert claim.passed and "3 seeds" in claim.measure, claim
     # Seeds that disagree widely carry a large error: no longer 3 errors below ridge.
@@ -198,5 +221,47 @@ def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
     assert not risk_flat.evaluate(relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.65)).passed
     falling = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, moving=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     claim = share_flat.evaluate(falling)
-    assert not claim.passed and "minimum" in claim.value
+    assert not claim.passed and claim.value.startswith("0.1") and "minimum" in claim.value
     assert risk_flat.evaluate(falling).passed
+
+
+def test_relu_share_movement_is_absolute_so_a_settled_share_near_zero_is_flat():
+    """A share that settled at 0.01 with updates of 0.002 has moved by 20 % relative to itself
+    but by 0.002 of W1: flat; one that fell by 0.02 has not settled."""
+    share_flat = relu_claims()["share_flat"]
+    noisy = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5,
+                       moving=[0.9, 0.2, 0.05, 0.012, 0.01, 0.012])
+    assert share_flat.evaluate(noisy).passed
+    still = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, moving=[0.9, 0.3, 0.1, 0.07, 0.06, 0.04])
+    claim = share_flat.evaluate(still)
+    assert not claim.passed and claim.value.startswith("0.02")
+
+
+def test_relu_unlearning_claims_fail_without_unlearning_and_their_controls_fail_with_it():
+    claims = relu_claims()
+    unlearned, pool_floor, mtl_keeps = (claims[k] for k in ("unlearned", "pool_floor",
+                                                            "mtl_keeps"))
+    # One method whose share stops at half its start fails the claim, and is named.
+    stuck = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, shares={"fo-maml": KEPT})
+    claim = unlearned.evaluate(stuck)
+    assert not claim.passed and "(fo-maml)" in claim.value and "3 seeds" in claim.measure
+    # One seed of three that keeps it is averaged in: mean (0.5 + 2 x 0.056) / 3 > 0.2 fails.
+    runs = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5)
+    runs[Runs.relu(1, "anil", 2)] = relu_run(Runs.relu(1, "anil", 2), 1.5, share=KEPT)
+    assert not unlearned.evaluate(runs).passed
+    # Controls: a pool that unlearns as fresh tasks do, a Burer-Monteiro that unlearns.
+    assert not pool_floor.evaluate(relu_study({1: 1.5}, 1.5, shares={"pool": UNLEARNED})).passed
+    assert not mtl_keeps.evaluate(relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5,
+                                             shares={"mtl": UNLEARNED})).passed
+
+
+def test_stranded_units_count_the_first_layer_units_outside_the_span():
+    """A unit is stranded when more than 0.9 of its weights lie outside span(B*): one unit in
+    the complement and one at 0.95 count, one at 0.87 does not, nor one inside the span."""
+    B_star = np.eye(6)[:, :2]
+    outside, inside = np.eye(6)[:, 4], np.eye(6)[:, 0]
+    W1 = np.column_stack([outside, inside, 0.5 * inside + np.sqrt(0.75) * outside,
+                          np.sqrt(1 - 0.95**2) * inside + 0.95 * outside])
+    run = RunData("relu2-anil-s2", {}, pd.DataFrame(), None, {"status": "done"},
+                  {"W1": W1, "B_star": B_star})
+    assert stranded_units(run) == 2

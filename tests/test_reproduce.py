@@ -43,7 +43,7 @@ def test_relu_claims_cover_every_seed_and_method_where_the_study_converges(scale
     problem = base_tree(scale)["problem"]
     rows = [row for row in claim_rows(problem["k"], problem["d"], (), seeds)
             if row.claim.startswith("ReLU")]
-    assert len(rows) == len(RELU_LAYERS) * (2 + len(POOL_METHODS))
+    assert len(rows) == len(RELU_LAYERS) * (5 + len(POOL_METHODS))
     for row in rows:
         assert set(row.runs) <= set(runs), row.claim
     for layers in RELU_LAYERS:
@@ -52,6 +52,31 @@ def test_relu_claims_cover_every_seed_and_method_where_the_study_converges(scale
         assert {k: v for k, v in early.items() if k != "train.steps"} == {
             k: v for k, v in final.items() if k != "train.steps"}
         assert early["train.steps"] == early_steps(final["train.steps"])
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_relu_study_feeds_fresh_tasks_to_the_model_agnostic_methods_and_a_pool_to_the_rest(
+        scale):
+    """The model-agnostic methods draw fresh tasks at every step, as many per step as half
+    the pool; Burer-Monteiro and the FO-ANIL control train on the pool of N tasks of the first
+    seed, otherwise in the same setting as the fresh-task FO-ANIL run."""
+    runs = {run.name: run.overrides for run in study_runs(scale)}
+    seeds = Runs.relu_seeds(scale)
+    for layers in RELU_LAYERS:
+        for method in POOL_METHODS:
+            for seed in seeds:
+                config = from_dict(base_tree(scale), runs[Runs.relu(layers, method, seed)])
+                if method == "mtl":
+                    assert isinstance(config.tasks.n, int) and config.train.tasks_per_step is None
+                else:
+                    assert config.tasks.n == "online"
+                    assert 2 * config.train.tasks_per_step == runs[
+                        Runs.relu_pool(layers, seeds[0])]["tasks.n"]
+        control = runs[Runs.relu_pool(layers, seeds[0])]
+        fresh = runs[Runs.relu(layers, "fo-anil", seeds[0])]
+        assert control["method.name"] == "fo-anil"
+        assert {k: v for k, v in control.items() if k != "tasks.n"} == {
+            k: v for k, v in fresh.items() if k not in ("tasks.n", "train.tasks_per_step")}
 
 
 @pytest.mark.parametrize("scale", SCALES)

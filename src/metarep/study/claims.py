@@ -341,13 +341,48 @@ def share_path(runs: Sequence[RunData]) -> tuple[float, float, float]:
 
 
 def relu_share_flat(*runs: RunData) -> Measurement:
-    """The largest :func:`flatness` of ``w1_perp_share`` over the ReLU runs, and where W1's
-    share outside span(B*) went (:func:`share_path`)."""
-    share = max(flatness(run, "w1_perp_share") for run in runs)
+    """The largest :func:`movement` of ``w1_perp_share`` over the ReLU runs (a share in
+    [0, 1], so its change itself: relative to a share near 0 the noise of the updates would
+    count as movement), and where W1's share outside span(B*) went (:func:`share_path`)."""
+    moved = max(movement(run, "w1_perp_share") for run in runs)
     start, lowest, end = share_path(runs)
-    return Measurement((share,), f"{share:.2g} (mean share: {start:.2f} at t = 0, minimum "
+    return Measurement((moved,), f"{moved:.2g} (mean share: {start:.2f} at t = 0, minimum "
                        f"{lowest:.2f}, {end:.2f} at T)",
                        {"steps": int(runs[0].metrics["step"].iloc[-1])})
+
+
+def share_kept(run: RunData) -> float:
+    """``w1_perp_share(T) / w1_perp_share(0)``: how much of W1's share outside span(B*) is
+    left at the end."""
+    return last(run, "w1_perp_share") / first(run, "w1_perp_share")
+
+
+def relu_unlearned(methods: Sequence[str]) -> Measure:
+    """Per method, the mean over its seeds of :func:`share_kept`; the runs come by method
+    then seed, as many seeds each. The value is the largest of the means, the text names
+    every method's."""
+    def measured(*runs: RunData) -> Measurement:
+        per_method = len(runs) // len(methods)
+        kept = {method: float(np.mean([share_kept(run) for run in
+                                       runs[i * per_method:(i + 1) * per_method]]))
+                for i, method in enumerate(methods)}
+        worst = max(kept, key=kept.__getitem__)
+        return Measurement((kept[worst],), f"{kept[worst]:.2g} ({worst}); " + ", ".join(
+            f"{method} {value:.2g}" for method, value in kept.items()),
+            {"steps": int(runs[0].metrics["step"].iloc[-1]), "seeds": per_method})
+
+    return measured
+
+
+def mean_final_share(count: int) -> Measure:
+    """``w1_perp_share(T)``, the mean over the first ``count`` runs and over the rest: two
+    groups of runs compared (values: the two means)."""
+    def measured(*runs: RunData) -> Measurement:
+        groups = (runs[:count], runs[count:])
+        return pair(*(float(np.mean([last(run, "w1_perp_share") for run in group]))
+                      for group in groups))
+
+    return measured
 
 
 def relu_risk_flat(methods: Sequence[str]) -> Measure:
@@ -389,12 +424,24 @@ def at_pool_end(pool: RunData, infinite: RunData) -> Measurement:
     return pair(last(pool, "perp_norm"), at, steps=steps)
 
 
-def flatness(run: RunData, column: str, fraction: float = float(SETTLED_FRACTION)) -> float:
-    """``|column(T) / column(t) - 1|`` with ``t`` the last record at or before ``(1 -
-    fraction) T``: how much ``column`` still moved over the last ``fraction`` of the steps."""
+def settling_value(run: RunData, column: str,
+                   fraction: float = float(SETTLED_FRACTION)) -> float:
+    """``column(t)`` with ``t`` the last record at or before ``(1 - fraction) T``."""
     steps = run.metrics["step"].to_numpy()
     index = int(np.searchsorted(steps, (1 - fraction) * steps[-1], side="right")) - 1
-    return abs(last(run, column) / float(run.metrics[column].iloc[index]) - 1)
+    return float(run.metrics[column].iloc[index])
+
+
+def flatness(run: RunData, column: str, fraction: float = float(SETTLED_FRACTION)) -> float:
+    """``|column(T) / column(t) - 1|`` (:func:`settling_value`): how much ``column`` still
+    moved, relatively, over the last ``fraction`` of the steps."""
+    return abs(last(run, column) / settling_value(run, column, fraction) - 1)
+
+
+def movement(run: RunData, column: str, fraction: float = float(SETTLED_FRACTION)) -> float:
+    """``|column(T) - column(t)|`` (:func:`settling_value`): how much ``column`` still moved
+    over the last ``fraction`` of the steps."""
+    return abs(last(run, column) - settling_value(run, column, fraction))
 
 
 def floors_flat(*runs: RunData) -> Measurement:
@@ -419,23 +466,49 @@ def floor_exponent(*runs: RunData) -> Measurement:
 # ----------------------------------------------------------------------------- the rows
 
 
+RELU_UNLEARNED = 0.2
+"""The ReLU study's unlearning criterion: W1's share outside span(B*) ends below this fraction
+of its start (the linear study's infinite-task criterion on ``perp_norm``)."""
+
+
 def relu_rows(layers: int, seeds: Sequence[int]) -> list[ClaimRow]:
     """The claims of the ReLU study with ``layers`` hidden layers over ``seeds``: that its runs
-    have stopped moving, then, per method, the test risk against ridge."""
+    have stopped moving; that with fresh tasks the model-agnostic methods unlearn W1's part
+    outside span(B*), with its two negative controls (FO-ANIL on a pool stops at a floor,
+    Burer-Monteiro keeps it); then, per method, the test risk against ridge."""
     every_run = tuple(Runs.relu(layers, method, seed) for method in POOL_METHODS
                       for seed in seeds)
+    agnostic = tuple(Runs.relu(layers, method, seed) for method in MODEL_AGNOSTIC
+                     for seed in seeds)
     pairs = tuple(name for method in POOL_METHODS for name in (
         Runs.relu(layers, method, seeds[0]), Runs.relu_early(layers, method, seeds[0])))
+    fresh, pool = Runs.relu(layers, "fo-anil", seeds[0]), Runs.relu_pool(layers, seeds[0])
+    fo_seeds = tuple(Runs.relu(layers, "fo-anil", seed) for seed in seeds)
+    mtl_seeds = tuple(Runs.relu(layers, MTL.name, seed) for seed in seeds)
+    name = f"ReLU ({layers + 1} layers)"
     rows = [
-        ClaimRow(f"ReLU ({layers + 1} layers): every method is trained until the test risk "
-                 "stops moving", pairs, "largest relative change of the test risk at the "
-                 "smallest m_test over the last fifth of T = {steps} steps (first seed vs its "
-                 "run stopped at 4T/5)", "< 0.02", relu_risk_flat(POOL_METHODS),
-                 lambda moved: moved < 0.02),
-        ClaimRow(f"ReLU ({layers + 1} layers): ... and until W1's share outside span(B*) stops "
-                 "moving", every_run, "largest relative change of ||B_perp^T W1||_F / ||W1||_F "
-                 "over the last fifth of T = {steps} steps (every method and seed)", "< 0.01",
-                 relu_share_flat, lambda moved: moved < 0.01),
+        ClaimRow(f"{name}: every method is trained until the test risk stops moving", pairs,
+                 "largest relative change of the test risk at the smallest m_test over the "
+                 "last fifth of T = {steps} steps (first seed vs its run stopped at 4T/5)",
+                 "< 0.02", relu_risk_flat(POOL_METHODS), lambda moved: moved < 0.02),
+        ClaimRow(f"{name}: ... and until W1's share outside span(B*) stops moving", every_run,
+                 "largest change of ||B_perp^T W1||_F / ||W1||_F over the last fifth of "
+                 "T = {steps} steps (every method and seed)", "< 0.01", relu_share_flat,
+                 lambda moved: moved < 0.01),
+        ClaimRow(f"{name}: with fresh tasks every model-agnostic method unlearns W1's part "
+                 "outside span(B*)", agnostic, "largest over the methods of the mean over "
+                 "{seeds} seeds of w1_perp_share(T) / w1_perp_share(0), T = {steps}",
+                 f"< {RELU_UNLEARNED:g}", relu_unlearned(MODEL_AGNOSTIC),
+                 lambda kept: kept < RELU_UNLEARNED),
+        ClaimRow(f"{name}, negative control: on a pool of N tasks FO-ANIL stops unlearning at "
+                 "a floor", (pool, fresh), f"w1_perp_share at T: {pool} vs {fresh}",
+                 "pool > 1.5 x fresh tasks", final("w1_perp_share"),
+                 lambda floor, unlearned: floor > 1.5 * unlearned),
+        ClaimRow(f"{name}, negative control: Burer-Monteiro does not unlearn W1's part outside "
+                 "span(B*)", mtl_seeds + fo_seeds,
+                 "w1_perp_share at T, mean over the seeds: mtl vs fo-anil",
+                 "mtl > 1.5 x fo-anil", mean_final_share(len(mtl_seeds)),
+                 lambda kept, unlearned: kept > 1.5 * unlearned),
     ]
     for method in POOL_METHODS:
         rows.append(ClaimRow(

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from metarep.core.evaluation import REFERENCE_ROWS, RIDGE, features_row
-from metarep.core.measures import projected_gram
+from metarep.core.measures import projected_gram, unit_perp_shares
 from metarep.core.methods import MTL
 from metarep.run import atomic
 from metarep.run.figures import (
@@ -57,6 +57,9 @@ LABELS = {"fo-anil": "FO-ANIL", "anil": "ANIL", "fo-maml": "FO-MAML", "maml": "M
 """Colours and legend labels per method and reference row; the references' full styles
 (lower references dashed, least squares dotted and light) are
 :data:`metarep.run.figures.REFERENCE_STYLES`."""
+
+FED = {method: " (fresh tasks)" for method in MODEL_AGNOSTIC} | {"mtl": " (pool)"}
+"""How each method of the ReLU study is fed, in its legend label (figure f)."""
 
 
 def _draw_row(axis: Axes, name: str, rows: pd.DataFrame) -> None:
@@ -364,11 +367,11 @@ def seed_averaged_eval(runs: list[RunData], row: str) -> pd.DataFrame:
 
 def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figure, pd.DataFrame]:
     """(f) The appendix study: ReLU bodies with 1 and 2 hidden layers (two- and three-layer
-    networks): the share of W1's energy outside span(B*) over t (one line per seed), and the
-    test risk averaged over the seeds (error bars: 1.96 standard errors of seeds and test
-    tasks)."""
-    names = [Runs.relu(layers, m, seed) for layers in RELU_LAYERS for m in POOL_METHODS
-             for seed in seeds]
+    networks): the share of W1's energy outside span(B*) over t (one line per seed; FO-ANIL
+    on the pool, the negative control, in black), and the test risk averaged over the seeds
+    (error bars: 1.96 standard errors of seeds and test tasks)."""
+    names = [*(Runs.relu(layers, m, seed) for layers in RELU_LAYERS for m in POOL_METHODS
+               for seed in seeds), *(Runs.relu_pool(layers, seeds[0]) for layers in RELU_LAYERS)]
     table = _long(runs, names, ["w1_perp_share", "train_loss"])
     risk_frames = []
     figure = Figure(figsize=(13, 9), layout="constrained")
@@ -382,7 +385,7 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
                     share_axis.plot(_steps(run.metrics), run.metrics["w1_perp_share"],
                                     color=COLORS[method], linestyle=STYLES[method],
                                     linewidth=1.2 if i == 0 else 0.6,
-                                    label=LABELS[method] if i == 0 else None)
+                                    label=(LABELS[method] + FED[method]) if i == 0 else None)
             evaluated = [run for run in seeded if run.eval is not None]
             if not evaluated:
                 continue
@@ -400,7 +403,12 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
                     _draw_row(risk_axis, baseline, rows)
                     drawn.append(rows)
             shots_axis(risk_axis, reference.eval["shots"].to_numpy())
-        share_axis.set(xscale="log", xlabel="outer step t + 1",
+        control = runs.get(Runs.relu_pool(layers, seeds[0]))
+        if control is not None and "w1_perp_share" in control.metrics:
+            share_axis.plot(_steps(control.metrics), control.metrics["w1_perp_share"],
+                            color="black", linestyle="--", linewidth=1.2,
+                            label="FO-ANIL on the pool (control)")
+        share_axis.set(xscale="log", yscale="log", xlabel="outer step t + 1",
                        ylabel=r"$\|B_\perp^\top W_1\|_F / \|W_1\|_F$",
                        title=f"(f) ReLU, {layers + 1}-layer network: W1 energy outside span(B*)")
         risk_axis.set(xscale="log", yscale="log", xlabel="test samples $m_{test}$",
@@ -417,9 +425,10 @@ def figure_relu(runs: dict[str, RunData], seeds: tuple[int, ...]) -> tuple[Figur
 
 def relu_statement(runs: dict[str, RunData], seeds: tuple[int, ...]) -> str:
     """What the ReLU study shows, in numbers: per depth, W1's share outside span(B*) (mean over
-    the model-agnostic methods and the seeds) at t = 0, at its minimum and at T, and the test
-    risk at the smallest m_test of FO-ANIL (mean over seeds), ridge, the Bayes oracle and
-    Burer-Monteiro's features with least squares."""
+    the model-agnostic methods and the seeds, on fresh tasks) at t = 0, at its minimum and at
+    T, FO-ANIL's on the pool at its minimum and at T, and the test risk at the smallest m_test
+    of FO-ANIL (mean over seeds; on the pool), ridge, the Bayes oracle and Burer-Monteiro's
+    features with least squares."""
     parts = []
     for layers in RELU_LAYERS:
         agnostic = _seed_runs(runs, layers, MODEL_AGNOSTIC, seeds)
@@ -429,17 +438,54 @@ def relu_statement(runs: dict[str, RunData], seeds: tuple[int, ...]) -> str:
             continue
         start, lowest, end = share_path(agnostic)
         smallest = int(fo[0].eval["shots"].min())
-        text = (f"{layers + 1}-layer networks: W1's share outside span(B*) falls from "
-                f"{start:.2f} to {lowest:.2f} and ends at {end:.2f} (model-agnostic "
-                f"methods, mean over {len(seeds)} seeds); at m_test = {smallest} the test risk "
-                f"is {_mean_risk(fo, 'fo-anil', smallest):.3g} for FO-ANIL against "
-                f"{_mean_risk(fo[:1], 'ridge', smallest):.3g} for ridge and "
-                f"{_mean_risk(fo[:1], 'bayes-oracle', smallest):.3g} for the Bayes oracle")
+        text = (f"{layers + 1}-layer networks: with fresh tasks W1's share outside span(B*) "
+                f"falls from {start:.2f} to {lowest:.2f} and ends at {end:.2f} (model-agnostic "
+                f"methods, mean over {len(seeds)} seeds)")
+        pool = runs.get(Runs.relu_pool(layers, seeds[0]))
+        if pool is not None and pool.eval is not None:
+            shares = pool.metrics["w1_perp_share"]
+            text += (f"; on the pool FO-ANIL's stops at {shares.min():.2f} and ends at "
+                     f"{shares.iloc[-1]:.2f}")
+        text += (f". At m_test = {smallest} the test risk is "
+                 f"{_mean_risk(fo, 'fo-anil', smallest):.3g} for FO-ANIL")
+        if pool is not None and pool.eval is not None:
+            text += f" ({_mean_risk([pool], 'fo-anil', smallest):.3g} on the pool)"
+        text += (f" against {_mean_risk(fo[:1], 'ridge', smallest):.3g} for ridge and "
+                 f"{_mean_risk(fo[:1], 'bayes-oracle', smallest):.3g} for the Bayes oracle")
         if mtl and all(r.eval is not None for r in mtl):
             text += (f", and {_mean_risk(mtl, MTL_LSQ, smallest):.3g} for Burer-Monteiro + "
                      "least squares")
-        parts.append(text + ".")
+        parts.append(text + ". " + _stranded_statement(runs, layers, seeds))
     return " ".join(parts)
+
+
+STRANDED_SHARE = 0.9
+"""A first-layer unit is left outside span(B*) when more than this share of its weights lies
+outside it at the end (:func:`metarep.core.measures.unit_perp_shares`)."""
+
+
+def stranded_units(run: RunData) -> int:
+    """How many first-layer units of a ReLU run end with a share outside span(B*) above
+    :data:`STRANDED_SHARE`."""
+    return int((unit_perp_shares(run.params["W1"], run.params["B_star"])
+                > STRANDED_SHARE).sum())
+
+
+def _stranded_statement(runs: dict[str, RunData], layers: int, seeds: tuple[int, ...]) -> str:
+    """Per model-agnostic method, how many first-layer units end outside span(B*)
+    (:func:`stranded_units`), over how many units and seeds."""
+    counts = []
+    for method in MODEL_AGNOSTIC:
+        group = [run for run in _seed_runs(runs, layers, (method,), seeds) if "W1" in run.params]
+        if group:
+            stranded = [stranded_units(run) for run in group]
+            units = sum(run.params["W1"].shape[1] for run in group)
+            counts.append(f"{LABELS[method]} {sum(stranded)} of {units} "
+                          f"(in {sum(n > 0 for n in stranded)} of {len(group)} seeds)")
+    if not counts:
+        return ""
+    return (f"First-layer units left outside span(B*) at T (more than {STRANDED_SHARE:g} of "
+            "their weights outside it): " + ", ".join(counts) + ".")
 
 
 def _seed_runs(runs: dict[str, RunData], layers: int, methods: tuple[str, ...],
@@ -501,10 +547,12 @@ FIGURES: tuple[tuple[str, str], ...] = (
      "with its value."),
     ("e_m_in", "The role of m_in under the exact infinite-task dynamics: finite inner samples "
      "unlearn the complement, infinitely many do not."),
-    ("f_relu", "Appendix: two- and three-layer ReLU networks trained with every method on a "
-     "pool, one line per seed (pool and initialisation) on the left, the test risk averaged "
-     "over the seeds on the right (error bars: 1.96 standard errors of the seeds and the test "
-     "tasks), with the Bayes oracle and ridge as lower references. Burer-Monteiro + least "
+    ("f_relu", "Appendix: two- and three-layer ReLU networks, the model-agnostic methods on "
+     "fresh tasks at every step, Burer-Monteiro (one head per task) and FO-ANIL as the negative "
+     "control (black, dashed) on a pool of N tasks; one line per seed (tasks and "
+     "initialisation) on the left (log axes), the test risk averaged over the seeds on the "
+     "right (error bars: 1.96 standard errors of the seeds and the test tasks), with the "
+     "Bayes oracle and ridge as lower references. Burer-Monteiro + least "
      "squares fits its k' features by ridge below k' + 2 samples and by least squares from "
      "there: just above that threshold its risk is heavy-tailed (no error bar), and a point "
      "above 10 times the largest ridge risk is marked at the top edge with its value."),
@@ -624,8 +672,10 @@ pre {{ background: #f6f6f6; padding: 1em; }}
 <h2>Provenance</h2>{_provenance_html(context.get("provenance"))}
 <p>Regimes: the paper's theorem is about infinitely many tasks (runs named
 <code>infinite-*</code>, exact population dynamics); runs named <code>pool-*</code> and
-<code>relu*</code> train on a finite pool of N tasks, where the orthogonal part stops shrinking
-at a floor set by N, m and the noise.</p>
+<code>floor-*</code> train on a finite pool of N tasks, where the orthogonal part stops
+shrinking at a floor set by N, m and the noise. In the ReLU study (<code>relu*</code>) the
+model-agnostic methods draw fresh tasks at every step; Burer-Monteiro and the control
+<code>relu*-fo-anil-pool-*</code> train on a pool of N tasks.</p>
 <h2>Claims</h2>{_table_html(claims, "status")}
 <h2>Figures</h2>{''.join(sections)}
 <h2>Key numbers (final measures of every run)</h2>{_table_html(key_numbers)}
