@@ -41,9 +41,10 @@ def results_block(study: Path, wall: str | None) -> str:
     figures = "\n\n".join(f"![{stem}](docs/results/{stem}.png)" for stem, _ in FIGURES)
     return (
         f"Results of `metarep reproduce` (default scale) on the 2-core development machine: "
-        f"{int(claims['passed'].sum())}/{len(claims)} claims passed; the runs took "
-        f"{seconds:.0f} s of compute in all"
-        f"{f' ({wall} of wall time with 2 workers)' if wall else ''}.\n\n"
+        f"{int(claims['passed'].sum())}/{len(claims)} claims passed"
+        f"{f'; {wall} of wall time with 2 workers' if wall else ''}; the runs' own times add "
+        f"up to {seconds:.0f} s (each run of a batch of infinite-task runs counts the batch's "
+        "time).\n\n"
         f"{markdown_table(claims)}\n\n{figures}\n\n"
         f"Final measures of every run:\n\n{markdown_table(numbers)}\n"
     )
