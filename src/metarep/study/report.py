@@ -505,9 +505,11 @@ def _mean_risk(group: list[RunData], row: str, shots: int) -> float:
 
 
 def _save_figure(figure: Figure, stem: Path) -> None:
-    for suffix in ("png", "pdf"):
-        path = stem.with_suffix(f".{suffix}")
-        atomic.write_figure(path, figure, dpi=110)
+    """``figure`` as ``stem.png`` and ``stem.pdf``. The layout is computed once, while drawing
+    the PNG, and kept for the PDF (the constrained layout takes half the time of a draw)."""
+    atomic.write_figure(stem.with_suffix(".png"), figure, dpi=110)
+    figure.set_layout_engine("none")
+    atomic.write_figure(stem.with_suffix(".pdf"), figure, dpi=110)
 
 
 FIGURES: tuple[tuple[str, str], ...] = (
