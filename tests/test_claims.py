@@ -177,13 +177,12 @@ def relu_run(name: str, risk: float, stderr: float = 0.02, ridge: float = 2.0,
     return RunData(name, {}, metrics, frame, {"status": "done"}, {})
 
 
-def relu_study(risks: dict[int, float], early_risk: float, moving: list[float] | None = None,
+def relu_study(risks: dict[int, float], early_risk: float,
                shares: dict[str, list[float]] | None = None) -> dict[str, RunData]:
     """The runs of the ReLU study with one hidden layer: every method's share :data:`UNLEARNED`
-    but Burer-Monteiro's and the pool control's, :data:`KEPT`; ``moving`` replaces MAML's share,
-    ``shares`` those of the methods (and ``"pool"``) it names."""
-    shares = {"mtl": KEPT, "pool": KEPT, **({"maml": moving} if moving else {}),
-              **(shares or {})}
+    but Burer-Monteiro's and the pool control's, :data:`KEPT`; ``shares`` replaces those of the
+    methods (and ``"pool"``) it names."""
+    shares = {"mtl": KEPT, "pool": KEPT, **(shares or {})}
     runs = {}
     for method in ("fo-anil", "anil", "fo-maml", "maml", "mtl"):
         for seed, value in risks.items():
@@ -219,7 +218,8 @@ def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
     assert not fo_anil.evaluate(spread).passed
     # A test risk that moved by 10 % over the last fifth, or a W1 share still falling.
     assert not risk_flat.evaluate(relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.65)).passed
-    falling = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, moving=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    falling = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5,
+                         shares={"maml": [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]})
     claim = share_flat.evaluate(falling)
     assert not claim.passed and claim.value.startswith("0.1") and "minimum" in claim.value
     assert risk_flat.evaluate(falling).passed
@@ -230,9 +230,10 @@ def test_relu_share_movement_is_absolute_so_a_settled_share_near_zero_is_flat():
     but by 0.002 of W1: flat; one that fell by 0.02 has not settled."""
     share_flat = relu_claims()["share_flat"]
     noisy = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5,
-                       moving=[0.9, 0.2, 0.05, 0.012, 0.01, 0.012])
+                       shares={"maml": [0.9, 0.2, 0.05, 0.012, 0.01, 0.012]})
     assert share_flat.evaluate(noisy).passed
-    still = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5, moving=[0.9, 0.3, 0.1, 0.07, 0.06, 0.04])
+    still = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5,
+                       shares={"maml": [0.9, 0.3, 0.1, 0.07, 0.06, 0.04]})
     claim = share_flat.evaluate(still)
     assert not claim.passed and claim.value.startswith("0.02")
 

@@ -442,13 +442,13 @@ def relu_statement(runs: dict[str, RunData], seeds: tuple[int, ...]) -> str:
                 f"falls from {start:.2f} to {lowest:.2f} and ends at {end:.2f} (model-agnostic "
                 f"methods, mean over {len(seeds)} seeds)")
         pool = runs.get(Runs.relu_pool(layers, seeds[0]))
-        if pool is not None and pool.eval is not None:
-            shares = pool.metrics["w1_perp_share"]
-            text += (f"; on the pool FO-ANIL's stops at {shares.min():.2f} and ends at "
-                     f"{shares.iloc[-1]:.2f}")
+        pool = pool if pool is not None and pool.eval is not None else None
+        if pool is not None:
+            _, floor, pool_end = share_path([pool])
+            text += f"; on the pool FO-ANIL's stops at {floor:.2f} and ends at {pool_end:.2f}"
         text += (f". At m_test = {smallest} the test risk is "
                  f"{_mean_risk(fo, 'fo-anil', smallest):.3g} for FO-ANIL")
-        if pool is not None and pool.eval is not None:
+        if pool is not None:
             text += f" ({_mean_risk([pool], 'fo-anil', smallest):.3g} on the pool)"
         text += (f" against {_mean_risk(fo[:1], 'ridge', smallest):.3g} for ridge and "
                  f"{_mean_risk(fo[:1], 'bayes-oracle', smallest):.3g} for the Bayes oracle")
