@@ -19,6 +19,7 @@ from metarep.core.methods import (
     make_method,
 )
 from metarep.core.methods import threads as kernel_threads
+from metarep.core.methods.fused import residual_gradients
 from metarep.core.model import LinearParams
 from metarep.core.problem import make_problem
 from metarep.core.tasks import TaskBatch, sample_tasks
@@ -122,6 +123,48 @@ def test_adapt_head_equals_repeated_per_task_steps(steps):
     for i in range(batch.n_tasks):
         w_i = reference.adapt_head(B, w, batch.X_in[i], batch.y_in[i], 0.3, steps)
         np.testing.assert_allclose(heads[i], w_i, rtol=0, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- fused passes
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 8, 13])
+@pytest.mark.parametrize("shared", [False, True], ids=["u per task", "u shared"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_residual_gradients_equal_a_per_task_loop(m, shared, dtype):
+    """``X_i^T (X_i u_i - y_i)`` and ``||X_i u_i - y_i||^2`` for every row count around the
+    blocks of four rows, against ``np.dot`` task by task."""
+    rng = np.random.default_rng(m)
+    n, d = 9, 11
+    X = rng.standard_normal((n, m, d)).astype(dtype)
+    y = rng.standard_normal((n, m)).astype(dtype)
+    u = rng.standard_normal(d if shared else (n, d)).astype(dtype)
+    gradients, squares = residual_gradients(X, u, y)
+    assert gradients.dtype == squares.dtype == np.dtype(dtype)
+    tolerance = 1e-12 if dtype == "float64" else 2e-5
+    for i in range(n):
+        r = X[i].astype(float) @ (u if shared else u[i]).astype(float) - y[i]
+        np.testing.assert_allclose(gradients[i], X[i].T.astype(float) @ r, rtol=0,
+                                   atol=tolerance * np.abs(X[i]).sum() * np.abs(r).max())
+        assert squares[i] == pytest.approx(r @ r, rel=tolerance)
+
+
+def test_fused_residual_gradients_take_strided_inputs_and_keep_nan():
+    """A non-contiguous slice gives the numbers of its copy (to rounding: the compiled loop
+    vectorises only contiguous rows); a NaN input stays NaN in its task only (no fast-math
+    assumption of finite numbers)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((6, 5, 8))[::2, :, ::2]
+    y = rng.standard_normal((6, 5))[::2]
+    u = rng.standard_normal((3, 4))
+    for got, want in zip(residual_gradients(X, u, y),
+                         residual_gradients(X.copy(), u.copy(), y.copy()), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-14)
+    X = X.copy()
+    X[1, 2, 3] = np.nan
+    gradients, squares = residual_gradients(X, u, y)
+    assert np.isnan(gradients[1]).all() and np.isnan(squares[1])
+    assert np.isfinite(gradients[[0, 2]]).all() and np.isfinite(squares[[0, 2]]).all()
 
 
 # ----------------------------------------------------------------------------- FO-ANIL step

@@ -6,6 +6,8 @@ section 3), one module per family:
   their outer gradient :func:`meta_gradient` (exact by reverse mode, or first order);
 - :mod:`~metarep.core.methods.mtl`: :class:`MTL`, multi-task learning (Burer-Monteiro);
 - :mod:`~metarep.core.methods.gradients`: the loss, its gradients and the head adaptation;
+- :mod:`~metarep.core.methods.fused`: a residual and its transposed product in one pass over
+  each task's inputs (compiled with numba), FO-ANIL's kernel on numpy arrays;
 - :mod:`~metarep.core.methods.threads`: the thread pool and BLAS threads of the kernels.
 
 Each method is a small frozen object with a pure ``step(state, batch) -> (state, loss)``; the

@@ -1,20 +1,23 @@
 """First-order ANIL on the linear model, the paper's method (specification §3), at the memory
-bound: on numpy arrays the tasks are taken in cache-sized chunks on the threads of
-:mod:`metarep.core.methods.threads`; on torch tensors (any device) all at once, with the same
-formula (:func:`_fo_anil_sums`).
+bound: on numpy arrays the tasks are taken in chunks on the threads of
+:mod:`metarep.core.methods.threads`, each task's inputs read once per residual
+(:mod:`metarep.core.methods.fused`); on torch tensors (any device) all at once, with the same
+formula (:func:`_chunk_sums`).
 
 Tested against the plain per-task loop :func:`metarep.core.reference.fo_anil_step`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from metarep.core.arrays import Array, array_namespace
-from metarep.core.methods.gradients import residual, transposed_apply
+from metarep.core.methods.fused import residual_gradients
+from metarep.core.methods.gradients import transposed_apply
 from metarep.core.methods.inner_loop import InnerLoopMethod
 from metarep.core.methods.threads import map_chunks
 from metarep.core.model import LinearParams
@@ -42,33 +45,49 @@ class FOANIL(InnerLoopMethod):
     def step(self, params: LinearParams, batch: TaskBatch) -> tuple[LinearParams, float]:
         """One outer step on ``batch``; returns the new ``(B, w)`` and the meta-training loss.
 
-        On numpy arrays the tasks are taken in cache-sized chunks (:func:`_fo_anil_sums`), in
-        parallel (:func:`~metarep.core.methods.threads.map_chunks`); the chunks' sums are
-        added in order, so the result does not depend on the number of threads. Torch tensors
-        are one chunk (torch parallelises each operation itself).
+        With ``u_i = B w_i`` and ``g_i^(s) = X_i^in^T (X_i^in u_i - y_i^in)`` the inner step
+        is ``u_i <- u_i - c B B^T g_i^(s)`` (``c = alpha / m_in``), so ``w_i = w - c B^T G_i``
+        with ``G_i = sum_s g_i^(s)``, and with ``v_i = X_i^out^T r_i`` the outer gradients are
+        ``grad_B = (sum_i v_i w^T - c (sum_i v_i G_i^T) B) / (N m_out)`` and
+        ``grad_w = B^T sum_i v_i / (N m_out)``: every product with ``X`` is a residual and its
+        transpose (:func:`_chunk_sums`), and the products in ``d`` and ``k'`` take the cheaper
+        order (:func:`_through_body`).
+
+        On numpy arrays the tasks are taken in chunks, one pass over each task's inputs per
+        residual (:func:`~metarep.core.methods.fused.residual_gradients`), in parallel
+        (:func:`~metarep.core.methods.threads.map_chunks`); the chunks' sums are added in
+        order, so the result does not depend on the number of threads. Torch tensors are one
+        chunk, in batched products (torch parallelises each operation itself).
         """
         B, w = params
+        gram = B @ B.T if _gram_first(*B.shape) else None
+        c = self.inner_lr / batch.m_in
+        numpy_arrays = array_namespace(batch.X_in) is np
+        passes = residual_gradients if numpy_arrays else _batched_residual_gradients
 
         def chunk_sums(tasks: slice) -> tuple[Array, Array, float]:
-            return _fo_anil_sums(B, w, batch.X_in[tasks], batch.y_in[tasks], batch.X_out[tasks],
-                                 batch.y_out[tasks], self.inner_lr, self.inner_steps)
+            return _chunk_sums(B, gram, w, batch.X_in[tasks], batch.y_in[tasks],
+                               batch.X_out[tasks], batch.y_out[tasks], c, self.inner_steps,
+                               passes)
 
-        if array_namespace(batch.X_in) is np:
-            sums = map_chunks(chunk_sums, _task_chunks(batch))
-        else:
-            sums = [chunk_sums(slice(0, batch.n_tasks))]
-        n = batch.n_tasks
-        grad_B = sum(chunk[0] for chunk in sums) / n
-        grad_w = B.T @ (sum(chunk[1] for chunk in sums) / n)
-        meta_loss = 0.5 * sum(chunk[2] for chunk in sums) / (n * batch.m_out)
+        tasks = _task_chunks(batch) if numpy_arrays else [slice(0, batch.n_tasks)]
+        sums = map_chunks(chunk_sums, tasks) if numpy_arrays else [chunk_sums(tasks[0])]
+        scale = 1.0 / (batch.n_tasks * batch.m_out)
+        v_sum = sum(chunk[0] for chunk in sums) * scale
+        v_G = sum(chunk[1] for chunk in sums) * scale
+        xp = array_namespace(B)
+        grad_B = xp.einsum("d,k->dk", v_sum, w) - c * (v_G @ B if gram is not None else v_G)
+        grad_w = B.T @ v_sum
+        meta_loss = 0.5 * scale * sum(chunk[2] for chunk in sums)
         return LinearParams(B - self.outer_lr * grad_B, w - self.outer_lr * grad_w), meta_loss
 
 
 TASK_CHUNK_BYTES = 1 << 22
 """:meth:`FOANIL.step` takes the tasks in chunks of about this many bytes of ``X_in`` and
-``X_out``: small enough that a chunk read from memory by a product ``X_i v_i`` is still in
-cache for the transposed product ``X_i^T r_i`` that follows, large enough that the Python
-overhead per chunk stays small next to the arithmetic."""
+``X_out``, a size that does not depend on the threads (so neither do the sums): enough chunks
+at the paper's scale (60 MB in float64) to keep every thread busy, few enough that the Python
+overhead of a chunk (a few tens of microseconds; measured: 256 kB chunks take 2.5 times as
+long as 4 MB chunks) stays small next to its arithmetic."""
 
 
 def _task_chunks(batch: TaskBatch) -> list[slice]:
@@ -79,30 +98,56 @@ def _task_chunks(batch: TaskBatch) -> list[slice]:
     return [slice(start, start + size) for start in range(0, batch.n_tasks, size)]
 
 
-def _fo_anil_sums(
+def _gram_first(d: int, width: int) -> bool:
+    """Whether ``G (B B^T)`` (``n d^2`` multiply-adds for ``G`` of shape (n, d), after
+    ``d^2 k'`` for ``B B^T``) is cheaper than ``(G B) B^T`` (``2 n d k'``): when
+    ``d <= 2 k'``."""
+    return d <= 2 * width
+
+
+def _through_body(G: Array, B: Array, gram: Array | None) -> Array:
+    """``G B B^T`` for ``G`` (n, d), in the order :func:`_gram_first` chose (``gram`` is
+    ``B B^T`` or None)."""
+    return G @ gram if gram is not None else (G @ B) @ B.T
+
+
+def _batched_residual_gradients(X: Array, u: Array, y: Array) -> tuple[Array, Array]:
+    """``X_i^T r_i`` (n, d) and ``||r_i||^2`` (n,) for ``r_i = X_i u_i - y_i``, ``u`` (n, d)
+    or (d,), as batched products in the namespace of ``X`` (two reads of ``X``)."""
+    r = (X @ u if u.ndim == 1 else (X @ u[:, :, None])[..., 0]) - y
+    return transposed_apply(X, r), array_namespace(r).sum(r * r, axis=1)
+
+
+def _chunk_sums(
     B: Array,
+    gram: Array | None,
     w: Array,
     X_in: Array,
     y_in: Array,
     X_out: Array,
     y_out: Array,
-    alpha: float,
+    c: float,
     steps: int,
+    residual_gradients: Callable[[Array, Array, Array], tuple[Array, Array]],
 ) -> tuple[Array, Array, float]:
-    """FO-ANIL on a chunk of tasks: the sums over its tasks that the outer step averages.
+    """FO-ANIL on a chunk of tasks: the sums over its tasks that the outer step scales.
 
-    Inner loop (as :func:`adapt_head`): ``w_i <- w_i - alpha B^T X_i^in^T (X_i^in B w_i -
-    y_i^in) / m_in``, ``steps`` times from ``w_i = w``. Outer residuals
-    ``r_i = X_i^out B w_i - y_i^out`` and input gradients ``v_i = X_i^out^T r_i / m_out``.
+    Inner loop in ``u_i = B w_i`` from ``u_i = B w``: ``g_i = X_i^in^T (X_i^in u_i -
+    y_i^in)``, ``G_i += g_i``, ``u_i <- u_i - c B B^T g_i``, ``steps`` times. Outer
+    residuals ``r_i = X_i^out u_i - y_i^out`` and input gradients ``v_i = X_i^out^T r_i``.
 
-    **Arguments:** ``B`` (d, k'); ``w`` (k',); ``X_in`` (n, m_in, d); ``y_in`` (n, m_in);
-    ``X_out`` (n, m_out, d); ``y_out`` (n, m_out). **Returns:** ``sum_i v_i w_i^T`` (d, k'),
-    ``sum_i v_i`` (d,) and ``sum_i ||r_i||^2``.
+    **Arguments:** ``B`` (d, k'); ``gram`` ``B B^T`` (d, d) or None (:func:`_gram_first`);
+    ``w`` (k',); ``X_in`` (n, m_in, d); ``y_in`` (n, m_in); ``X_out`` (n, m_out, d);
+    ``y_out`` (n, m_out); ``c = alpha / m_in``. **Returns:** ``sum_i v_i`` (d,),
+    ``sum_i v_i G_i^T`` (d, d) when ``gram`` is given, else ``sum_i v_i (B^T G_i)^T`` (d, k'),
+    and ``sum_i ||r_i||^2``.
     """
-    heads = w
+    u = B @ w
+    total = None
     for _ in range(steps):
-        inner = transposed_apply(X_in, residual(B, heads, X_in, y_in))
-        heads = heads - (alpha / X_in.shape[1]) * inner @ B
-    r = residual(B, heads, X_out, y_out)
-    v = transposed_apply(X_out, r) / X_out.shape[1]
-    return v.T @ heads, v.sum(axis=0), float(array_namespace(r).vdot(r, r))
+        g, _ = residual_gradients(X_in, u, y_in)
+        total = g if total is None else total + g
+        u = u - c * _through_body(g, B, gram)
+    v, squares = residual_gradients(X_out, u, y_out)
+    v_G = v.T @ total if gram is not None else v.T @ (total @ B)
+    return v.sum(axis=0), v_G, float(squares.sum())
