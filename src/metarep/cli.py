@@ -355,8 +355,8 @@ CLAIM_TAGS = {"pass": "pass", "fail": "FAIL", "skipped": "skip"}
 
 @app.command()
 def reproduce(
-    scale: Annotated[str, typer.Option(help="quick (about 2 min on 2 cores), default (about "
-                                            "16 min) or paper (hours).")]
+    scale: Annotated[str, typer.Option(help="quick (about 30 s on 2 cores), default (10 to "
+                                            "20 min) or paper (hours).")]
     = "default",
     out: Annotated[str | None, typer.Option(help="Report directory "
                                              "\\[default: runs/reproduce-SCALE].")] = None,

@@ -11,9 +11,9 @@ records as it finishes (``metarep run``), or afterwards from the files it wrote
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -274,16 +274,30 @@ def draw_run_figures(path: str | Path) -> list[Path]:
 
 def draw_figures(paths: Sequence[str | Path], workers: int = 1) -> list[Path]:
     """:func:`draw_run_figures` of each finished run in ``paths``, on ``workers`` processes
-    (``spawn``ed, each importing matplotlib once: worth it from a few runs on; 1: in this
-    process). Returns the files written, run by run in the order of ``paths``; the first
-    :class:`ConfigError` of a run stops the drawing."""
+    (:func:`map_drawing`; 1: in this process). Returns the files written, run by run in the
+    order of ``paths``; the first :class:`ConfigError` of a run stops the drawing."""
     if workers < 1:
         raise ConfigError("--workers", f"must be an integer >= 1; got {workers}")
-    if workers == 1 or len(paths) <= 1:
-        return [file for path in paths for file in draw_run_figures(path)]
+    return [file for files in map_drawing(draw_run_figures, paths, workers) for file in files]
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def map_drawing(draw: Callable[[Item], Result], items: Sequence[Item], workers: int
+                ) -> list[Result]:
+    """``[draw(item) for item in items]`` on up to ``workers`` processes, in the order of
+    ``items``; in this process when ``workers`` or the number of items is 1. The processes
+    are spawned, not forked (a fork copies a process whose threads, BLAS's, torch's and the
+    kernels' pool, may hold locks), so each first imports matplotlib and the package (about
+    1 s): worth it from a few seconds of drawing on. ``draw`` and the items must pickle; the
+    first exception of an item is raised here."""
+    if workers <= 1 or len(items) <= 1:
+        return [draw(item) for item in items]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(min(workers, len(paths)),
+    with ProcessPoolExecutor(min(workers, len(items)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
-        return [file for files in pool.map(draw_run_figures, paths) for file in files]
+        return list(pool.map(draw, items))

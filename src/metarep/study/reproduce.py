@@ -11,6 +11,7 @@ the figures and opens offline.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,9 +65,11 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
               log_runs: bool = False) -> StudyResult:
     """Run the study at ``scale`` into ``out/runs`` (reusing finished runs) and write the
     report, figures, tables and ``claims.csv`` into ``out`` (default ``runs/reproduce-SCALE``).
-    ``progress`` shows a progress bar, ``log_runs`` one line per finished run on stderr (for a
-    log file). Without torch the ReLU runs are skipped (:func:`skipped_runs`) and their
-    claims marked skipped, not failed; figure (f) then says so instead of being drawn.
+    ``workers`` (default: the CPUs) bounds the runs at once and the processes drawing the
+    report's figures. ``progress`` shows a progress bar, ``log_runs`` one line per finished
+    run on stderr (for a log file). Without torch the ReLU runs are skipped
+    (:func:`skipped_runs`) and their claims marked skipped, not failed; figure (f) then says
+    so instead of being drawn.
     """
     skipped = skipped_runs(scale)
     root = check_output_dir(out) if out is not None else Path("runs") / f"reproduce-{scale}"
@@ -92,5 +95,6 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
                "setting": dump_yaml(from_dict(tree, name=f"reproduce-{scale}")) +
                "\nper-run overrides:\n" + "\n".join(
                    f"  {plan.name}: {plan.overrides}" for plan in plans)}
-    report = write_report(root, runs, claims, context)
+    report = write_report(root, runs, claims, context,
+                          workers or len(os.sched_getaffinity(0)))
     return StudyResult(report, claims, len(runs), failed, skipped)
