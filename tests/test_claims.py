@@ -163,18 +163,21 @@ KEPT = [0.9, 0.6, 0.5, 0.45, 0.45, 0.45]
 
 
 def relu_run(name: str, risk: float, stderr: float = 0.02, ridge: float = 2.0,
-             share: list[float] | None = None) -> RunData:
-    """A ReLU run with ``risk`` for fo-anil (and mtl-lsq) at m_test = 5 and ridge at ``ridge``,
-    and ``w1_perp_share`` over 1000 steps."""
+             share: list[float] | None = None, early_risk: float | None = None) -> RunData:
+    """A ReLU run with ``risk`` for every method's row (and mtl-lsq) at m_test = 5 and ridge
+    at ``ridge``, ``w1_perp_share`` over 1000 steps and, given ``early_risk``, an evaluation
+    at step 800 with that risk."""
     share = share if share is not None else UNLEARNED
     steps = np.linspace(0, 1000, len(share)).astype(int)
     metrics = pd.DataFrame({"step": steps, "w1_perp_share": share})
     rows = [(method, 5, risk, stderr, 1000, np.nan)
             for method in ("fo-anil", "anil", "fo-maml", "maml", "mtl-lsq")]
     rows.append(("ridge", 5, ridge, 0.02, 1000, np.nan))
-    frame = pd.DataFrame(rows, columns=["method", "shots", "excess_risk", "stderr", "n_tasks",
-                                        "theory"])
-    return RunData(name, {}, metrics, frame, {"status": "done"}, {})
+    columns = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
+    frame = pd.DataFrame(rows, columns=columns)
+    early = None if early_risk is None else frame.assign(excess_risk=early_risk).assign(
+        step=800)[["step", *columns]]
+    return RunData(name, {}, metrics, frame, {"status": "done"}, {}, early)
 
 
 def relu_study(risks: dict[int, float], early_risk: float,
@@ -187,9 +190,8 @@ def relu_study(risks: dict[int, float], early_risk: float,
     for method in ("fo-anil", "anil", "fo-maml", "maml", "mtl"):
         for seed, value in risks.items():
             name = Runs.relu(1, method, seed)
-            runs[name] = relu_run(name, value, share=shares.get(method))
-        name = Runs.relu_early(1, method, 1)
-        runs[name] = relu_run(name, early_risk)
+            runs[name] = relu_run(name, value, share=shares.get(method),
+                                  early_risk=early_risk if seed == 1 else None)
     pool = Runs.relu_pool(1, 1)
     runs[pool] = relu_run(pool, 1.8, share=shares["pool"])
     return runs
@@ -223,6 +225,15 @@ def test_relu_claims_use_every_seed_and_fail_when_training_still_moves():
     claim = share_flat.evaluate(falling)
     assert not claim.passed and claim.value.startswith("0.1") and "minimum" in claim.value
     assert risk_flat.evaluate(falling).passed
+    # The risk at 4T/5 is read from the run's own evaluation during training, not eval.csv.
+    moved = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5)
+    moved[Runs.relu(1, "maml", 1)] = relu_run(Runs.relu(1, "maml", 1), 1.5, early_risk=1.2)
+    claim = risk_flat.evaluate(moved)
+    assert not claim.passed and claim.value == "0.25", claim
+    unevaluated = relu_study({1: 1.5, 2: 1.5, 3: 1.5}, 1.5)
+    unevaluated[Runs.relu(1, "anil", 1)] = relu_run(Runs.relu(1, "anil", 1), 1.5)
+    claim = risk_flat.evaluate(unevaluated)  # no evaluation at 4T/5: not measured
+    assert not claim.passed and claim.value == "n/a", claim
 
 
 def test_relu_share_movement_is_absolute_so_a_settled_share_near_zero_is_flat():

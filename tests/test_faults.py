@@ -32,8 +32,10 @@ def same_outputs(a: Path, b: Path) -> None:
     """Two finished runs agree bit for bit: metrics.csv and eval.csv as text, params.npz
     array by array, and the summary's final measures."""
     assert (a / METRICS).read_text() == (b / METRICS).read_text()
-    if (b / "eval.csv").exists():
-        assert (a / "eval.csv").read_text() == (b / "eval.csv").read_text()
+    for table in ("eval.csv", "eval_steps.csv"):
+        assert (a / table).exists() == (b / table).exists(), table
+        if (b / table).exists():
+            assert (a / table).read_text() == (b / table).read_text(), table
     with np.load(a / "params.npz") as x, np.load(b / "params.npz") as y:
         assert x.files == y.files
         for name in x.files:
@@ -87,22 +89,44 @@ def test_a_run_checkpointed_before_keys_were_added_resumes_but_not_another_confi
 @pytest.mark.parametrize("case", list(RESUMED))
 def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, case):
     """Interrupted at a record (the checkpoint of that record is written on the way out),
-    then resumed: every output equals the uninterrupted run's, bit for bit."""
+    then resumed: every output equals the uninterrupted run's, bit for bit, the evaluations
+    during training before, at and after the interruption included."""
     config = load_config("quick", ["train.steps=120", "train.record_every=7",
-                                   "eval.n_tasks=60", "eval.shots=[5, 20]", *RESUMED[case]])
+                                   "eval.n_tasks=60", "eval.shots=[5, 20]",
+                                   "eval.at_steps=[30, 63, 100]", *RESUMED[case]])
     experiment.run_experiment(config, tmp_path / "straight", progress=False)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         experiment.run_experiment(config, out, progress=False, on_record=interrupt_at(63),
                                   checkpoint_seconds=3600.0)
     checkpoint = RunDirectory(out).checkpoint()
-    assert checkpoint is not None and checkpoint.step == 63 and checkpoint.n_records == 10
+    assert checkpoint is not None and checkpoint.step == 63 and checkpoint.n_records == 11
     if case.startswith("infinite"):
         assert set(checkpoint.arrays) == {"H", "omega"}  # the coordinates, not (B, w)
     resumed = experiment.run_experiment(config, out, progress=False, resume=True)
     assert resumed.summary["provenance"]["resumed_at_step"] == 63
     same_outputs(out, tmp_path / "straight")
     assert not (out / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("case", ["pool", "online", "infinite"])
+def test_an_evaluation_during_training_is_the_end_of_the_run_stopped_there(tmp_path, case):
+    """``eval.at_steps``: the rows of ``eval_steps.csv`` at a step equal, number for number,
+    ``eval.csv`` of the same run with ``train.steps`` set to that step; the step is recorded
+    in ``metrics.csv`` although off the record grid."""
+    base = ["train.steps=60", "train.record_every=25", "eval.n_tasks=40", "eval.shots=[5, 20]",
+            *RESUMED[case]]
+    experiment.run_experiment(load_config("quick", [*base, "eval.at_steps=[17, 44]"]),
+                              tmp_path / "long", progress=False)
+    during = pd.read_csv(tmp_path / "long" / "eval_steps.csv")
+    assert list(during["step"].unique()) == [17, 44]
+    assert {17, 44} <= set(pd.read_csv(tmp_path / "long" / METRICS)["step"])
+    for step in (17, 44):
+        experiment.run_experiment(load_config("quick", [*base, f"train.steps={step}"]),
+                                  tmp_path / f"to{step}", progress=False)
+        end = pd.read_csv(tmp_path / f"to{step}" / "eval.csv")
+        at = during[during["step"] == step].drop(columns="step").reset_index(drop=True)
+        pd.testing.assert_frame_equal(at, end)
 
 
 def test_an_engine_run_resumes_bit_for_bit(tmp_path):

@@ -19,6 +19,7 @@ from metarep.study.design import (
     study_runs,
 )
 from metarep.study.report import FIGURES
+from metarep.study.reproduce import reproduce
 
 pytestmark = pytest.mark.slow  # end to end: the full tier (README, Tests)
 
@@ -34,9 +35,9 @@ def study(cli, tmp_path_factory):
 
 @pytest.mark.parametrize("scale", ["default", "paper"])
 def test_relu_claims_cover_every_seed_and_method_where_the_study_converges(scale):
-    """Every ReLU claim names only runs of the study; the test-risk convergence claim pairs
-    each method's first-seed run with its early run, which follows the same trajectory for 4/5
-    of the steps."""
+    """Every ReLU claim names only runs of the study; the test-risk convergence claim reads
+    each method's first-seed run, which is evaluated at 4/5 of its steps as well as at the
+    end (the other seeds only at the end)."""
     runs = {run.name: run for run in study_runs(scale)}
     seeds = Runs.relu_claim_seeds(scale)
     assert len(seeds) >= 3
@@ -47,11 +48,11 @@ def test_relu_claims_cover_every_seed_and_method_where_the_study_converges(scale
     for row in rows:
         assert set(row.runs) <= set(runs), row.claim
     for layers in RELU_LAYERS:
-        final = runs[Runs.relu(layers, "maml", seeds[0])].overrides
-        early = runs[Runs.relu_early(layers, "maml", seeds[0])].overrides
-        assert {k: v for k, v in early.items() if k != "train.steps"} == {
-            k: v for k, v in final.items() if k != "train.steps"}
-        assert early["train.steps"] == early_steps(final["train.steps"])
+        for method in POOL_METHODS:
+            first = runs[Runs.relu(layers, method, seeds[0])].overrides
+            assert first["eval.at_steps"] == [early_steps(first["train.steps"])]
+            later = runs[Runs.relu(layers, method, seeds[1])].overrides
+            assert "eval.at_steps" not in later
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -120,6 +121,22 @@ def test_rerun_reuses_finished_runs(cli, study):
     result = cli("reproduce", "--scale", "quick", "--out", str(out), "--no-progress")
     assert result.exit_code == 0, result.output
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
+
+
+def test_the_report_drawn_in_one_process_equals_the_one_drawn_in_several(study, tmp_path):
+    """The study's report (drawn on the CPUs' processes) against the same report drawn in this
+    process: the same tables, and the figures in the order of FIGURES."""
+    out, _ = study
+    serial = tmp_path / "serial"
+    shutil.copytree(out / "runs", serial / "runs")
+    reproduce("quick", serial, workers=1, progress=False)
+    for stem, _caption in FIGURES:
+        assert ((serial / "tables" / f"{stem}.csv").read_text()
+                == (out / "tables" / f"{stem}.csv").read_text()), stem
+    for page in (out / "report.html", serial / "report.html"):
+        text = page.read_text()
+        positions = [text.index(f'alt="{stem}"') for stem, _caption in FIGURES]
+        assert positions == sorted(positions)
 
 
 def test_bad_scale_is_exit_2(cli, tmp_path):

@@ -108,9 +108,11 @@ class _Recorder:
         self.saved = len(trajectory.records)  # records already in metrics.csv
         self.offset = directory.metrics_size()  # its size in bytes
         self.last = -math.inf
+        self.eval_steps = set(backend.config.eval.at_steps) - directory.evaluated_steps()
 
     def __call__(self, index: int, trajectory: Trajectory[Any]) -> None:
         self.sinks.log(trajectory.records[-1])
+        self.evaluate_at(trajectory)
         now = time.monotonic()
         if now - self.last >= self.seconds:
             self.last = now
@@ -118,13 +120,24 @@ class _Recorder:
         if self.hook is not None:
             self.hook(trajectory)
 
+    def evaluate_at(self, trajectory: Trajectory[Any]) -> None:
+        """At a step of ``eval.at_steps`` not yet evaluated, evaluate the trajectory's state
+        (the model at that step) into ``eval_steps.csv``."""
+        if trajectory.step in self.eval_steps:
+            self.eval_steps.discard(trajectory.step)
+            self.directory.write_eval_at(trajectory.step, self.backend.evaluate(
+                trajectory.state))
+
     def save(self, trajectory: Trajectory[Any]) -> None:
-        """Append the unsaved records up to ``trajectory.step`` and checkpoint its state."""
+        """Append the unsaved records up to ``trajectory.step`` and checkpoint its state, after
+        its evaluation if ``trajectory.step`` is one of ``eval.at_steps`` (so a checkpoint
+        never stands for a step whose evaluation was not written)."""
         records, n = trajectory.records, len(trajectory.records)
         while n and records[n - 1]["step"] > trajectory.step:  # a record not yet taken
             n -= 1
         if n == 0:
             return
+        self.evaluate_at(trajectory)
         if n > self.saved:
             self.offset = self.directory.append_metrics(records[self.saved:n], self.offset)
             self.saved = n
@@ -271,8 +284,9 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = True
 
 
 def _schedule(config: Config) -> RecordSchedule:
-    """The record steps of ``config``'s run (``train.steps``, ``train.record_every``)."""
-    return RecordSchedule(config.train.steps, config.train.record_every)
+    """The record steps of ``config``'s run (``train.steps``, ``train.record_every``, and the
+    steps of ``eval.at_steps``, which are evaluated at their records)."""
+    return RecordSchedule(config.train.steps, config.train.record_every, config.eval.at_steps)
 
 
 BATCH_KEYS = ("method.inner_lr", "method.outer_lr", "tasks.m_in", "problem.noise_var",

@@ -15,6 +15,7 @@ and its last finite state; the other runs of the batch go on.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -100,7 +101,9 @@ class RecordSchedule:
     - ``every = n`` (an integer >= 1): every multiple of ``n``;
     - ``every = "log"``: the geometric grid ``{round(10^(j/20)) : j = 0, 1, 2, ...}``, each
       step once: every step from 1 to 11, then about :data:`POINTS_PER_DECADE` steps per
-      decade, evenly spaced in log t (so curves on log axes have points in every decade).
+      decade, evenly spaced in log t (so curves on log axes have points in every decade);
+
+    and the steps of ``extra`` (such as those evaluated during training, ``eval.at_steps``).
 
     :meth:`contains` is O(1) and :meth:`steps` a lazy iterator: neither allocates memory
     proportional to ``last`` (``last`` may be 10^12). Raises :class:`ArgumentError` for a
@@ -109,6 +112,7 @@ class RecordSchedule:
 
     last: int
     every: int | str
+    extra: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.last, bool) or not isinstance(self.last, int | np.integer) \
@@ -124,7 +128,7 @@ class RecordSchedule:
         """Whether measures are recorded at step ``t`` (O(1))."""
         if t < 0 or t > self.last:
             return False
-        if t == 0 or t == self.last:
+        if t == 0 or t == self.last or t in self.extra:
             return True
         if self.every != LOG:
             return t % self.every == 0
@@ -135,6 +139,16 @@ class RecordSchedule:
 
     def steps(self) -> Iterator[int]:
         """Every recorded step, increasing, lazily."""
+        extra = sorted(t for t in set(self.extra) if 0 < t < self.last)
+        merged = heapq.merge(self._grid_steps(), extra)
+        previous = -1
+        for t in merged:
+            if t > previous:
+                yield t
+                previous = t
+
+    def _grid_steps(self) -> Iterator[int]:
+        """The steps of ``every`` (with 0 and ``last``), increasing, lazily."""
         if self.every != LOG:
             yield from range(0, self.last + 1, self.every)
             if self.last % self.every:

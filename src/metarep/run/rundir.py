@@ -5,6 +5,8 @@ A run writes, atomically (:mod:`metarep.run.atomic`), into its directory:
 - ``config.yaml``: the fully resolved config (values read from files filled in);
 - ``metrics.csv``: one row per recorded step (``step`` first, then the measures);
 - ``eval.csv``: ``method, shots, excess_risk, stderr, n_tasks, theory``;
+- ``eval_steps.csv`` for ``eval.at_steps``: the same columns after ``step``, the evaluation
+  of the model at each of those training steps, written as training passes them;
 - ``heldout.csv`` for a pool given ``tasks.test_from`` or ``tasks.test_split``: ``method,
   shots, risk, stderr, n_tasks``, the squared prediction error on held-out tasks;
 - ``summary.json``: status, final measures next to the theory's predictions (and, for a pool
@@ -50,15 +52,17 @@ if TYPE_CHECKING:
 CONFIG, METRICS, EVAL, SUMMARY = "config.yaml", "metrics.csv", "eval.csv", "summary.json"
 PARAMS, CHECKPOINT, ERROR = "params.npz", "checkpoint.npz", "error.json"
 HELD_OUT = "heldout.csv"
+EVAL_STEPS = "eval_steps.csv"
 TRAINING_FIGURE, EVAL_FIGURE = "training.png", "eval.png"
 RUN_FILES = frozenset({CONFIG, METRICS, EVAL, SUMMARY, PARAMS, CHECKPOINT, ERROR, HELD_OUT,
-                       TRAINING_FIGURE, EVAL_FIGURE})
+                       EVAL_STEPS, TRAINING_FIGURE, EVAL_FIGURE})
 """Every file a run directory may hold (temporary files of atomic writes aside)."""
 TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR = "tb", "wandb", "mlruns"
 SINK_DIRS = frozenset({TENSORBOARD_DIR, WANDB_DIR, MLFLOW_DIR})
 """The directories of the logging sinks (:mod:`metarep.run.sinks`) a run directory may hold."""
 EVAL_COLUMNS = ["method", "shots", "excess_risk", "stderr", "n_tasks", "theory"]
 HELD_OUT_COLUMNS = ["method", "shots", "risk", "stderr", "n_tasks"]
+EVAL_STEPS_COLUMNS = ["step", *EVAL_COLUMNS]
 
 
 def check_output_dir(path: str | Path, key: str = "--out") -> Path:
@@ -110,8 +114,9 @@ def _count(value: np.ndarray, name: str, file: Path) -> int:
 @dataclass(frozen=True)
 class RunData:
     """The outputs of one finished run, as read back: its name, its resolved config (the
-    nested tree of ``config.yaml``), metrics, evaluation (``None`` without one), summary and
-    final arrays."""
+    nested tree of ``config.yaml``), metrics, evaluation (``None`` without one), summary,
+    final arrays, and the evaluations during training (``eval.at_steps``; ``None`` without
+    any)."""
 
     name: str
     config: dict[str, Any]
@@ -119,6 +124,7 @@ class RunData:
     eval: pd.DataFrame | None
     summary: dict[str, Any]
     params: dict[str, np.ndarray]
+    eval_steps: pd.DataFrame | None = None
 
 
 class RunDirectory:
@@ -199,6 +205,28 @@ class RunDirectory:
         else:
             for stale in (EVAL, EVAL_FIGURE):
                 self.file(stale).unlink(missing_ok=True)
+
+    def write_eval_at(self, step: int, rows: list[EvalRow]) -> None:
+        """Put ``rows``, the evaluation at training step ``step``, into ``eval_steps.csv`` (the
+        rows of ``eval.csv`` with a first column ``step``), replacing any rows of that step
+        (a resumed run evaluates a step again, to the same numbers) and keeping the others,
+        by step; written atomically."""
+        kept = [row for row in self._eval_steps_rows() if int(row["step"]) != step]
+        new = [{"step": step, **asdict(row)} for row in rows]
+        ordered = sorted(kept + new, key=lambda row: int(row["step"]))  # stable: rows in order
+        atomic.write_text(self.file(EVAL_STEPS), csv_text(ordered, EVAL_STEPS_COLUMNS))
+
+    def _eval_steps_rows(self) -> list[dict[str, str]]:
+        """The rows of ``eval_steps.csv`` as text, or none without the file."""
+        file = self.file(EVAL_STEPS)
+        if not file.is_file():
+            return []
+        with file.open(newline="") as stream:
+            return list(csv.DictReader(stream))
+
+    def evaluated_steps(self) -> set[int]:
+        """The training steps ``eval_steps.csv`` holds rows of."""
+        return {int(row["step"]) for row in self._eval_steps_rows()}
 
     def write_held_out(self, rows: list[HeldOutRow]) -> None:
         """Write ``heldout.csv`` (or, with no rows, remove a stale one)."""
@@ -354,6 +382,13 @@ class RunDirectory:
         file = self.file(EVAL)
         return pd.read_csv(file) if file.is_file() else None
 
+    def eval_steps_table(self) -> pd.DataFrame | None:
+        """``eval_steps.csv`` (``eval.at_steps``), or ``None`` without one."""
+        import pandas as pd
+
+        file = self.file(EVAL_STEPS)
+        return pd.read_csv(file) if file.is_file() else None
+
     def occupant(self) -> str:
         """What the directory holds: ``new`` (absent or empty), ``finished`` (a summary),
         ``interrupted`` (a checkpoint and no summary), ``partial`` (other run files only: a
@@ -388,7 +423,8 @@ class RunDirectory:
         with np.load(self.file(PARAMS)) as data:
             params = {key: data[key] for key in data.files}
         return RunData(self.path.name, yaml.safe_load(self.config_text() or "{}"),
-                       pd.read_csv(self.file(METRICS)), self.eval_table(), summary, params)
+                       pd.read_csv(self.file(METRICS)), self.eval_table(), summary, params,
+                       self.eval_steps_table())
 
 
 def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,

@@ -14,6 +14,7 @@ Symbols follow ``docs/specification.md``: ``d``, ``k``, ``k'`` (= ``model.width`
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -216,6 +217,24 @@ def shot_list(key: str, value: Any) -> tuple[int, ...]:
         raise ConfigError(key, f"must be a non-empty list of integers >= 1; got {value!r}")
     check = integer(1)
     return tuple(check(f"{key}[{i}]", v) for i, v in enumerate(value))
+
+
+def step_list(key: str, value: Any) -> tuple[int, ...]:
+    """Checker for ``eval.at_steps``: training steps >= 1 (a list, the inline ``[400, 800]``
+    of ``--set``, one step, or null / ``[]`` for none), increasing, each once."""
+    if isinstance(value, str):
+        value = _inline_list(key, value if value.startswith("[") else f"[{value}]")
+    if value is None:
+        value = []
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(key, f"must be a list of training steps >= 1; got {_shown(value)}")
+    check = integer(1)
+    steps = tuple(check(f"{key}[{i}]", v) for i, v in enumerate(value))
+    if any(later <= earlier for earlier, later in itertools.pairwise(steps)):
+        raise ConfigError(key, f"must be increasing, each step once; got {list(steps)}")
+    return steps
 
 
 def sink_list(key: str, value: Any) -> tuple[str, ...]:
@@ -433,6 +452,9 @@ class EvalConfig:
     n_tasks: int = param(2000, "fresh test tasks per m_test (>= 2)", integer(2))
     adapt_steps: int = param(1, "head gradient steps at test time (>= 0)", integer(0, 1000))
     seed: int = param(3, "seed of the test tasks", integer(0))
+    at_steps: tuple[int, ...] = param(
+        (), "training steps (each < train.steps) at which the model is also evaluated, as at "
+        "the end, into eval_steps.csv (one row set per step)", step_list)
 
 
 @dataclass(frozen=True)
@@ -592,6 +614,9 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "train.tasks_per_step", f"must be <= tasks.n = {t.n}, got {tr.tasks_per_step}"
         )
+    if config.eval.at_steps and config.eval.at_steps[-1] >= tr.steps:
+        raise ConfigError("eval.at_steps", f"must be < train.steps = {tr.steps} (the end is "
+                          f"evaluated anyway); got {config.eval.at_steps[-1]}")
     if config.method.name == "mtl" and t.n == "online":
         raise ConfigError("tasks.n", "must be an integer >= 1 (a task pool) for method.name: mtl, "
                           "which keeps one head per pool task; got online")

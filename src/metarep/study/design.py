@@ -16,8 +16,9 @@ config derived from the scale's base setting:
   one run per seed (tasks and initialisation): the model-agnostic methods on fresh tasks at
   every step (the regime of the theorem, many tasks), Burer-Monteiro on a pool of N tasks (it
   keeps a head per task); ``relu<L>-fo-anil-pool-s<seed>``: FO-ANIL on that pool, the negative
-  control of the unlearning; and ``relu<L>-<method>-s<seed>-early``: the first seed's run
-  stopped at 4/5 of its steps, which tells whether the test risk still moves.
+  control of the unlearning. Where claims are made, each method's first-seed run is also
+  evaluated at 4/5 of its steps (``eval.at_steps``), which tells whether the test risk still
+  moves.
 """
 
 from __future__ import annotations
@@ -170,20 +171,14 @@ class Runs:
 
     @staticmethod
     def is_relu(name: str) -> bool:
-        """Whether ``name`` is a run of the ReLU study (:meth:`relu`, :meth:`relu_pool`,
-        :meth:`relu_early`)."""
-        return re.fullmatch(r"relu\d+-.+-s\d+(-early)?", name) is not None
+        """Whether ``name`` is a run of the ReLU study (:meth:`relu`, :meth:`relu_pool`)."""
+        return re.fullmatch(r"relu\d+-.+-s\d+", name) is not None
 
     @staticmethod
     def relu_pool(layers: int, seed: int) -> str:
         """FO-ANIL on ReLU bodies trained on the pool of N tasks of ``seed`` (the ReLU study's
         negative control: a finite pool stops unlearning at a floor)."""
         return f"relu{layers}-fo-anil-pool-s{seed}"
-
-    @staticmethod
-    def relu_early(layers: int, method: str, seed: int) -> str:
-        """:meth:`relu` stopped at 4/5 of its steps (the same trajectory up to there)."""
-        return f"{Runs.relu(layers, method, seed)}-early"
 
     @staticmethod
     def relu_seeds(scale: str) -> tuple[int, ...]:
@@ -264,8 +259,8 @@ def study_runs(scale: str) -> list[StudyRun]:
 def relu_runs(settings: dict[str, Any]) -> list[StudyRun]:
     """The runs of the ReLU study of a scale's ``settings``: per depth and method one run per
     seed (fresh tasks for the model-agnostic methods, the pool for Burer-Monteiro), FO-ANIL on
-    the first seed's pool, and, where claims are made, each method's first seed stopped at 4/5
-    of its steps."""
+    the first seed's pool; where claims are made, each method's first seed is also evaluated at
+    4/5 of its steps (:func:`early_steps`)."""
     relu, study = settings["relu"], settings["relu_study"]
     seeds = study["seeds"]
     fresh = {"tasks.n": "online", "train.tasks_per_step": study["fresh_tasks_per_step"]}
@@ -276,10 +271,9 @@ def relu_runs(settings: dict[str, Any]) -> list[StudyRun]:
             setting = {**depth, "method.name": method, **(fresh if method in MODEL_AGNOSTIC
                                                            else {})}
             seeded = {seed: {**setting, "tasks.seed": seed, "model.seed": seed} for seed in seeds}
+            if study["claims"]:  # the first seed's run, evaluated earlier too
+                seeded[seeds[0]]["eval.at_steps"] = [early_steps(relu["train.steps"])]
             runs += [StudyRun(Runs.relu(layers, method, seed), seeded[seed]) for seed in seeds]
-            if study["claims"]:  # the first seed's run, stopped earlier
-                runs.append(StudyRun(Runs.relu_early(layers, method, seeds[0]), {
-                    **seeded[seeds[0]], "train.steps": early_steps(relu["train.steps"])}))
         runs.append(StudyRun(Runs.relu_pool(layers, seeds[0]), {
             **depth, "method.name": "fo-anil", "tasks.seed": seeds[0], "model.seed": seeds[0]}))
     return runs
@@ -287,12 +281,12 @@ def relu_runs(settings: dict[str, Any]) -> list[StudyRun]:
 
 SETTLED_FRACTION = Fraction(1, 5)
 """The last part of training over which the study checks that a run has stopped moving (the
-floor runs, W1's share, the ReLU test risk through the ``-early`` runs)."""
+floor runs, W1's share, the ReLU test risk through its evaluation at :func:`early_steps`)."""
 
 
 def early_steps(steps: int) -> int:
-    """The step at which an ``-early`` run stops: ``(1 - SETTLED_FRACTION) steps`` (4/5),
-    rounded down."""
+    """The step at which the ReLU study evaluates the first seed's runs a first time:
+    ``(1 - SETTLED_FRACTION) steps`` (4/5), rounded down."""
     return int(steps * (1 - SETTLED_FRACTION))
 
 
