@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from metarep.core.arguments import check_count, check_step_size
 from metarep.core.arrays import Array, array_namespace
+from metarep.core.methods.fused import residual_gradients
 from metarep.core.methods.gradients import input_gradient
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
@@ -54,16 +57,25 @@ class _TaskMatrices:
 
     def task_mean(self) -> Array:
         """``mean_i M_i``, shape (d, k') (needs at least one factor)."""
-        xp = array_namespace(self.factors[0][0])
-        left = xp.concatenate([a for a, _ in self.factors])  # (rank N, d), one contiguous GEMM
-        right = xp.concatenate([b for _, b in self.factors])
-        total = left.T @ right / self.factors[0][0].shape[0]
+        products = [a.T @ b for a, b in self.factors]  # one GEMM per factor, no copies
+        total = sum(products[1:], products[0]) / self.factors[0][0].shape[0]
         return total if self.base is None else self.base + total
 
 
-def _apply(X: Array, v: Array) -> Array:
-    """``X_i v_i`` for ``X`` (N, m, d), ``v`` (N, d); returns (N, m)."""
-    return array_namespace(X).einsum("nmd,nd->nm", X, v)
+def _residual_gradient(X: Array, v: Array, y: Array | None) -> tuple[Array, Array]:
+    """``X_i^T (X_i v_i - y_i) / m`` (N, d) and ``||X_i v_i - y_i||^2`` (N,) for ``X``
+    (N, m, d), ``v`` (N, d) and ``y`` (N, m), or ``None`` for zero. On numpy arrays one pass
+    over each ``X_i`` (:func:`~metarep.core.methods.fused.residual_gradients`), else two
+    batched contractions."""
+    xp = array_namespace(X)
+    if xp is np:
+        targets = np.zeros(X.shape[:2], dtype=X.dtype) if y is None else y
+        gradients, squares = residual_gradients(X, v, targets)
+        return gradients / X.shape[1], squares
+    r = xp.einsum("nmd,nd->nm", X, v)
+    if y is not None:
+        r = r - y
+    return input_gradient(X, r), xp.sum(r * r, axis=1)
 
 
 def meta_gradient(
@@ -105,25 +117,25 @@ def meta_gradient(
     head = xp.tile(w, (batch.n_tasks, 1))
     trace = []
     for _ in range(steps):
-        u = input_gradient(X_in, _apply(X_in, body.matvec(head)) - y_in)
+        u, _ = _residual_gradient(X_in, body.matvec(head), y_in)
         trace.append((body, head, u))
         body, head = (body.plus(-alpha * u, head) if adapt_body else body,
                       head - alpha * body.rmatvec(u))
-    residual = _apply(batch.X_out, body.matvec(head)) - batch.y_out
-    v = input_gradient(batch.X_out, residual)
+    v, squares = _residual_gradient(batch.X_out, body.matvec(head), batch.y_out)
     body_adj, head_adj = _TaskMatrices(None, ((v, head),)), body.rmatvec(v)
     if second_order:
         for body_j, head_j, u_j in reversed(trace):
             u_adj = -alpha * body_j.matvec(head_adj)
             if adapt_body:
                 u_adj = u_adj - alpha * body_adj.matvec(head_j)
-            s_u = input_gradient(X_in, _apply(X_in, u_adj))
+            s_u, _ = _residual_gradient(X_in, u_adj, None)
             new_head_adj = head_adj + body_j.rmatvec(s_u)
             if adapt_body:
                 new_head_adj = new_head_adj - alpha * body_adj.rmatvec(u_j)
             body_adj = body_adj.plus(-alpha * u_j, head_adj).plus(s_u, head_j)
             head_adj = new_head_adj
-    return body_adj.task_mean(), head_adj.mean(axis=0), 0.5 * float(xp.mean(residual**2))
+    meta_loss = 0.5 * float(squares.sum()) / (batch.n_tasks * batch.m_out)
+    return body_adj.task_mean(), head_adj.mean(axis=0), meta_loss
 
 
 @dataclass(frozen=True)
