@@ -149,6 +149,32 @@ def test_fused_residual_gradients_equal_a_per_task_loop(m, shared, dtype):
         assert squares[i] == pytest.approx(r @ r, rel=tolerance)
 
 
+def test_fused_pass_compiles_without_a_writable_cache(monkeypatch):
+    """Where numba can cache nowhere (it refuses ``cache=True`` with a RuntimeError), the loop
+    is compiled without the disk cache and gives the same numbers."""
+    import numba
+
+    from metarep.core.methods import fused
+
+    compile_ = numba.njit
+
+    def no_cache(*args, **options):
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return compile_(*args, **options)
+
+    rng = np.random.default_rng(0)
+    X, u, y = rng.standard_normal((3, 5, 4)), rng.standard_normal(4), rng.standard_normal((3, 5))
+    cached = residual_gradients(X, u, y)
+    monkeypatch.setattr(numba, "njit", no_cache)
+    fused._compiled.cache_clear()
+    try:
+        for got, want in zip(residual_gradients(X, u, y), cached, strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
+        fused._compiled.cache_clear()
+
+
 def test_fused_residual_gradients_take_strided_inputs_and_keep_nan():
     """A non-contiguous slice gives the numbers of its copy (to rounding: the compiled loop
     vectorises only contiguous rows); a NaN input stays NaN in its task only (no fast-math

@@ -70,10 +70,14 @@ def _residual_gradients_into(
 
 @functools.cache
 def _compiled() -> Callable[..., None]:
-    """:func:`_residual_gradients_into` compiled by numba, releasing the GIL."""
+    """:func:`_residual_gradients_into` compiled by numba, releasing the GIL; cached on disk
+    where numba finds a writable cache directory (else compiled in each process)."""
     import numba
 
-    return numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)(_residual_gradients_into)
+    try:
+        return numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)(_residual_gradients_into)
+    except RuntimeError:  # no writable cache directory (a read-only install and home)
+        return numba.njit(nogil=True, fastmath=_FASTMATH)(_residual_gradients_into)
 
 
 def residual_gradients(X: np.ndarray, u: np.ndarray, y: np.ndarray
