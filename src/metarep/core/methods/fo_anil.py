@@ -9,15 +9,13 @@ Tested against the plain per-task loop :func:`metarep.core.reference.fo_anil_ste
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from metarep.core.arrays import Array, array_namespace
-from metarep.core.methods.fused import residual_gradients
-from metarep.core.methods.gradients import transposed_apply
+from metarep.core.methods.gradients import residual_gradients
 from metarep.core.methods.inner_loop import InnerLoopMethod
 from metarep.core.methods.threads import map_chunks
 from metarep.core.model import LinearParams
@@ -62,16 +60,15 @@ class FOANIL(InnerLoopMethod):
         B, w = params
         gram = B @ B.T if _gram_first(*B.shape) else None
         c = self.inner_lr / batch.m_in
-        numpy_arrays = array_namespace(batch.X_in) is np
-        passes = residual_gradients if numpy_arrays else _batched_residual_gradients
 
         def chunk_sums(tasks: slice) -> tuple[Array, Array, float]:
             return _chunk_sums(B, gram, w, batch.X_in[tasks], batch.y_in[tasks],
-                               batch.X_out[tasks], batch.y_out[tasks], c, self.inner_steps,
-                               passes)
+                               batch.X_out[tasks], batch.y_out[tasks], c, self.inner_steps)
 
-        tasks = _task_chunks(batch) if numpy_arrays else [slice(0, batch.n_tasks)]
-        sums = map_chunks(chunk_sums, tasks) if numpy_arrays else [chunk_sums(tasks[0])]
+        if array_namespace(batch.X_in) is np:
+            sums = map_chunks(chunk_sums, _task_chunks(batch))
+        else:
+            sums = [chunk_sums(slice(0, batch.n_tasks))]
         scale = 1.0 / (batch.n_tasks * batch.m_out)
         v_sum = sum(chunk[0] for chunk in sums) * scale
         v_G = sum(chunk[1] for chunk in sums) * scale
@@ -111,13 +108,6 @@ def _through_body(G: Array, B: Array, gram: Array | None) -> Array:
     return G @ gram if gram is not None else (G @ B) @ B.T
 
 
-def _batched_residual_gradients(X: Array, u: Array, y: Array) -> tuple[Array, Array]:
-    """``X_i^T r_i`` (n, d) and ``||r_i||^2`` (n,) for ``r_i = X_i u_i - y_i``, ``u`` (n, d)
-    or (d,), as batched products in the namespace of ``X`` (two reads of ``X``)."""
-    r = (X @ u if u.ndim == 1 else (X @ u[:, :, None])[..., 0]) - y
-    return transposed_apply(X, r), array_namespace(r).sum(r * r, axis=1)
-
-
 def _chunk_sums(
     B: Array,
     gram: Array | None,
@@ -128,7 +118,6 @@ def _chunk_sums(
     y_out: Array,
     c: float,
     steps: int,
-    residual_gradients: Callable[[Array, Array, Array], tuple[Array, Array]],
 ) -> tuple[Array, Array, float]:
     """FO-ANIL on a chunk of tasks: the sums over its tasks that the outer step scales.
 

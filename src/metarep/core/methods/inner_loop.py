@@ -12,12 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
 from metarep.core.arguments import check_count, check_step_size
 from metarep.core.arrays import Array, array_namespace
-from metarep.core.methods.fused import residual_gradients
-from metarep.core.methods.gradients import input_gradient
+from metarep.core.methods.gradients import residual_gradients
 from metarep.core.model import LinearParams
 from metarep.core.tasks import TaskBatch
 
@@ -63,19 +60,10 @@ class _TaskMatrices:
 
 
 def _residual_gradient(X: Array, v: Array, y: Array | None) -> tuple[Array, Array]:
-    """``X_i^T (X_i v_i - y_i) / m`` (N, d) and ``||X_i v_i - y_i||^2`` (N,) for ``X``
-    (N, m, d), ``v`` (N, d) and ``y`` (N, m), or ``None`` for zero. On numpy arrays one pass
-    over each ``X_i`` (:func:`~metarep.core.methods.fused.residual_gradients`), else two
-    batched contractions."""
-    xp = array_namespace(X)
-    if xp is np:
-        targets = np.zeros(X.shape[:2], dtype=X.dtype) if y is None else y
-        gradients, squares = residual_gradients(X, v, targets)
-        return gradients / X.shape[1], squares
-    r = xp.einsum("nmd,nd->nm", X, v)
-    if y is not None:
-        r = r - y
-    return input_gradient(X, r), xp.sum(r * r, axis=1)
+    """``X_i^T (X_i v_i - y_i) / m`` (N, d) and ``||X_i v_i - y_i||^2`` (N,)
+    (:func:`~metarep.core.methods.gradients.residual_gradients` scaled by ``1 / m``)."""
+    gradients, squares = residual_gradients(X, v, y)
+    return gradients / X.shape[1], squares
 
 
 def meta_gradient(
