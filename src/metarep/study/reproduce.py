@@ -11,7 +11,6 @@ the figures and opens offline.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from metarep.study.claims import Claim, claim_rows, evaluate_claims
 from metarep.study.design import Runs, base_tree, check_scale, study_runs
 from metarep.study.report import write_report
 from metarep.sweeps.driver import SweepOptions, execute_plans
+from metarep.sweeps.executors import default_workers
 from metarep.sweeps.spec import RunPlan, SweepSpec
 
 TORCH_MISSING = "needs PyTorch: pip install 'metarep[torch]'"
@@ -95,6 +95,5 @@ def reproduce(scale: str = "default", out: str | Path | None = None, *,
                "setting": dump_yaml(from_dict(tree, name=f"reproduce-{scale}")) +
                "\nper-run overrides:\n" + "\n".join(
                    f"  {plan.name}: {plan.overrides}" for plan in plans)}
-    report = write_report(root, runs, claims, context,
-                          workers or len(os.sched_getaffinity(0)))
+    report = write_report(root, runs, claims, context, default_workers(workers))
     return StudyResult(report, claims, len(runs), failed, skipped)

@@ -46,6 +46,7 @@ from metarep.sweeps.executors import (
     Outcome,
     RayExecutor,
     RunTask,
+    default_workers,
 )
 from metarep.sweeps.manifest import LOCK, build_manifest, check_out_dir, write_manifest
 from metarep.sweeps.slurm import SlurmExecutor, SlurmSettings
@@ -383,5 +384,5 @@ def make_executor(kind: str, workers: int | None, address: str | None,
     if slurm is not None and slurm.given():
         raise ConfigError(slurm.given()[0], "only used with --executor slurm")
     if kind == "local":
-        return LocalExecutor(workers or len(os.sched_getaffinity(0)))
+        return LocalExecutor(default_workers(workers))
     return RayExecutor(address, workers)

@@ -357,6 +357,12 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def default_workers(workers: int | None) -> int:
+    """``workers``, or where it is ``None`` the CPUs this process may run on: how many runs
+    (or drawing processes) go at once by default."""
+    return workers or len(os.sched_getaffinity(0))
+
+
 class LocalExecutor:
     """``workers`` processes on this machine (``workers == 1``: in this process)."""
 

@@ -43,7 +43,14 @@ from typing import Any, ClassVar
 
 from metarep.errors import ConfigError
 from metarep.run.interrupts import install_sigterm_handler, signal_name
-from metarep.sweeps.executors import Job, Outcome, RunTask, execute_job, worker_died
+from metarep.sweeps.executors import (
+    Job,
+    Outcome,
+    RunTask,
+    default_workers,
+    execute_job,
+    worker_died,
+)
 
 MAX_TIMEOUTS = 3
 """How many times a job that reaches its time limit is requeued (then its runs fail)."""
@@ -266,7 +273,7 @@ class SlurmExecutor:
             _check_slurm(settings)
             self.workers = settings.array_parallelism or workers or 256
         else:
-            self.workers = workers or len(os.sched_getaffinity(0))
+            self.workers = default_workers(workers)
         self.executor: Any = None
         self.unreachable_since: float | None = None  # when squeue began to fail
 
