@@ -18,7 +18,7 @@ from metarep.study.design import (
     early_steps,
     study_runs,
 )
-from metarep.study.report import FIGURES
+from metarep.study.report import DRAWING_ORDER, FIGURES
 from metarep.study.reproduce import reproduce
 
 pytestmark = pytest.mark.slow  # end to end: the full tier (README, Tests)
@@ -139,6 +139,10 @@ def test_the_report_drawn_in_one_process_equals_the_one_drawn_in_several(study, 
         text = page.read_text()
         positions = [text.index(f'alt="{stem}"') for stem, _caption in FIGURES]
         assert positions == sorted(positions)
+
+
+def test_the_drawing_order_names_every_figure_once():
+    assert sorted(DRAWING_ORDER) == sorted(stem for stem, _caption in FIGURES)
 
 
 def test_bad_scale_is_exit_2(cli, tmp_path):

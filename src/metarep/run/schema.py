@@ -207,12 +207,19 @@ def head_covariance(key: str, value: Any) -> str | tuple[float, ...]:
     )
 
 
+def _listed(key: str, value: Any) -> Any:
+    """A list-valued key's ``value`` as a list where it is the inline text of ``--set``
+    (``[5, 10]``, or ``5``) or one integer; any other value as it is."""
+    if isinstance(value, str):
+        return _inline_list(key, value if value.startswith("[") else f"[{value}]")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
 def shot_list(key: str, value: Any) -> tuple[int, ...]:
     """Checker for ``eval.shots``: a non-empty list of sample counts >= 1."""
-    if isinstance(value, str):
-        value = _inline_list(key, value if value.startswith("[") else f"[{value}]")
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
+    value = _listed(key, value)
     if not isinstance(value, list | tuple) or not value:
         raise ConfigError(key, f"must be a non-empty list of integers >= 1; got {value!r}")
     check = integer(1)
@@ -222,12 +229,7 @@ def shot_list(key: str, value: Any) -> tuple[int, ...]:
 def step_list(key: str, value: Any) -> tuple[int, ...]:
     """Checker for ``eval.at_steps``: training steps >= 1 (a list, the inline ``[400, 800]``
     of ``--set``, one step, or null / ``[]`` for none), increasing, each once."""
-    if isinstance(value, str):
-        value = _inline_list(key, value if value.startswith("[") else f"[{value}]")
-    if value is None:
-        value = []
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
+    value = [] if value is None else _listed(key, value)
     if not isinstance(value, list | tuple):
         raise ConfigError(key, f"must be a list of training steps >= 1; got {_shown(value)}")
     check = integer(1)
