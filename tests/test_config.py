@@ -278,6 +278,9 @@ def test_non_finite_number_names_the_key(key, value):
         ({"problem.k": 3, "problem.head_cov": [1.0, 2.0]}, "problem.head_cov", "k = 3"),
         ({"tasks.n": "online", "train.tasks_per_step": 5, "tasks.from": "x.npz"},
          "tasks.from", "tasks.n"),
+        ({"tasks.sampler": "jax"}, "tasks.sampler", "numpy, torch"),
+        ({"tasks.sampler": "torch", "tasks.n": "infinite"}, "tasks.sampler", "no tasks.from"),
+        ({"tasks.sampler": "torch", "tasks.from": "x.npz"}, "tasks.sampler", "use numpy"),
     ],
 )
 def test_out_of_range_and_cross_field_checks(overrides, key, allowed):

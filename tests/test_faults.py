@@ -61,6 +61,8 @@ RESUMED = {
     "infinite": ["tasks.n=infinite"],
     "infinite-float32": ["tasks.n=infinite", "train.dtype=float32"],
     "pool-float32": ["train.dtype=float32"],
+    "online-torch-sampler": ["tasks.n=online", "train.tasks_per_step=20", "tasks.sampler=torch",
+                             "train.dtype=float32"],
 }
 
 
@@ -91,6 +93,8 @@ def test_an_interrupted_run_resumes_bit_for_bit(tmp_path, case):
     """Interrupted at a record (the checkpoint of that record is written on the way out),
     then resumed: every output equals the uninterrupted run's, bit for bit, the evaluations
     during training before, at and after the interruption included."""
+    if "torch" in case:
+        pytest.importorskip("torch")
     config = load_config("quick", ["train.steps=120", "train.record_every=7",
                                    "eval.n_tasks=60", "eval.shots=[5, 20]",
                                    "eval.at_steps=[30, 63, 100]", *RESUMED[case]])
@@ -129,10 +133,13 @@ def test_an_evaluation_during_training_is_the_end_of_the_run_stopped_there(tmp_p
         pd.testing.assert_frame_equal(at, end)
 
 
-def test_an_engine_run_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("tasks", [["tasks.n=40"], ["tasks.n=online", "train.tasks_per_step=30",
+                                               "tasks.sampler=torch"]])
+def test_an_engine_run_resumes_bit_for_bit(tmp_path, tasks):
+    """On a pool, and on fresh tasks drawn by torch (each step's from its own stream)."""
     pytest.importorskip("torch")
     config = load_config("quick", ["model.kind=relu", "model.hidden_width=6", "problem.d=8",
-                                   "model.width=4", "tasks.n=40", "train.steps=30",
+                                   "model.width=4", *tasks, "train.steps=30",
                                    "train.record_every=5", "eval.n_tasks=20",
                                    "eval.shots=[5]", "train.dtype=float32"])
     experiment.run_experiment(config, tmp_path / "straight", progress=False)

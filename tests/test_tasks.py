@@ -93,10 +93,17 @@ def test_problem_perp_is_the_orthogonal_projection():
 # ----------------------------------------------------------------------------- sampled tasks
 
 
-@pytest.fixture(scope="module")
-def big_batch() -> tuple[Problem, TaskBatch]:
+@pytest.fixture(scope="module", params=["numpy", "torch"])
+def big_batch(request) -> tuple[Problem, TaskBatch]:
+    """4000 tasks drawn by each sampler of ``tasks.sampler`` (torch's in float32, the dtype
+    it is for): every moment test below runs on both."""
     problem = problem_of(d=6, k=3, noise_var=2.0)
-    return problem, sample_tasks(problem, 4000, 12, 8, np.random.default_rng(11))
+    if request.param == "numpy":
+        return problem, sample_tasks(problem, 4000, 12, 8, np.random.default_rng(11))
+    pytest.importorskip("torch")
+    from metarep.engine.tasks import sample_tasks_torch
+    return problem, sample_tasks_torch(problem, 4000, 12, 8, np.random.SeedSequence(11),
+                                       np.float32)
 
 
 def test_shapes_and_split(big_batch):
@@ -182,6 +189,39 @@ def test_float32_tasks_are_the_float64_tasks_rounded():
         assert array.dtype == np.float32 and array.flags.c_contiguous
         np.testing.assert_array_equal(array, getattr(wide, name).astype(np.float32))
     np.testing.assert_array_equal(narrow.heads, wide.heads)
+
+
+def test_torch_sampler_same_seed_same_numbers_whatever_the_threads():
+    """tasks.sampler: torch: the same seed sequence gives the same tasks bit for bit, with one
+    torch thread or two; another sub-stream gives other tasks; float32 arrays are contiguous
+    with float64 heads, and noise-free labels are the signal to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    from metarep.engine.tasks import sample_tasks_torch
+    problem = problem_of(d=9, k=2, noise_var=0.5)
+    threads = torch.get_num_threads()
+    try:
+        draws = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            draws.append(sample_tasks_torch(problem, 3000, 4, 6, np.random.SeedSequence(
+                3, spawn_key=(1, 1, 7)), np.float32))
+    finally:
+        torch.set_num_threads(threads)
+    other = sample_tasks_torch(problem, 3000, 4, 6, np.random.SeedSequence(3, spawn_key=(1, 1, 8)),
+                               np.float32)
+    for name in ("X_in", "y_in", "X_out", "y_out", "heads"):
+        np.testing.assert_array_equal(getattr(draws[0], name), getattr(draws[1], name))
+        assert not np.array_equal(getattr(draws[0], name), getattr(other, name))
+    first = draws[0]
+    for name in ("X_in", "y_in", "X_out", "y_out"):
+        assert getattr(first, name).dtype == np.float32
+        assert getattr(first, name).flags.c_contiguous
+    assert first.heads.dtype == np.float64 and first.X_out.shape == (3000, 6, 9)
+    quiet = sample_tasks_torch(problem_of(d=9, k=2, noise_var=0.0), 50, 4, 6,
+                               np.random.SeedSequence(1), np.float64)
+    X, y = quiet.full()
+    np.testing.assert_allclose(y, np.einsum("nmd,nd->nm", X, quiet.heads @ problem_of(
+        d=9, k=2, noise_var=0.0).B_star.T), atol=1e-13)
 
 
 def test_take_and_astype():
@@ -314,3 +354,51 @@ def test_diagonal_frame_writes_a_head_covariance_in_its_eigenbasis():
     B_star = random_orthonormal(9, 4, rng)
     # (B_star V) has the same span, and B_star w = (B_star V)(V^T w) for every head w.
     assert np.allclose((B_star @ V) @ (B_star @ V).T, B_star @ B_star.T)
+
+
+# ----------------------------------------------------------------------------- run task sources
+
+
+@pytest.mark.parametrize("sampler", ["numpy", "torch"])
+def test_a_run_draws_its_online_tasks_with_its_sampler(sampler):
+    """``tasks.sampler`` picks the draw of every step: step ``t`` of an online run is the
+    sampler's draw on the sub-stream ``(tasks.seed, tasks, 1, t)``; the two samplers give
+    different tasks (so the key is not ignored)."""
+    pytest.importorskip("torch")
+    from metarep.core.seeding import Purpose, seed_rng, seed_sequence
+    from metarep.engine.tasks import sample_tasks_torch
+    from metarep.run.backends.sources import resolve_inputs, task_source
+    from metarep.run.schema import from_dict
+    config = from_dict({}, {"tasks.n": "online", "train.tasks_per_step": 7, "problem.d": 5,
+                            "problem.k": 2, "tasks.m_in": 3, "tasks.m_out": 2, "tasks.seed": 4,
+                            "tasks.sampler": sampler, "train.dtype": "float32"})
+    inputs = resolve_inputs(config)
+    drawn = task_source(inputs)(9)
+    numpy_draw = sample_tasks(inputs.problem, 7, 3, 2, seed_rng(4, Purpose.TASKS, 1, 9),
+                              np.float32)
+    torch_draw = sample_tasks_torch(inputs.problem, 7, 3, 2, seed_sequence(4, Purpose.TASKS, 1, 9),
+                                    np.float32)
+    expected, other = (numpy_draw, torch_draw) if sampler == "numpy" else (torch_draw, numpy_draw)
+    for name in ("X_in", "y_in", "X_out", "y_out", "heads"):
+        np.testing.assert_array_equal(getattr(drawn, name), getattr(expected, name))
+        assert not np.array_equal(getattr(drawn, name), getattr(other, name))
+
+
+def test_the_torch_sampler_without_torch_names_tasks_sampler(monkeypatch):
+    """Without PyTorch, ``tasks.sampler: torch`` fails as a config error naming the key."""
+    import importlib
+
+    from metarep.run.backends.sources import resolve_inputs
+    from metarep.run.schema import from_dict
+    real = importlib.import_module
+
+    def without_torch(name, *args):
+        if name == "metarep.engine.tasks":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_torch)
+    config = from_dict({}, {"tasks.n": 50, "tasks.sampler": "torch"})
+    with pytest.raises(ConfigError) as info:
+        resolve_inputs(config)
+    assert info.value.key == "tasks.sampler" and "metarep[torch]" in str(info.value)

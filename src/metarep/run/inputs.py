@@ -170,15 +170,16 @@ def load_network(path: str | Path, d: int, hidden_layers: int) -> Any:
     return network
 
 
-def torch_module(name: str) -> Any:
-    """``metarep.engine.NAME``, imported on demand, or a :class:`ConfigError` naming
-    ``model.kind`` when PyTorch is not installed."""
+def torch_module(name: str, key: str = "model.kind") -> Any:
+    """``metarep.engine.NAME``, imported on demand, or a :class:`ConfigError` naming ``key``
+    (the setting that needs it) when PyTorch is not installed."""
     try:
         module = importlib.import_module(f"metarep.engine.{name}")
     except ModuleNotFoundError as error:
         if error.name != "torch":
             raise
-        raise ConfigError("model.kind", "relu runs need PyTorch: install metarep[torch] "
+        what = "relu runs need" if key == "model.kind" else f"{key}: torch needs"
+        raise ConfigError(key, f"{what} PyTorch: install metarep[torch] "
                           "(pip install 'metarep[torch]')") from None
     return module
 

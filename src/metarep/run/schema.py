@@ -34,6 +34,7 @@ Checker = Callable[[str, Any], Any]
 BUILTIN_CONFIGS = ("paper", "quick")
 DTYPES = ("float64", "float32")
 LINEAR_BACKENDS = ("numpy", "torch")  # where linear runs compute (metarep.run.backends.linear)
+TASK_SAMPLERS = ("numpy", "torch")  # how drawn tasks are sampled (metarep.run.backends.sources)
 MODEL_KINDS = ("linear", "relu")
 SINK_NAMES = ("tensorboard", "wandb", "mlflow")  # logging sinks (metarep.run.sinks)
 HEAD_COV_NAMES = ("isotropic", "linear")
@@ -335,6 +336,14 @@ class TasksConfig:
         "(tasks.n)",
         integer(0),
     )
+    sampler: str = param(
+        "numpy",
+        "how drawn tasks (a pool or online ones) are sampled: `numpy` (numpy's PCG64 stream, "
+        "the same tasks on every backend) or `torch` (torch's CPU generator, inputs drawn "
+        "directly in train.dtype: the same distribution, another stream, 2-3 times faster in "
+        "float32 and slower in float64; needs `pip install metarep[torch]`)",
+        choice(TASK_SAMPLERS),
+    )
 
 
 @dataclass(frozen=True)
@@ -624,6 +633,9 @@ def validate(config: Config) -> None:
                           "which keeps one head per pool task; got online")
     if t.from_ is not None and not isinstance(t.n, int):
         raise ConfigError("tasks.from", f"cannot be combined with tasks.n: {t.n}")
+    if t.sampler != "numpy" and (t.from_ is not None or t.n == "infinite"):
+        raise ConfigError("tasks.sampler", f"{t.sampler} draws tasks: it needs tasks.n an "
+                          "integer or online and no tasks.from; use numpy")
     if t.test_from is not None and (t.from_ is None or m.kind != "linear"):
         raise ConfigError("tasks.test_from", "needs tasks.from (a pool file) and model.kind: "
                           "linear")

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from metarep.core.problem import Problem, diagonal_frame, make_problem
-from metarep.core.seeding import Purpose, seed_rng
+from metarep.core.seeding import Purpose, seed_rng, seed_sequence
 from metarep.core.tasks import (
     TaskBatch,
     TaskPool,
@@ -29,6 +29,7 @@ from metarep.run.inputs import (
     config_errors,
     load_heldout,
     load_pool,
+    torch_module,
 )
 from metarep.run.loop import LOG
 from metarep.run.schema import Config, flatten, to_dict
@@ -108,11 +109,25 @@ def _generated(config: Config) -> RunInputs:
         check_memory(key, n, 16.0 * m * p.d, f"the task data, {key} x (tasks.m_in + "
                      f"tasks.m_out) x problem.d = {n} x {m} x {p.d} numbers,")
     problem = _problem(config)
+    draw = task_sampler(config, problem)  # refuses tasks.sampler: torch without torch
     if t.n in ("online", "infinite"):
         return RunInputs(config, problem, True, None)
-    pool = sample_tasks(problem, t.n, t.m_in, t.m_out, seed_rng(t.seed, Purpose.TASKS),
-                        config.train.dtype)
-    return RunInputs(config, problem, True, pool)
+    return RunInputs(config, problem, True, draw(t.n, seed_sequence(t.seed, Purpose.TASKS)))
+
+
+def task_sampler(config: Config, problem: Problem
+                 ) -> Callable[[int, np.random.SeedSequence], TaskBatch]:
+    """``draw(n, seed)``: ``n`` fresh tasks of ``problem`` with the config's ``tasks.m_in``,
+    ``tasks.m_out`` and ``train.dtype``, drawn from the stream of ``seed`` by
+    ``tasks.sampler`` (numpy: :func:`~metarep.core.tasks.sample_tasks`; torch:
+    :func:`metarep.engine.tasks.sample_tasks_torch`, a :class:`ConfigError` naming
+    ``tasks.sampler`` without PyTorch)."""
+    t, dtype = config.tasks, config.train.dtype
+    if t.sampler == "torch":
+        sample = torch_module("tasks", "tasks.sampler").sample_tasks_torch
+        return lambda n, seed: sample(problem, n, t.m_in, t.m_out, seed, dtype)
+    return lambda n, seed: sample_tasks(problem, n, t.m_in, t.m_out,
+                                        np.random.default_rng(seed), dtype)
 
 
 def _loaded(config: Config) -> RunInputs:
@@ -219,15 +234,15 @@ def task_source(inputs: RunInputs, xp: Any = np) -> Callable[[int], TaskBatch]:
     Whole pool; or ``train.tasks_per_step`` tasks of the pool drawn without replacement; or,
     for ``tasks.n: online``, that many fresh tasks. Step ``t`` draws from its own seeded
     stream (``tasks.seed``, sub-stream ``(1, t)``), so a resumed run draws the same tasks.
-    The draws are numpy's whatever ``xp`` is, so every namespace gets the same tasks; a pool
-    moves to ``xp`` once, fresh tasks at each step.
+    The draws are those of ``tasks.sampler`` (:func:`task_sampler`) whatever ``xp`` is, so
+    every namespace gets the same tasks; a pool moves to ``xp`` once, fresh tasks at each
+    step.
     """
     config = inputs.config
-    size, seed, dtype = config.train.tasks_per_step, config.tasks.seed, config.train.dtype
+    size, seed = config.train.tasks_per_step, config.tasks.seed
     if inputs.pool is None:
-        m_in, m_out = config.tasks.m_in, config.tasks.m_out
-        return lambda t: sample_tasks(inputs.problem, size, m_in, m_out,
-                                      seed_rng(seed, Purpose.TASKS, 1, t), dtype).on(xp)
+        draw = task_sampler(config, inputs.problem)
+        return lambda t: draw(size, seed_sequence(seed, Purpose.TASKS, 1, t)).on(xp)
     pool = inputs.pool if xp is np else inputs.pool.on(xp)
     if size is None or size == pool.n_tasks:
         return lambda t: pool
