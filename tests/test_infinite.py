@@ -425,24 +425,38 @@ def _divergence_step(dynamics: pop.ExactFOANIL, state: pop.InfiniteTaskState, st
 
 
 class CheckedStepper(ExactStepper):
-    """An ExactStepper that records, per call, whether every configuration of the state it is
-    asked to step is finite."""
+    """An ExactStepper that records, per call, the step it starts at, how many steps it takes
+    and whether every configuration of the state it is given is finite; with
+    ``blocks=False`` it declines to take several steps per call (as on a device)."""
 
-    def __init__(self, dynamics: pop.ExactFOANIL, Lambda_star: np.ndarray):
+    def __init__(self, dynamics: pop.ExactFOANIL, Lambda_star: np.ndarray, blocks: bool):
         super().__init__(dynamics, Lambda_star)
+        self.blocks = blocks
+        self.calls: list[tuple[int, int]] = []
         self.inputs_finite: list[np.ndarray] = []
 
     def step(self, state, t):
+        self.calls.append((t, 1))
         self.inputs_finite.append(state.finite())
         return super().step(state, t)
 
+    def advance(self, state, t, count):
+        if not self.blocks:
+            return None
+        self.calls.append((t, count))
+        self.inputs_finite.append(state.finite())
+        return super().advance(state, t, count)
 
-def test_divergence_between_two_record_steps_is_caught_at_that_step():
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_divergence_between_two_record_steps_is_caught_at_that_step(blocks):
     """Through the training loop with the exact stepper, two configurations, records every 25
     steps: the one with outer_lr 50 diverges a few steps after step 0 and is stopped exactly at
     the step the rule gives (not at the next record step); its last record is step 0, its
-    kept state is finite, no non-finite state is ever stepped, and the other configuration
-    runs to the end as it does alone."""
+    kept state is finite, no non-finite state is ever handed to the stepper, and the other
+    configuration runs to the end as it does alone. The same whether the steps between
+    records are taken in one call each (the block that holds the divergence is then taken
+    again up to it) or one at a time."""
     problem = problem_of(9, 2, noise_var=0.5)
     B0 = np.stack([init_linear(9, 5, 1.0, seed_rng(seed, Purpose.MODEL)).B for seed in (0, 1)])
     _, state = pop.coordinates(problem.B_star, B0, keep_basis=False)
@@ -454,14 +468,20 @@ def test_divergence_between_two_record_steps_is_caught_at_that_step():
     expected = _divergence_step(alone[1], state.take(1), steps)
     assert 0 < expected < every  # strictly between the records of steps 0 and 25
 
-    stepper = CheckedStepper(dynamics, pop.lambda_stars(dynamics))
+    stepper = CheckedStepper(dynamics, pop.lambda_stars(dynamics), blocks)
     trajectories = [Trajectory(None, 0) for _ in range(2)]
     outcome = train(stepper, state, trajectories, schedule=RecordSchedule(steps, every),
                     advice=["lower it"] * 2, progress=False)
     assert outcome[0] is None and isinstance(outcome[1], Diverged)
     assert outcome[1].step == expected
     assert all(finite.all() for finite in stepper.inputs_finite)
-    assert len(stepper.inputs_finite) == steps + 1
+    assert max(t + count for t, count in stepper.calls) == steps + 1
+    if blocks:  # steps 1-24, 26-49 and 51-59 in one call each, and the block replayed
+        assert (1, 24) in stepper.calls and (26, 24) in stepper.calls
+        stopped = trajectories[1].step
+        assert (1, stopped - 1) in stepper.calls or stopped == 1
+    else:
+        assert stepper.calls == [(t, 1) for t in range(steps + 1)]
     bad = trajectories[1]
     assert [r["step"] for r in bad.records] == [0]
     assert bad.step in (expected, expected - 1) and bad.step < every
@@ -639,3 +659,55 @@ def test_cli_infinite_resume_continues_to_the_same_result(cli, tmp_path):
         np.testing.assert_allclose(resumed["B"], straight["B"], rtol=1e-9, atol=1e-12)
     pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv"),
                                   pd.read_csv(reference_run / "metrics.csv"), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_advance_is_the_steps_one_at_a_time_bit_for_bit(dtype):
+    """ExactFOANIL.advance: j steps then count - j steps, count single steps and one call of
+    count steps give the same state, losses and finiteness bit for bit (the property the
+    loop's blocks rely on), leaving the input state unchanged; each configuration of a batch
+    is computed as it is alone."""
+    problem = problem_of(9, 2, noise_var=0.5)
+    B0 = np.stack([init_linear(9, 5, 1.0, seed_rng(seed, Purpose.MODEL)).B for seed in (0, 1)])
+    _, state = pop.coordinates(problem.B_star, B0, keep_basis=False, dtype=dtype)
+    before = state.H.copy()
+    dynamics = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 0.2], [4, math.inf],
+                               [0.5, 0.0], state.H.shape, dtype)
+    whole = dynamics.advance(state, 30)
+    first = dynamics.advance(state, 11)
+    rest = dynamics.advance(first.state, 19)
+    np.testing.assert_array_equal(state.H, before)
+    single, losses = state, []
+    for _ in range(30):
+        single, loss = dynamics.step(single)
+        losses.append(loss)
+    for other, other_losses in ((rest.state, np.concatenate([first.losses, rest.losses])),
+                                (single, np.stack(losses))):
+        np.testing.assert_array_equal(other.H, whole.state.H)
+        np.testing.assert_array_equal(other.omega, whole.state.omega)
+        np.testing.assert_array_equal(other_losses, whole.losses)
+    assert whole.losses.shape == (30, 2) and whole.finite.all()
+    alone = pop.ExactFOANIL(problem.Sigma_star, 0.3, 0.2, math.inf, 0.0,
+                            (1, *state.H.shape[1:]), dtype).advance(state.take(1), 30)
+    np.testing.assert_array_equal(alone.state.H[0], whole.state.H[1])
+    np.testing.assert_array_equal(alone.losses[:, 0], whole.losses[:, 1])
+    assert dynamics.advance(state, 0).losses.shape == (0, 2)
+
+
+def test_the_loop_records_the_same_numbers_in_blocks_and_step_by_step():
+    """A run of the exact stepper on the log grid: the records of the loop taking the steps
+    between records in one call each equal, bit for bit, those of one step per call."""
+    problem = problem_of(9, 2, noise_var=0.5)
+    B0 = np.stack([init_linear(9, 5, 1.0, seed_rng(seed, Purpose.MODEL)).B for seed in (0, 1)])
+    _, state = pop.coordinates(problem.B_star, B0, keep_basis=False)
+    records = []
+    for blocks in (True, False):
+        dynamics = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 0.2], [4, math.inf],
+                                   [0.5, 0.0], state.H.shape)
+        stepper = CheckedStepper(dynamics, pop.lambda_stars(dynamics), blocks)
+        trajectories = [Trajectory(None, 0) for _ in range(2)]
+        train(stepper, state, trajectories, schedule=RecordSchedule(3000, "log"),
+              advice=["lower it"] * 2, progress=False)
+        records.append([t.records for t in trajectories])
+        assert any(count > 100 for _, count in stepper.calls) == blocks
+    assert records[0] == records[1]

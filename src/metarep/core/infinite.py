@@ -46,7 +46,8 @@ are :func:`metarep.run.simulate.simulate_batch`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,6 +55,7 @@ import numpy as np
 
 from metarep.core.arguments import per_config
 from metarep.core.arrays import Array, array_namespace, to_numpy
+from metarep.core.compiled import compile_loop
 from metarep.core.expected_steps import ExpectedGradients, check_exact
 from metarep.core.measures import TRUTH_MEASURES, numerical_rank
 from metarep.core.model import LinearParams
@@ -232,6 +234,67 @@ class _Workspace:
         self.buffers = [_StateViews(empty(b, rows, p), empty(b, p), k) for _ in range(2)]
 
 
+class Block(NamedTuple):
+    """``count`` outer steps of ``b`` configurations (:meth:`ExactFOANIL.advance`): the state
+    after them, each configuration's loss at the state before each step, ``losses``
+    (count, b) in float64, and whether the state after each step is finite, ``finite``
+    (count, b) (:meth:`InfiniteTaskState.finite`'s test)."""
+
+    state: InfiniteTaskState
+    losses: np.ndarray
+    finite: np.ndarray
+
+
+def _advance_into(H: np.ndarray, omega: np.ndarray, S_c: np.ndarray, S_e: np.ndarray,
+                  beta: np.ndarray, c_u: np.ndarray, c_n: np.ndarray, k0: np.ndarray,
+                  neg_k1: np.ndarray, neg_alpha: np.ndarray, loss_const: np.ndarray, k: int,
+                  losses: np.ndarray, finite: np.ndarray) -> None:
+    """``losses.shape[0]`` expected FO-ANIL steps of each configuration ``c`` of ``H``
+    (b, q, p) and ``omega`` (b, p), in place (the formulas of :class:`ExactFOANIL`)::
+
+        N = H^T H,  n = N omega,  u = omega - alpha n,  C = H[:k],
+        M = I + s N - beta u u^T - c_n^2 n n^T - (S_c C)^T (S_c C),
+            s = -beta alpha^2 (omega^T n + tr Sigma + sigma^2) / m,
+        E = alpha beta Sigma C,   H <- H M + [E; 0],   omega <- omega - beta N u,
+
+    writing ``losses[t, c] = (||H||_F^2 - <N, M> - 2 <C, E>) / (2 beta) + loss_const`` (at the
+    state before step ``t``) and ``finite[t, c]`` (whether the sum of the new ``H`` and
+    ``omega`` is finite). ``c_u = beta``, ``c_n = alpha^2 beta / m`` and ``beta`` are in the
+    state's dtype, ``beta`` and ``loss_const`` of the losses in float64 (per configuration).
+    """
+    b, _, p = H.shape
+    for t in range(losses.shape[0]):
+        for c in range(b):
+            Hc, w = H[c], omega[c]
+            C = Hc[:k]
+            N = Hc.T @ Hc
+            n = w @ N
+            u = w + neg_alpha[c] * n
+            Y = S_c[c] @ C
+            s = (n @ w + k0[c]) * neg_k1[c]
+            M = s * N - Y.T @ Y
+            for i in range(p):
+                u_i, n_i = c_u[c] * u[i], c_n[c] * n[i]
+                for j in range(p):
+                    M[i, j] -= u_i * u[j] + n_i * n[j]
+                M[i, i] += 1.0
+            E = S_e[c] @ C
+            inner = np.sum(Hc * Hc) - np.sum(N * M) - 2.0 * np.sum(C * E)
+            losses[t, c] = 0.5 * (inner / beta[c] + loss_const[c])
+            new = Hc @ M
+            new[:k] += E
+            new_w = w - c_u[c] * (u @ N)
+            finite[t, c] = np.isfinite(new.sum() + new_w.sum())
+            H[c] = new
+            omega[c] = new_w
+
+
+@functools.cache
+def _compiled_advance() -> Callable[..., None]:
+    """:func:`_advance_into`, compiled (:func:`~metarep.core.compiled.compile_loop`)."""
+    return compile_loop(_advance_into)
+
+
 class ExactFOANIL:
     """The expected FO-ANIL step on infinitely many tasks, for ``b`` configurations at once.
 
@@ -244,8 +307,13 @@ class ExactFOANIL:
 
     :meth:`step` maps a state to the next one (module docstring) and returns the expected
     meta-training loss at the *old* state, shape (b,) (or ``None`` with ``with_loss=False``).
-    For speed it writes into one of two preallocated buffers, never the one it reads: the
-    returned state stays valid until the next-but-one call (copy it to keep it longer). With
+    On numpy arrays it is :meth:`advance` by one step: a compiled loop
+    (:func:`_advance_into`) that takes ``count`` steps per call, about 30 microseconds a step
+    at ``d = k' = 50`` against about 60 for the same formulas as some twenty numpy calls
+    (measured on a 2-core host), each configuration computed alone. On torch tensors the
+    step is those array operations, written into one of two preallocated buffers, never the
+    one it reads: the returned state stays valid until the next-but-one call (copy it to
+    keep it longer). With
     ``Y = sqrt(beta) [u, (alpha/sqrt(m)) n, alpha sqrt(1 + 1/m) C^T Sigma^{1/2}]`` (p, k + 2),
     ``M = I - beta Q = I - Y Y^T - beta alpha^2 ((w^T n + tr Sigma + sigma^2)/m) N``, the step
     is ``H <- H M + [alpha beta Sigma C; 0]`` and ``omega <- omega - beta N u``: two
@@ -290,7 +358,18 @@ class ExactFOANIL:
         self._S_e = xp.asarray(((alpha * beta)[:, None, None] * self.Sigma_star)
                                .astype(self.dtype))
         self._loss_const = trace + noise
-        self._work = _Workspace(b, rows, p, k, self.dtype, xp)
+        if xp is np:  # the constants of the compiled loop, one per configuration
+            def flat(x: np.ndarray) -> np.ndarray:
+                return np.ascontiguousarray(np.reshape(x, b), dtype=self.dtype)
+
+            self._kernel_constants = (
+                np.ascontiguousarray(self._S_c), np.ascontiguousarray(self._S_e),
+                np.ascontiguousarray(beta, dtype=np.float64), flat(beta),
+                flat(beta * alpha**2 * inv_m), flat(trace + noise), flat(-beta * alpha**2 * inv_m),
+                flat(-alpha), np.ascontiguousarray(np.broadcast_to(self._loss_const, b),
+                                                   dtype=np.float64))
+        else:
+            self._work = _Workspace(b, rows, p, k, self.dtype, xp)
 
     def _views(self, state: InfiniteTaskState) -> _StateViews:
         for buffer in self._work.buffers:
@@ -320,10 +399,29 @@ class ExactFOANIL:
         xp.subtract(w.M, w.T, out=w.M)                           # M = I - beta Q
         xp.matmul(self._S_e, old.C, out=w.E)                     # alpha beta Sigma C
 
+    def advance(self, state: InfiniteTaskState, count: int) -> Block:
+        """``count >= 0`` expected outer steps of every configuration from ``state`` (numpy
+        arrays; left unchanged), by the compiled loop :func:`_advance_into`: the new state,
+        the losses and the finiteness after each step (:class:`Block`). Advancing by ``j`` and
+        then by ``count - j`` steps gives the numbers of advancing by ``count``."""
+        if self.xp is not np:
+            raise ArgumentError("state", "advance computes on numpy arrays; step torch tensors "
+                                "one at a time")
+        check_shape(state, self.shape)
+        H = np.array(state.H, dtype=self.dtype, order="C")
+        omega = np.array(state.omega, dtype=self.dtype, order="C")
+        losses = np.empty((count, self.shape[0]))
+        finite = np.empty((count, self.shape[0]), dtype=bool)
+        _compiled_advance()(H, omega, *self._kernel_constants, self.k, losses, finite)
+        return Block(InfiniteTaskState(H, omega), losses, finite)
+
     def step(
         self, state: InfiniteTaskState, *, with_loss: bool = True
     ) -> tuple[InfiniteTaskState, np.ndarray | None]:
         """One expected outer step of every configuration (see the class docstring)."""
+        if self.xp is np:
+            block = self.advance(state, 1)
+            return block.state, (block.losses[0] if with_loss else None)
         w, xp = self._work, self.xp
         old = self._views(state)
         new = w.buffers[1] if old is w.buffers[0] else w.buffers[0]
@@ -346,6 +444,8 @@ class ExactFOANIL:
 
     def expected_loss(self, state: InfiniteTaskState) -> np.ndarray:
         """Expected meta-training loss of ``state``, shape (b,); writes no state buffer."""
+        if self.xp is np:
+            return self.advance(state, 1).losses[0]
         old = self._views(state)
         self._prepare(old)
         return self._loss(old)

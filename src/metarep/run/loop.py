@@ -4,7 +4,9 @@ A single run is a batch of one; the batched infinite-task runs of a sweep and
 :func:`metarep.run.simulate.simulate_batch` are batches of many. The loop only needs a
 :class:`Stepper` for the batch: ``step(state, t) -> (state, losses)``, where ``losses`` (b,) is
 the meta-training loss of each run at the state *before* the step, and the measures of one
-run.
+run. A deterministic stepper may also take many steps per call (:class:`BlockStepper`): the
+loop then advances from record to record in one call each, with the same rule applied to
+every step of the block.
 
 **The divergence rule**, the same for every run at every step ``t``: the run stops with
 :class:`Diverged` at step ``t`` when its loss is non-finite or more than
@@ -19,7 +21,7 @@ import heapq
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from tqdm import tqdm
@@ -77,6 +79,20 @@ class Stepper(Protocol[State]):
     def park(self, state: State, stopped: np.ndarray) -> None:
         """Overwrite the ``stopped`` runs (mask (b,)) of ``state`` with harmless values, so
         the batch goes on computing with finite numbers."""
+        ...
+
+
+@runtime_checkable
+class BlockStepper(Stepper[State], Protocol[State]):
+    """A deterministic :class:`Stepper` that can also take many steps in one call."""
+
+    def advance(self, state: State, t: int, count: int
+                ) -> tuple[State, np.ndarray, np.ndarray] | None:
+        """Outer steps ``t, ..., t + count - 1`` from ``state`` (left valid), computed exactly
+        as ``count`` calls of ``step`` would: the state after them, each run's loss at the
+        state before each step, ``losses`` (count, b), and whether each run's state after
+        each step is finite, ``finite`` (count, b); ``None`` where this batch steps one at a
+        time (e.g. on a device)."""
         ...
 
 
@@ -193,7 +209,8 @@ def train(
     up to ``schedule.last``, recording at the steps of ``schedule``.
 
     At every step ``t`` each run still training is tested by the divergence rule (module
-    docstring); at record steps (``schedule.steps()``) its record is appended to its
+    docstring); a :class:`BlockStepper` takes the steps between two records in one call
+    (:func:`_advance_block`); at record steps (``schedule.steps()``) its record is appended to its
     trajectory, whose state is set to ``take(state, i)``, and ``on_record(i, trajectory)`` is
     called (e.g. to write a checkpoint). A run that ends (diverged, or at ``schedule.last``)
     keeps its state at that step. Floating-point overflow inside ``step`` is not an error
@@ -216,8 +233,14 @@ def train(
     next_record = next(records)
     bar = tqdm(total=steps, initial=t, disable=not progress, unit="step", dynamic_ncols=True,
                leave=False)
+    blocks = isinstance(stepper, BlockStepper)
     try:
         while True:
+            if blocks and next_record > t + 1:
+                state, done, reference = _advance_block(stepper, state, t, next_record - t,
+                                                        active, reference)
+                t += done
+                bar.update(done)
             with np.errstate(over="ignore", invalid="ignore"):  # inf - inf: a diverged state
                 new, losses = stepper.step(state, t)
                 if np.isnan(reference).any():
@@ -250,6 +273,34 @@ def train(
             bar.update(1)
     finally:
         bar.close()
+
+
+def _advance_block(stepper: BlockStepper[State], state: State, t: int, count: int,
+                   active: np.ndarray, reference: np.ndarray
+                   ) -> tuple[State, int, np.ndarray]:
+    """Steps ``t, ..., t + count - 1`` (none of them a record step nor the last) in one call,
+    up to the first at which an ``active`` run ends by the divergence rule: returns the state
+    at ``t + done`` and ``done`` (the steps taken: ``count`` when no run ends, else the steps
+    before the ending one, which the caller then takes as a single step), and the reference
+    losses (set from the block's first losses where still ``nan``). Where the stepper does
+    not advance this batch in blocks, nothing is taken (``done = 0``)."""
+    block = stepper.advance(state, t, count)
+    if block is None:
+        return state, 0, reference
+    new, losses, finite = block
+    if np.isnan(reference).any():
+        reference = np.where(np.isnan(reference), losses[0], reference)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends = active & (is_diverging(losses, reference) | ~finite)
+    ending = np.flatnonzero(ends.any(axis=1))
+    if ending.size == 0:
+        return new, count, reference
+    done = int(ending[0])
+    if done == 0:
+        return state, 0, reference
+    replayed = stepper.advance(state, t, done)
+    assert replayed is not None
+    return replayed[0], done, reference
 
 
 def _has_record(trajectory: Trajectory[Any], t: int) -> bool:

@@ -1,7 +1,8 @@
 """Exact infinite-task dynamics as a run (``tasks.n: infinite``), alone or many at once.
 
 :class:`ExactStepper` steps ``b`` configurations of the exact dynamics of the run's method
-(:func:`metarep.core.infinite.exact_dynamics`) through the training loop;
+(:func:`metarep.core.infinite.exact_dynamics`) through the training loop (one-step FO-ANIL
+on numpy from record to record in one call: a :class:`~metarep.run.loop.BlockStepper`);
 :class:`InfiniteTaskBackend` is one run of them (a stepper of one, with the frame that maps its
 coordinates back to ``(B, w)``), and :func:`batched_stepper` joins runs that share everything
 but their per-run parameters into one stepper.
@@ -17,7 +18,9 @@ import numpy as np
 
 from metarep.core.arrays import array_namespace, moved_state, numpy_state
 from metarep.core.infinite import (
+    Block,
     ExactDynamics,
+    ExactFOANIL,
     InfiniteTaskState,
     coordinate_measures,
     coordinates,
@@ -42,6 +45,14 @@ class ExactStepper:
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.dynamics.step(state)
+
+    def advance(self, state: InfiniteTaskState, t: int, count: int) -> Block | None:
+        """``count`` steps in one call (:meth:`~metarep.core.infinite.ExactFOANIL.advance`)
+        for one-step FO-ANIL on numpy arrays, whose :meth:`step` is that call with one step;
+        ``None`` otherwise (the loop then steps one at a time)."""
+        if isinstance(self.dynamics, ExactFOANIL) and self.dynamics.xp is np:
+            return self.dynamics.advance(state, count)
+        return None
 
     def finite(self, state: InfiniteTaskState) -> np.ndarray:
         return state.finite()
@@ -118,6 +129,9 @@ class InfiniteTaskBackend(LinearModelRun):
 
     def step(self, state: InfiniteTaskState, t: int) -> tuple[InfiniteTaskState, np.ndarray]:
         return self.stepper.step(state, t)
+
+    def advance(self, state: InfiniteTaskState, t: int, count: int) -> Block | None:
+        return self.stepper.advance(state, t, count)
 
     def finite(self, state: InfiniteTaskState) -> np.ndarray:
         return self.stepper.finite(state)
