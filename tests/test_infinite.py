@@ -455,15 +455,16 @@ def test_divergence_between_two_record_steps_is_caught_at_that_step(blocks):
     the step the rule gives (not at the next record step); its last record is step 0, its
     kept state is finite, no non-finite state is ever handed to the stepper, and the other
     configuration runs to the end as it does alone. The same whether the steps between
-    records are taken in one call each (the block that holds the divergence is then taken
-    again up to it) or one at a time."""
+    records are taken in one call each of the compiled loop (the block that holds the
+    divergence is then taken again up to it) or one at a time by the array operations."""
     problem = problem_of(9, 2, noise_var=0.5)
     B0 = np.stack([init_linear(9, 5, 1.0, seed_rng(seed, Purpose.MODEL)).B for seed in (0, 1)])
     _, state = pop.coordinates(problem.B_star, B0, keep_basis=False)
     steps, every = 60, 25
     dynamics = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 50.0], [4, math.inf],
-                               [0.5, 0.0], state.H.shape)
-    alone = [pop.ExactFOANIL(problem.Sigma_star, a, b, m, s2, (1, *state.H.shape[1:]))
+                               [0.5, 0.0], state.H.shape, compiled=blocks)
+    alone = [pop.ExactFOANIL(problem.Sigma_star, a, b, m, s2, (1, *state.H.shape[1:]),
+                             compiled=blocks)
              for a, b, m, s2 in ((0.5, 0.3, 4, 0.5), (0.3, 50.0, math.inf, 0.0))]
     expected = _divergence_step(alone[1], state.take(1), steps)
     assert 0 < expected < every  # strictly between the records of steps 0 and 25
@@ -672,7 +673,7 @@ def test_advance_is_the_steps_one_at_a_time_bit_for_bit(dtype):
     _, state = pop.coordinates(problem.B_star, B0, keep_basis=False, dtype=dtype)
     before = state.H.copy()
     dynamics = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 0.2], [4, math.inf],
-                               [0.5, 0.0], state.H.shape, dtype)
+                               [0.5, 0.0], state.H.shape, dtype, compiled=True)
     whole = dynamics.advance(state, 30)
     first = dynamics.advance(state, 11)
     rest = dynamics.advance(first.state, 19)
@@ -688,22 +689,31 @@ def test_advance_is_the_steps_one_at_a_time_bit_for_bit(dtype):
         np.testing.assert_array_equal(other_losses, whole.losses)
     assert whole.losses.shape == (30, 2) and whole.finite.all()
     alone = pop.ExactFOANIL(problem.Sigma_star, 0.3, 0.2, math.inf, 0.0,
-                            (1, *state.H.shape[1:]), dtype).advance(state.take(1), 30)
+                            (1, *state.H.shape[1:]), dtype, compiled=True).advance(state.take(1),
+                                                                                    30)
     np.testing.assert_array_equal(alone.state.H[0], whole.state.H[1])
     np.testing.assert_array_equal(alone.losses[:, 0], whole.losses[:, 1])
     assert dynamics.advance(state, 0).losses.shape == (0, 2)
+    arrays = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 0.2], [4, math.inf],
+                             [0.5, 0.0], state.H.shape, dtype)
+    stepped = state
+    for _ in range(30):
+        stepped, _ = arrays.step(stepped)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12  # the same formulas, other rounding
+    np.testing.assert_allclose(stepped.H, whole.state.H, rtol=tolerance, atol=tolerance)
 
 
 def test_the_loop_records_the_same_numbers_in_blocks_and_step_by_step():
-    """A run of the exact stepper on the log grid: the records of the loop taking the steps
-    between records in one call each equal, bit for bit, those of one step per call."""
+    """A run of the compiled exact stepper on the log grid: the records of the loop taking
+    the steps between records in one call each equal, bit for bit, those of one step per
+    call."""
     problem = problem_of(9, 2, noise_var=0.5)
     B0 = np.stack([init_linear(9, 5, 1.0, seed_rng(seed, Purpose.MODEL)).B for seed in (0, 1)])
     _, state = pop.coordinates(problem.B_star, B0, keep_basis=False)
     records = []
     for blocks in (True, False):
         dynamics = pop.ExactFOANIL(problem.Sigma_star, [0.5, 0.3], [0.3, 0.2], [4, math.inf],
-                                   [0.5, 0.0], state.H.shape)
+                                   [0.5, 0.0], state.H.shape, compiled=True)
         stepper = CheckedStepper(dynamics, pop.lambda_stars(dynamics), blocks)
         trajectories = [Trajectory(None, 0) for _ in range(2)]
         train(stepper, state, trajectories, schedule=RecordSchedule(3000, "log"),
@@ -711,3 +721,32 @@ def test_the_loop_records_the_same_numbers_in_blocks_and_step_by_step():
         records.append([t.records for t in trajectories])
         assert any(count > 100 for _, count in stepper.calls) == blocks
     assert records[0] == records[1]
+
+
+def test_long_runs_of_few_configurations_use_the_compiled_loop():
+    """use_compiled: a run of COMPILED_MIN_STEPS steps or more, alone or with up to
+    COMPILED_MAX_CONFIGS configurations, on numpy; not shorter runs, larger batches or torch;
+    a compiled run's backend takes its steps in blocks and equals the array operations' run
+    to rounding (the run reads back its config's choice)."""
+    from metarep.run.backends import infinite as backend
+
+    steps, configs = backend.COMPILED_MIN_STEPS, backend.COMPILED_MAX_CONFIGS
+    assert backend.use_compiled(steps, 1) and backend.use_compiled(steps, configs)
+    assert not backend.use_compiled(steps - 1, 1)
+    assert not backend.use_compiled(steps, configs + 1)
+    assert not backend.use_compiled(steps, 1, xp=object())
+    problem = problem_of(9, 2, noise_var=0.5)
+    B0 = init_linear(9, 5, 1.0, seed_rng(0, Purpose.MODEL)).B
+    _, state = pop.coordinates(problem.B_star, B0, keep_basis=False)
+    with pytest.raises(ArgumentError, match="compiled=True") as error:
+        pop.ExactFOANIL(problem.Sigma_star, 0.5, 0.3, 4, 0.5, state.H.shape).advance(state, 3)
+    assert error.value.argument == "compiled"
+    from metarep.run.backends import build_backend
+    from metarep.run.schema import from_dict
+
+    for run_steps in (steps - 1, steps):
+        config = from_dict({}, {"tasks.n": "infinite", "train.steps": run_steps,
+                                "problem.d": 9, "model.width": 5})
+        run = build_backend(config)
+        assert run.stepper.dynamics.compiled == (run_steps == steps)
+        assert (run.advance(run.initial, 0, 3) is not None) == (run_steps == steps)

@@ -303,17 +303,19 @@ class ExactFOANIL:
     ``shape`` the state's ``(b, k + r, p)``; ``dtype`` of the state; ``xp`` the array
     namespace the states live in (:mod:`numpy`, or torch tensors on a device:
     :func:`metarep.engine.arrays.torch_namespace`), the constants being computed in numpy float64
-    and moved there once. The losses are numpy arrays either way.
+    and moved there once. The losses are numpy arrays either way. ``compiled`` (numpy only):
+    step with the compiled loop :func:`_advance_into` instead.
 
     :meth:`step` maps a state to the next one (module docstring) and returns the expected
     meta-training loss at the *old* state, shape (b,) (or ``None`` with ``with_loss=False``).
-    On numpy arrays it is :meth:`advance` by one step: a compiled loop
-    (:func:`_advance_into`) that takes ``count`` steps per call, about 30 microseconds a step
-    at ``d = k' = 50`` against about 60 for the same formulas as some twenty numpy calls
-    (measured on a 2-core host), each configuration computed alone. On torch tensors the
-    step is those array operations, written into one of two preallocated buffers, never the
-    one it reads: the returned state stays valid until the next-but-one call (copy it to
-    keep it longer). With
+    By default it is some twenty array operations on all ``b`` configurations at once,
+    written into one of two preallocated buffers, never the one it reads: the returned state
+    stays valid until the next-but-one call (copy it to keep it longer). With ``compiled`` it
+    is :meth:`advance` by one step, each configuration computed alone in a loop that takes
+    ``count`` steps per call: about 30 microseconds a step at ``d = k' = 50`` against about 60
+    for the array operations, and no Python between two records of a run, but loading the
+    compiled code costs a process about 0.9 s, and for many configurations at once the
+    batched array operations are faster per configuration (measured on a 2-core host). With
     ``Y = sqrt(beta) [u, (alpha/sqrt(m)) n, alpha sqrt(1 + 1/m) C^T Sigma^{1/2}]`` (p, k + 2),
     ``M = I - beta Q = I - Y Y^T - beta alpha^2 ((w^T n + tr Sigma + sigma^2)/m) N``, the step
     is ``H <- H M + [alpha beta Sigma C; 0]`` and ``omega <- omega - beta N u``: two
@@ -331,10 +333,14 @@ class ExactFOANIL:
         shape: tuple[int, int, int],
         dtype: np.dtype | str = np.float64,
         xp: Any = np,
+        compiled: bool = False,
     ):
         b, rows, p = shape
         k = Sigma_star.shape[0]
+        if compiled and xp is not np:
+            raise ArgumentError("compiled", "the compiled loop computes on numpy arrays")
         self.shape, self.k, self.dtype, self.xp = shape, k, np.dtype(dtype), xp
+        self.compiled = compiled
         alpha = per_config(inner_lr, b, "inner_lr", 0.0, strict=True)
         beta = per_config(outer_lr, b, "outer_lr", 0.0, strict=True)
         m = per_config(m_in, b, "m_in", 1.0, strict=False)
@@ -358,7 +364,7 @@ class ExactFOANIL:
         self._S_e = xp.asarray(((alpha * beta)[:, None, None] * self.Sigma_star)
                                .astype(self.dtype))
         self._loss_const = trace + noise
-        if xp is np:  # the constants of the compiled loop, one per configuration
+        if compiled:  # the constants of the compiled loop, one per configuration
             def flat(x: np.ndarray) -> np.ndarray:
                 return np.ascontiguousarray(np.reshape(x, b), dtype=self.dtype)
 
@@ -401,12 +407,12 @@ class ExactFOANIL:
 
     def advance(self, state: InfiniteTaskState, count: int) -> Block:
         """``count >= 0`` expected outer steps of every configuration from ``state`` (numpy
-        arrays; left unchanged), by the compiled loop :func:`_advance_into`: the new state,
-        the losses and the finiteness after each step (:class:`Block`). Advancing by ``j`` and
-        then by ``count - j`` steps gives the numbers of advancing by ``count``."""
-        if self.xp is not np:
-            raise ArgumentError("state", "advance computes on numpy arrays; step torch tensors "
-                                "one at a time")
+        arrays; left unchanged), by the compiled loop :func:`_advance_into` (``compiled``
+        dynamics only): the new state, the losses and the finiteness after each step
+        (:class:`Block`). Advancing by ``j`` and then by ``count - j`` steps gives the numbers
+        of advancing by ``count``, and of ``count`` calls of :meth:`step`."""
+        if not self.compiled:
+            raise ArgumentError("compiled", "advance needs ExactFOANIL(..., compiled=True)")
         check_shape(state, self.shape)
         H = np.array(state.H, dtype=self.dtype, order="C")
         omega = np.array(state.omega, dtype=self.dtype, order="C")
@@ -419,7 +425,7 @@ class ExactFOANIL:
         self, state: InfiniteTaskState, *, with_loss: bool = True
     ) -> tuple[InfiniteTaskState, np.ndarray | None]:
         """One expected outer step of every configuration (see the class docstring)."""
-        if self.xp is np:
+        if self.compiled:
             block = self.advance(state, 1)
             return block.state, (block.losses[0] if with_loss else None)
         w, xp = self._work, self.xp
@@ -444,7 +450,7 @@ class ExactFOANIL:
 
     def expected_loss(self, state: InfiniteTaskState) -> np.ndarray:
         """Expected meta-training loss of ``state``, shape (b,); writes no state buffer."""
-        if self.xp is np:
+        if self.compiled:
             return self.advance(state, 1).losses[0]
         old = self._views(state)
         self._prepare(old)
@@ -518,13 +524,15 @@ def exact_dynamics(method: str, inner_steps: int, d: int, Sigma_star: np.ndarray
                    m_in: float | Sequence[float] | np.ndarray,
                    noise_var: float | Sequence[float] | np.ndarray,
                    shape: tuple[int, int, int], dtype: np.dtype | str = np.float64,
-                   xp: Any = np) -> ExactDynamics:
+                   xp: Any = np, compiled: bool = False) -> ExactDynamics:
     """The exact expected step of ``method`` with ``inner_steps`` inner steps: FO-ANIL with one
-    inner step is the closed form :class:`ExactFOANIL` (about 20 small array operations);
-    every other method or number of steps the Gaussian-moment engine, :class:`ExactInnerLoop`.
-    Both are the same expectation for FO-ANIL with one step (tested to rounding)."""
+    inner step is the closed form :class:`ExactFOANIL` (about 20 small array operations, or
+    its compiled loop with ``compiled``); every other method or number of steps the
+    Gaussian-moment engine, :class:`ExactInnerLoop` (``compiled`` does not apply). Both are
+    the same expectation for FO-ANIL with one step (tested to rounding)."""
     if method == "fo-anil" and inner_steps == 1:
-        return ExactFOANIL(Sigma_star, inner_lr, outer_lr, m_in, noise_var, shape, dtype, xp)
+        return ExactFOANIL(Sigma_star, inner_lr, outer_lr, m_in, noise_var, shape, dtype, xp,
+                           compiled)
     return ExactInnerLoop(method, inner_steps, d, Sigma_star, inner_lr, outer_lr, m_in,
                           noise_var, shape, dtype, xp)
 

@@ -22,7 +22,7 @@ from metarep.core.problem import Problem
 from metarep.core.seeding import Purpose, seed_rng
 from metarep.core.theory import Setting, gram_target
 from metarep.errors import ArgumentError
-from metarep.run.backends.infinite import ExactStepper
+from metarep.run.backends.infinite import ExactStepper, use_compiled
 from metarep.run.loop import RecordSchedule, Trajectory, train
 
 GRID_COLUMNS = ("inner_lr", "outer_lr", "m_in", "noise_var", "seed")
@@ -88,7 +88,8 @@ def simulate_batch(
     _, state = coordinates(problem.B_star, B0, keep_basis=False, dtype=dtype)
     dynamics = exact_dynamics(method, inner_steps, problem.d, problem.Sigma_star,
                               table["inner_lr"], table["outer_lr"], table["m_in"],
-                              table["noise_var"], state.H.shape, dtype)
+                              table["noise_var"], state.H.shape, dtype, np,
+                              use_compiled(steps, len(table)))
     setting = Setting(method, width, inner_steps, 1, "infinite")
     targets = [gram_target(Problem(problem.B_star, problem.Sigma_star, float(noise)), float(m),
                            float(alpha), setting)[0]

@@ -1,8 +1,9 @@
 """Exact infinite-task dynamics as a run (``tasks.n: infinite``), alone or many at once.
 
 :class:`ExactStepper` steps ``b`` configurations of the exact dynamics of the run's method
-(:func:`metarep.core.infinite.exact_dynamics`) through the training loop (one-step FO-ANIL
-on numpy from record to record in one call: a :class:`~metarep.run.loop.BlockStepper`);
+(:func:`metarep.core.infinite.exact_dynamics`) through the training loop (long runs of
+one-step FO-ANIL from record to record in one call of its compiled loop, :func:`use_compiled`:
+a :class:`~metarep.run.loop.BlockStepper`);
 :class:`InfiniteTaskBackend` is one run of them (a stepper of one, with the frame that maps its
 coordinates back to ``(B, w)``), and :func:`batched_stepper` joins runs that share everything
 but their per-run parameters into one stepper.
@@ -32,6 +33,26 @@ from metarep.core.theory import gram_target
 from metarep.run.backends.linear import LinearModelRun, initial_params
 from metarep.run.backends.sources import RunInputs
 
+COMPILED_MIN_STEPS = 10_000
+"""Runs of at least this many steps use FO-ANIL's compiled loop: loading it costs a process
+about 0.9 s, and it saves about 0.1 ms a step (the loop's own work between two records and
+half of the step: 30 against 160 microseconds a step at d = k' = 50, measured on a 2-core host),
+so it pays from about 10,000 steps."""
+
+COMPILED_MAX_CONFIGS = 8
+"""... for at most this many configurations at once: the compiled loop computes each alone, and
+for more numpy's batched operations are faster per configuration (measured at d = 20, k' = 10:
+104 against 89 microseconds a step for 32 configurations; 27 against 60 for 8)."""
+
+
+def use_compiled(steps: int, configs: int, xp: Any = np) -> bool:
+    """Whether ``configs`` configurations of exact one-step FO-ANIL trained for ``steps`` steps
+    in the namespace ``xp`` step with the compiled loop (:class:`~metarep.core.infinite.
+    ExactFOANIL` ``compiled``): on numpy, at least :data:`COMPILED_MIN_STEPS` steps, at most
+    :data:`COMPILED_MAX_CONFIGS` configurations. Decided from the config alone, so a run and
+    its resumption step alike."""
+    return xp is np and steps >= COMPILED_MIN_STEPS and configs <= COMPILED_MAX_CONFIGS
+
 
 class ExactStepper:
     """``b`` configurations of the exact dynamics as the loop's
@@ -48,9 +69,9 @@ class ExactStepper:
 
     def advance(self, state: InfiniteTaskState, t: int, count: int) -> Block | None:
         """``count`` steps in one call (:meth:`~metarep.core.infinite.ExactFOANIL.advance`)
-        for one-step FO-ANIL on numpy arrays, whose :meth:`step` is that call with one step;
-        ``None`` otherwise (the loop then steps one at a time)."""
-        if isinstance(self.dynamics, ExactFOANIL) and self.dynamics.xp is np:
+        for compiled one-step FO-ANIL (:func:`use_compiled`), whose :meth:`step` is that call
+        with one step; ``None`` otherwise (the loop then steps one at a time)."""
+        if isinstance(self.dynamics, ExactFOANIL) and self.dynamics.compiled:
             return self.dynamics.advance(state, count)
         return None
 
@@ -96,7 +117,8 @@ class InfiniteTaskBackend(LinearModelRun):
         dynamics = exact_dynamics(config.method.name, config.method.inner_steps,
                                   self.problem.d, self.problem.Sigma_star, self.alpha,
                                   config.method.outer_lr, config.tasks.m_in,
-                                  self.problem.noise_var, self.initial.H.shape, dtype, xp)
+                                  self.problem.noise_var, self.initial.H.shape, dtype, xp,
+                                  use_compiled(config.train.steps, 1, xp))
         self.stepper = ExactStepper(dynamics, [self.Lambda_star])
 
     def params(self, state: InfiniteTaskState) -> LinearParams:
@@ -171,5 +193,7 @@ def batched_stepper(backends: Sequence[InfiniteTaskBackend]) -> ExactStepper:
                               first.problem.d, parts[0].Sigma_star,
                               [d.alpha[0] for d in parts], [d.beta[0] for d in parts],
                               [d.m_in[0] for d in parts], [d.noise_var[0] for d in parts],
-                              (len(backends), *parts[0].shape[1:]), parts[0].dtype, parts[0].xp)
+                              (len(backends), *parts[0].shape[1:]), parts[0].dtype, parts[0].xp,
+                              use_compiled(max(bk.config.train.steps for bk in backends),
+                                           len(backends), parts[0].xp))
     return ExactStepper(dynamics, [target for bk in backends for target in bk.stepper.Lambda_star])
