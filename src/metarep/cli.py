@@ -355,7 +355,7 @@ CLAIM_TAGS = {"pass": "pass", "fail": "FAIL", "skipped": "skip"}
 
 @app.command()
 def reproduce(
-    scale: Annotated[str, typer.Option(help="quick (about 30 s on 2 cores), default (10 to "
+    scale: Annotated[str, typer.Option(help="quick (30-40 s on 2 cores), default (10 to "
                                             "20 min) or paper (hours).")]
     = "default",
     out: Annotated[str | None, typer.Option(help="Report directory "
