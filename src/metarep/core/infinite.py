@@ -246,21 +246,22 @@ class Block(NamedTuple):
 
 
 def _advance_into(H: np.ndarray, omega: np.ndarray, S_c: np.ndarray, S_e: np.ndarray,
-                  beta: np.ndarray, c_u: np.ndarray, c_n: np.ndarray, k0: np.ndarray,
-                  neg_k1: np.ndarray, neg_alpha: np.ndarray, loss_const: np.ndarray, k: int,
-                  losses: np.ndarray, finite: np.ndarray) -> None:
+                  beta: np.ndarray, k0: np.ndarray, neg_k1: np.ndarray, neg_alpha: np.ndarray,
+                  loss_beta: np.ndarray, loss_const: np.ndarray, k: int, losses: np.ndarray,
+                  finite: np.ndarray) -> None:
     """``losses.shape[0]`` expected FO-ANIL steps of each configuration ``c`` of ``H``
     (b, q, p) and ``omega`` (b, p), in place (the formulas of :class:`ExactFOANIL`)::
 
         N = H^T H,  n = N omega,  u = omega - alpha n,  C = H[:k],
-        M = I + s N - beta u u^T - c_n^2 n n^T - (S_c C)^T (S_c C),
-            s = -beta alpha^2 (omega^T n + tr Sigma + sigma^2) / m,
+        M = I + s N - beta u u^T - k1 n n^T - (S_c C)^T (S_c C),   k1 = beta alpha^2 / m,
+            s = -k1 (omega^T n + tr Sigma + sigma^2),
         E = alpha beta Sigma C,   H <- H M + [E; 0],   omega <- omega - beta N u,
 
     writing ``losses[t, c] = (||H||_F^2 - <N, M> - 2 <C, E>) / (2 beta) + loss_const`` (at the
     state before step ``t``) and ``finite[t, c]`` (whether the sum of the new ``H`` and
-    ``omega`` is finite). ``c_u = beta``, ``c_n = alpha^2 beta / m`` and ``beta`` are in the
-    state's dtype, ``beta`` and ``loss_const`` of the losses in float64 (per configuration).
+    ``omega`` is finite). Per configuration: ``beta``, ``k0 = tr Sigma + sigma^2``,
+    ``neg_k1 = -k1`` and ``neg_alpha`` in the state's dtype; ``loss_beta`` (beta) and
+    ``loss_const`` of the losses in float64.
     """
     b, _, p = H.shape
     for t in range(losses.shape[0]):
@@ -274,16 +275,16 @@ def _advance_into(H: np.ndarray, omega: np.ndarray, S_c: np.ndarray, S_e: np.nda
             s = (n @ w + k0[c]) * neg_k1[c]
             M = s * N - Y.T @ Y
             for i in range(p):
-                u_i, n_i = c_u[c] * u[i], c_n[c] * n[i]
+                u_i, n_i = beta[c] * u[i], -neg_k1[c] * n[i]
                 for j in range(p):
                     M[i, j] -= u_i * u[j] + n_i * n[j]
                 M[i, i] += 1.0
             E = S_e[c] @ C
             inner = np.sum(Hc * Hc) - np.sum(N * M) - 2.0 * np.sum(C * E)
-            losses[t, c] = 0.5 * (inner / beta[c] + loss_const[c])
+            losses[t, c] = 0.5 * (inner / loss_beta[c] + loss_const[c])
             new = Hc @ M
             new[:k] += E
-            new_w = w - c_u[c] * (u @ N)
+            new_w = w - beta[c] * (u @ N)
             finite[t, c] = np.isfinite(new.sum() + new_w.sum())
             H[c] = new
             omega[c] = new_w
@@ -364,16 +365,12 @@ class ExactFOANIL:
         self._S_e = xp.asarray(((alpha * beta)[:, None, None] * self.Sigma_star)
                                .astype(self.dtype))
         self._loss_const = trace + noise
-        if compiled:  # the constants of the compiled loop, one per configuration
-            def flat(x: np.ndarray) -> np.ndarray:
-                return np.ascontiguousarray(np.reshape(x, b), dtype=self.dtype)
-
+        if compiled:  # the same constants, one per configuration, as the compiled loop reads
             self._kernel_constants = (
-                np.ascontiguousarray(self._S_c), np.ascontiguousarray(self._S_e),
-                np.ascontiguousarray(beta, dtype=np.float64), flat(beta),
-                flat(beta * alpha**2 * inv_m), flat(trace + noise), flat(-beta * alpha**2 * inv_m),
-                flat(-alpha), np.ascontiguousarray(np.broadcast_to(self._loss_const, b),
-                                                   dtype=np.float64))
+                self._S_c, self._S_e,
+                *(np.ascontiguousarray(x.reshape(b)) for x in (self._beta, self._k0,
+                                                                self._neg_k1, self._neg_alpha)),
+                beta, np.ascontiguousarray(self._loss_const, dtype=np.float64))
         else:
             self._work = _Workspace(b, rows, p, k, self.dtype, xp)
 
