@@ -92,7 +92,7 @@ class BlockStepper(Stepper[State], Protocol[State]):
         as ``count`` calls of ``step`` would: the state after them, each run's loss at the
         state before each step, ``losses`` (count, b), and whether each run's state after
         each step is finite, ``finite`` (count, b); ``None`` where this batch steps one at a
-        time (e.g. on a device)."""
+        time (e.g. on a device), which the loop then does to the end without asking again."""
         ...
 
 
@@ -237,10 +237,14 @@ def train(
     try:
         while True:
             if blocks and next_record > t + 1:
-                state, done, reference = _advance_block(stepper, state, t, next_record - t,
-                                                        active, reference)
-                t += done
-                bar.update(done)
+                advanced = _advance_block(stepper, state, t, next_record - t, active,
+                                          reference)
+                if advanced is None:  # this batch steps one at a time
+                    blocks = False
+                else:
+                    state, done, reference = advanced
+                    t += done
+                    bar.update(done)
             with np.errstate(over="ignore", invalid="ignore"):  # inf - inf: a diverged state
                 new, losses = stepper.step(state, t)
                 if np.isnan(reference).any():
@@ -277,16 +281,16 @@ def train(
 
 def _advance_block(stepper: BlockStepper[State], state: State, t: int, count: int,
                    active: np.ndarray, reference: np.ndarray
-                   ) -> tuple[State, int, np.ndarray]:
+                   ) -> tuple[State, int, np.ndarray] | None:
     """Steps ``t, ..., t + count - 1`` (none of them a record step nor the last) in one call,
     up to the first at which an ``active`` run ends by the divergence rule: returns the state
     at ``t + done`` and ``done`` (the steps taken: ``count`` when no run ends, else the steps
     before the ending one, which the caller then takes as a single step), and the reference
-    losses (set from the block's first losses where still ``nan``). Where the stepper does
-    not advance this batch in blocks, nothing is taken (``done = 0``)."""
+    losses (set from the block's first losses where still ``nan``). ``None`` where the
+    stepper does not advance this batch in blocks."""
     block = stepper.advance(state, t, count)
     if block is None:
-        return state, 0, reference
+        return None
     new, losses, finite = block
     if np.isnan(reference).any():
         reference = np.where(np.isnan(reference), losses[0], reference)
