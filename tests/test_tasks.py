@@ -402,3 +402,4 @@ def test_the_torch_sampler_without_torch_names_tasks_sampler(monkeypatch):
     with pytest.raises(ConfigError) as info:
         resolve_inputs(config)
     assert info.value.key == "tasks.sampler" and "metarep[torch]" in str(info.value)
+    assert str(info.value).startswith("tasks.sampler: the torch sampler needs PyTorch")

@@ -170,16 +170,15 @@ def load_network(path: str | Path, d: int, hidden_layers: int) -> Any:
     return network
 
 
-def torch_module(name: str, key: str = "model.kind") -> Any:
+def torch_module(name: str, key: str = "model.kind", needs: str = "relu runs need") -> Any:
     """``metarep.engine.NAME``, imported on demand, or a :class:`ConfigError` naming ``key``
-    (the setting that needs it) when PyTorch is not installed."""
+    (the setting that needs it: "``needs`` PyTorch") when PyTorch is not installed."""
     try:
         module = importlib.import_module(f"metarep.engine.{name}")
     except ModuleNotFoundError as error:
         if error.name != "torch":
             raise
-        what = "relu runs need" if key == "model.kind" else f"{key}: torch needs"
-        raise ConfigError(key, f"{what} PyTorch: install metarep[torch] "
+        raise ConfigError(key, f"{needs} PyTorch: install metarep[torch] "
                           "(pip install 'metarep[torch]')") from None
     return module
 

@@ -125,7 +125,8 @@ def task_sampler(config: Config, problem: Problem
     ``tasks.sampler`` without PyTorch)."""
     t, dtype = config.tasks, config.train.dtype
     if t.sampler == "torch":
-        sample = torch_module("tasks", "tasks.sampler").sample_tasks_torch
+        engine_tasks = torch_module("tasks", "tasks.sampler", "the torch sampler needs")
+        sample = engine_tasks.sample_tasks_torch
         return lambda n, seed: sample(problem, n, t.m_in, t.m_out, seed, dtype)
     return lambda n, seed: sample_tasks(problem, n, t.m_in, t.m_out,
                                         np.random.default_rng(seed), dtype)
