@@ -298,6 +298,28 @@ def test_relu_fast_path_equals_the_generic_path(name, hidden_layers, inner_steps
                                    generic.state.heads["net.w"].numpy(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(("steps", "from_zero", "chunk"),
+                         [(0, False, None), (1, True, None), (2, False, 4), (3, True, 5)])
+@pytest.mark.parametrize("hidden_layers", [1, 2])
+def test_relu_test_time_adaptation_fast_path_equals_vmap(hidden_layers, steps, from_zero, chunk):
+    """Test-time head steps of the built-in networks (all tasks of a chunk at once) against
+    the same module wrapped, adapted task by task under vmap of torch.func.grad."""
+    _, batch = small_problem(n=7, d=5)
+    net = relu_net(hidden_layers, seed=4)
+    fast, generic = (MetaLearner(module, head, method="anil", first_order=True, inner_lr=ALPHA,
+                                 outer_lr=BETA, task_chunk=chunk)
+                     for module, head in ((net, "w"), (Wrapped(net), "net.w")))
+    assert fast.chain is not None and generic.chain is None
+    heads = fast.adapt_heads(fast.state.params, batch.X_in, batch.y_in, steps, 0.7, from_zero)
+    expected = generic.adapt_heads(generic.state.params, batch.X_in, batch.y_in, steps, 0.7,
+                                   from_zero)
+    assert heads["w"].shape == expected["net.w"].shape == (batch.n_tasks, *net.w.shape)
+    np.testing.assert_allclose(heads["w"].numpy(), expected["net.w"].numpy(), rtol=0,
+                               atol=1e-12)
+    if steps:  # the steps act: each task's head moved from the shared one, by its own data
+        assert not torch.allclose(heads["w"][0], heads["w"][1])
+
+
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 @pytest.mark.parametrize("name", ["maml", "anil"])
 def test_relu_exact_step_equals_finite_differences(name, hidden_layers):

@@ -455,25 +455,28 @@ class MetaLearner:
         (g_fixed, g_adapted), loss = grad_and_value(objective, argnums=(0, 1))(fixed, adapted)
         return {**g_fixed, **{n: g.sum(0) for n, g in g_adapted.items()}}, loss
 
-    def _chain_inner_loop(self, fixed: Params, fast: Params, X: Tensor, y: Tensor
+    def _chain_inner_loop(self, fixed: Params, fast: Params, X: Tensor, y: Tensor,
+                          steps: int | None = None, lr: float | None = None
                           ) -> tuple[Params, Tensor | None]:
         """:meth:`_inner_loop` on every task of ``X`` (n, m, d), ``y`` (n, m) at once by
-        :func:`~metarep.engine.networks.chain_gradient`: the adapted ``fast`` parameters with a
-        task axis (n, ...), but for the first layer ``W_1`` when it adapts, which stays shared,
-        the adapted one being ``W_1 - X_i^T C_i``; returns the parameters and ``C`` (n, m, h_1)
+        :func:`~metarep.engine.networks.chain_gradient`, ``steps`` steps of size ``lr``
+        (default: the learner's inner loop): the adapted ``fast`` parameters with a task axis
+        (n, ...), but for the first layer ``W_1`` when it adapts, which stays shared, the
+        adapted one being ``W_1 - X_i^T C_i``; returns the parameters and ``C`` (n, m, h_1)
         (``None`` when the first layer is not adapted)."""
+        steps = self.inner_steps if steps is None else steps
+        lr = self.inner_lr if lr is None else lr
         first = self.chain.layers[0]
         adapts_first = first in fast
         coefficient = None
-        for _ in range(self.inner_steps):
+        for _ in range(steps):
             _, gradient = chain_gradient(self.chain, {**fixed, **fast}, X, y, tuple(fast),
                                          offset=first_layer_offset(X, X, coefficient),
                                          coefficient=adapts_first)
             if adapts_first:
-                step = self.inner_lr * gradient[first]
+                step = lr * gradient[first]
                 coefficient = step if coefficient is None else coefficient + step
-            fast = {n: fast[n] if n == first else fast[n] - self.inner_lr * gradient[n]
-                    for n in fast}
+            fast = {n: fast[n] if n == first else fast[n] - lr * gradient[n] for n in fast}
         return fast, coefficient
 
     def _chain_exact_gradient(self, frozen: Params, fixed: Params, fast: Params, X_in: Tensor,
@@ -568,16 +571,25 @@ class MetaLearner:
         """Test-time adaptation on each task of ``X`` (n, m, d), ``y`` (n, m): ``steps`` head
         steps ``w <- w - lr grad_w L(theta_B, w; X_i, y_i)`` from the head in ``params`` (from
         ``w = 0`` when ``from_zero``), ``task_chunk`` tasks at a time. Returns the adapted
-        trainable heads with a task axis (n, ...); the fixed parameters are held."""
+        trainable heads with a task axis (n, ...); the fixed parameters are held. The built-in
+        networks take the tasks of a chunk at once (:meth:`_chain_inner_loop`, the training's
+        fast path), any other module one by one under ``vmap``."""
         X, y = self.tensor(X), self.tensor(y)
         frozen, body, head = self.partition(params)
         if from_zero:
             head = {name: torch.zeros_like(t) for name, t in head.items()}
-        adapt = vmap(self._inner_loop, in_dims=(None, None, 0, 0, None, None),
-                     chunk_size=self.task_chunk)
+        fixed = {**frozen, **body}
         with deterministic_algorithms(self.deterministic), torch.no_grad():
             self._check_buffers(params, X[0])
-            return adapt({**frozen, **body}, head, X, y, steps, lr)
+            if self.chain is None:
+                adapt = vmap(self._inner_loop, in_dims=(None, None, 0, 0, None, None),
+                             chunk_size=self.task_chunk)
+                return adapt(fixed, head, X, y, steps, lr)
+            if steps == 0:  # the head itself, for each task
+                return {name: t.expand(X.shape[0], *t.shape).clone() for name, t in head.items()}
+            parts = [self._chain_inner_loop(fixed, head, X[part], y[part], steps, lr)[0]
+                     for part in self._chunks(X.shape[0])]
+            return {name: torch.cat([part[name] for part in parts]) for name in head}
 
     def predict_adapted(self, params: Mapping[str, Tensor], heads: Mapping[str, Tensor],
                         X: ArrayLike) -> Tensor:
