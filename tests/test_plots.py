@@ -5,7 +5,9 @@ training curves of several runs, labelled by the config keys that differ)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ from scipy import stats
 
 from metarep.errors import ConfigError
 from metarep.run.compare import differing_keys, figure_paths, run_labels
+from metarep.run.figures import map_drawing
 from metarep.sweeps.collect import axis_scale, is_categorical, seed_intervals, sweep_figure
 
 TINY = {"train.steps": 6, "train.record_every": 2, "eval.n_tasks": 20, "eval.shots": [5, 10],
@@ -206,3 +209,42 @@ def test_compare_refuses_bad_input_in_one_line_and_writes_nothing(
     assert result.exit_code == 2
     assert error_line(result).startswith(f"error: {key}: ")
     assert not list(tmp_path.glob("cmp*"))
+
+
+# ----------------------------------------------------------------------------- drawing processes
+
+
+def _drawn_by(item: int) -> tuple[int, int]:
+    """A stand-in for drawing one figure: the item, and the process that drew it."""
+    time.sleep(0.05)
+    if item < 0:
+        raise ValueError(f"cannot draw {item}")
+    return item, os.getpid()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_map_drawing_draws_here_and_in_other_processes_in_order(workers):
+    """Every item once, in the order given; this process draws the first item and the spawned
+    ones draw some of the others (``workers - 1`` of them at most)."""
+    items = list(range(12))
+    drawn = map_drawing(_drawn_by, items, workers)
+    assert [item for item, _ in drawn] == items
+    processes = {pid for _, pid in drawn}
+    assert drawn[0][1] == os.getpid()
+    assert 2 <= len(processes) <= workers
+
+
+def test_map_drawing_on_one_worker_or_one_item_stays_in_this_process():
+    for items, workers in (([0, 1, 2], 1), ([7], 4)):
+        drawn = map_drawing(_drawn_by, items, workers)
+        assert drawn == [(item, os.getpid()) for item in items]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_map_drawing_raises_an_items_exception(failing):
+    """A failing item, drawn here (the first) or in another process (the second, always
+    handed out first), raises its own error."""
+    items = list(range(8))
+    items[failing] = -1
+    with pytest.raises(ValueError, match="cannot draw -1"):
+        map_drawing(_drawn_by, items, 2)

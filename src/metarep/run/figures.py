@@ -287,17 +287,36 @@ Result = TypeVar("Result")
 
 def map_drawing(draw: Callable[[Item], Result], items: Sequence[Item], workers: int
                 ) -> list[Result]:
-    """``[draw(item) for item in items]`` on up to ``workers`` processes, in the order of
-    ``items``; in this process when ``workers`` or the number of items is 1. The processes
-    are spawned, not forked (a fork copies a process whose threads, BLAS's, torch's and the
-    kernels' pool, may hold locks), so each first imports matplotlib and the package (about
-    1 s): worth it from a few seconds of drawing on. ``draw`` and the items must pickle; the
-    first exception of an item is raised here."""
+    """``[draw(item) for item in items]`` on up to ``workers`` processes, this one included,
+    in the order of ``items``; all in this process when ``workers`` or the number of items is
+    1. The other processes are spawned, not forked (a fork copies a process whose threads,
+    BLAS's, torch's and the kernels' pool, may hold locks), so each first imports matplotlib
+    and the package (about 1-2 s): worth it from a few seconds of drawing on. Meanwhile this
+    process draws the first item, and then, whenever it is free, the next one that no other
+    process has been handed (each holds at most one waiting item), so that the drawing ends
+    together. ``draw`` and the items must pickle; an exception of an item is raised here."""
     if workers <= 1 or len(items) <= 1:
         return [draw(item) for item in items]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import wait as wait_for
 
-    with ProcessPoolExecutor(min(workers, len(items)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(draw, items))
+    helpers = min(workers, len(items)) - 1
+    results: dict[int, Result] = {}
+    waiting = list(range(len(items)))
+    handed: dict[Future[Result], int] = {}
+    with ProcessPoolExecutor(helpers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            mine: int | None = waiting.pop(0)
+            while mine is not None:
+                while waiting and sum(not future.done() for future in handed) < 2 * helpers:
+                    index = waiting.pop(0)
+                    handed[pool.submit(draw, items[index])] = index
+                results[mine] = draw(items[mine])
+                mine = waiting.pop(0) if waiting else None
+            for future in wait_for(handed).done:
+                results[handed[future]] = future.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return [results[index] for index in range(len(items))]
