@@ -4,6 +4,8 @@ spec (section 3)."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -363,6 +365,28 @@ def test_threaded_step_restores_the_blas_thread_count(monkeypatch):
     before = [lib.num_threads for lib in kernel_threads._blas().lib_controllers]
     FOANIL(0.3, 0.5, 1).step(make_params(), make_batch(n=40))
     assert [lib.num_threads for lib in kernel_threads._blas().lib_controllers] == before
+
+
+@pytest.mark.parametrize(("threads", "n_chunks"), [(2, 15), (3, 7), (4, 4)])
+def test_map_chunks_gives_each_thread_consecutive_chunks_in_order(monkeypatch, threads,
+                                                                   n_chunks):
+    """The results come in the chunks' order, each thread takes its chunks in increasing
+    order, and no more threads than BLAS may use take part."""
+    monkeypatch.setattr(kernel_threads, "_blas_threads", lambda: threads)
+    taken: list[tuple[int, int]] = []
+    chunks = [slice(i, i + 1) for i in range(n_chunks)]
+
+    def work(chunk: slice) -> int:
+        taken.append((threading.get_ident(), chunk.start))
+        return chunk.start
+
+    assert kernel_threads.map_chunks(work, chunks) == list(range(n_chunks))
+    by_thread: dict[int, list[int]] = {}
+    for thread, start in taken:
+        by_thread.setdefault(thread, []).append(start)
+    assert sorted(start for _, start in taken) == list(range(n_chunks))
+    assert all(starts == sorted(starts) for starts in by_thread.values())
+    assert 1 <= len(by_thread) <= threads and threading.get_ident() not in by_thread
 
 
 def test_one_blas_thread_means_no_worker_threads(monkeypatch):
