@@ -455,17 +455,13 @@ class MetaLearner:
         (g_fixed, g_adapted), loss = grad_and_value(objective, argnums=(0, 1))(fixed, adapted)
         return {**g_fixed, **{n: g.sum(0) for n, g in g_adapted.items()}}, loss
 
-    def _chain_inner_loop(self, fixed: Params, fast: Params, X: Tensor, y: Tensor,
-                          steps: int | None = None, lr: float | None = None
-                          ) -> tuple[Params, Tensor | None]:
+    def _chain_inner_loop(self, fixed: Params, fast: Params, X: Tensor, y: Tensor, steps: int,
+                          lr: float) -> tuple[Params, Tensor | None]:
         """:meth:`_inner_loop` on every task of ``X`` (n, m, d), ``y`` (n, m) at once by
-        :func:`~metarep.engine.networks.chain_gradient`, ``steps`` steps of size ``lr``
-        (default: the learner's inner loop): the adapted ``fast`` parameters with a task axis
-        (n, ...), but for the first layer ``W_1`` when it adapts, which stays shared, the
-        adapted one being ``W_1 - X_i^T C_i``; returns the parameters and ``C`` (n, m, h_1)
-        (``None`` when the first layer is not adapted)."""
-        steps = self.inner_steps if steps is None else steps
-        lr = self.inner_lr if lr is None else lr
+        :func:`~metarep.engine.networks.chain_gradient`, ``steps`` steps of size ``lr``: the
+        adapted ``fast`` parameters with a task axis (n, ...), but for the first layer ``W_1``
+        when it adapts, which stays shared, the adapted one being ``W_1 - X_i^T C_i``; returns
+        the parameters and ``C`` (n, m, h_1) (``None`` when the first layer is not adapted)."""
         first = self.chain.layers[0]
         adapts_first = first in fast
         coefficient = None
@@ -488,7 +484,8 @@ class MetaLearner:
         with torch.enable_grad():
             held = {**frozen, **{n: leaves[n] for n in fixed}}
             adapted, coefficient = self._chain_inner_loop(held, {n: leaves[n] for n in fast},
-                                                          X_in, y_in)
+                                                          X_in, y_in, self.inner_steps,
+                                                          self.inner_lr)
             losses, _ = chain_gradient(self.chain, {**held, **adapted}, X_out, y_out, (),
                                        offset=first_layer_offset(X_out, X_in, coefficient))
             loss = losses.sum()
@@ -503,7 +500,8 @@ class MetaLearner:
         by :func:`~metarep.engine.networks.chain_gradient` itself."""
         with torch.no_grad():
             held = {**frozen, **fixed}
-            adapted, coefficient = self._chain_inner_loop(held, fast, X_in, y_in)
+            adapted, coefficient = self._chain_inner_loop(held, fast, X_in, y_in,
+                                                          self.inner_steps, self.inner_lr)
             names = (*fixed, *fast)
             losses, gradient = chain_gradient(
                 self.chain, {**held, **adapted}, X_out, y_out, names, summed=names,
